@@ -99,9 +99,13 @@ def artifact_dir(kind: str, params: dict, root=None) -> Path:
     return d
 
 
+# pandas >= 3 parses floats exactly by default (and deprecates the option)
+_EXACT = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
     # only empty fields are missing values: keep strings like "NA" or "null" as text
-    return pd.read_csv(path, keep_default_na=False, na_values=[""])
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], **_EXACT)
 
 
 def cached_table(kind: str, params: dict, compute: Callable[[], pd.DataFrame], root=None,
