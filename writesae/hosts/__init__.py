@@ -1,0 +1,65 @@
+"""Host adapters: one module per recurrent family, the only code that knows a model's internals.
+
+``load_host(source)`` returns a host object that lists cells, traces and runs cache edits.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .base import Cell, CellTrace, Edit, EditRun, Trace
+from .gated_deltanet import GatedDeltaNetHost
+
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
+_GDN_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_next")
+
+
+def _host_class(config):
+    mt = getattr(config, "model_type", "")
+    if mt in _GDN_TYPES:
+        return GatedDeltaNetHost
+    raise ValueError(f"no host adapter for model_type {mt!r}; supported: {', '.join(_GDN_TYPES)}")
+
+
+def _model_from_config(config):
+    from transformers import AutoModelForCausalLM
+
+    if getattr(config, "model_type", "") == "qwen3_5" and hasattr(config, "text_config"):
+        config = config.text_config
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=True):
+    """Load a model as a host.
+
+    source: ``"embedded"`` (the model shipped with this package, no network), a local directory or hub
+    name of a real checkpoint (e.g. ``"Qwen/Qwen3.5-0.8B"``, offline when cached), a transformers config
+    (random init, for tests), or an already-loaded model. device: default CUDA when available, else CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok, name = None, None
+    if isinstance(source, torch.nn.Module):
+        model = source
+    elif isinstance(source, PretrainedConfig):
+        _host_class(source)
+        model = _model_from_config(source)
+        name = f"random-{source.model_type}"
+    else:
+        path = EMBEDDED_DIR if source == "embedded" else source
+        if source == "embedded" and not (EMBEDDED_DIR / "model.safetensors").exists():
+            raise FileNotFoundError(f"the embedded model is missing from {EMBEDDED_DIR}: "
+                                    "train it with `python -m writesae.embedded_train`")
+        if isinstance(path, Path) or os.path.isdir(str(path)):
+            path = str(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        name = str(source)
+        if tokenizer:
+            tok = AutoTokenizer.from_pretrained(path)
+    model = model.to(device=device, dtype=dtype)
+    return _host_class(model.config)(model, tokenizer=tok, name=name)
+
+
+__all__ = ["Cell", "CellTrace", "Edit", "EditRun", "Trace", "GatedDeltaNetHost", "load_host", "EMBEDDED_DIR"]
