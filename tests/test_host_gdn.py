@@ -1,0 +1,163 @@
+"""The Gated DeltaNet host against transformers' own forward, on tiny random configs of the real classes."""
+import sys
+
+import pytest
+import torch
+from transformers import Qwen3_5TextConfig, Qwen3NextConfig
+
+from writesae.hosts import Edit, load_host
+from writesae.ops import delta_rule
+
+TOL = 1e-4
+
+
+def qwen35(n_k=2, n_v=4, layers=4):
+    return Qwen3_5TextConfig(
+        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, linear_num_key_heads=n_k, linear_num_value_heads=n_v,
+        linear_key_head_dim=16, linear_value_head_dim=8,
+        layer_types=(["linear_attention"] * 3 + ["full_attention"]) * (layers // 4))
+
+
+def qwen3next():
+    return Qwen3NextConfig(
+        vocab_size=101, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
+        num_experts_per_tok=2, shared_expert_intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=8,
+        layer_types=["linear_attention"] * 3 + ["full_attention"])
+
+
+@pytest.fixture(scope="module", params=["qwen3_5_grouped", "qwen3_5_equal", "qwen3_next"])
+def host(request):
+    torch.manual_seed(0)
+    cfg = {"qwen3_5_grouped": lambda: qwen35(2, 4), "qwen3_5_equal": lambda: qwen35(4, 4),
+           "qwen3_next": qwen3next}[request.param]()
+    return load_host(cfg)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(0, 101, (3, 48))  # 48 > chunk size threshold: the chunked path runs
+
+
+def test_no_edit_equals_transformers_forward(host, ids):
+    ref = host.logits(ids)
+    # the edit path itself: an edit that adds zero goes through the stepwise recurrence at position 20
+    run = host.run_edits(ids, [Edit(s, host.recurrent_layers[0], 0, 20, "add", torch.zeros(16, 8)) for s in range(3)])
+    assert (run.logits - ref).abs().max() < TOL
+    assert (run.base - ref).abs().max() < TOL
+    assert (host.trace(ids).logits - ref).abs().max() < TOL
+
+
+def test_trace_last_state_is_the_models_cache(host, ids):
+    out = host.model(input_ids=ids, use_cache=True)
+    tr = host.trace(ids, positions=[ids.shape[1] - 1, 7])
+    for c in host.cells:
+        cached = out.past_key_values.get_recurrent_state(c.layer, state_idx=0)[:, c.head]
+        assert (tr[(c.layer, c.head)].state[:, -1] - cached).abs().max() < 1e-5
+    t = tr[(0, 1)]
+    assert torch.allclose(t.write, t.b[..., None, None] * t.k[..., :, None] * t.v[..., None, :])
+    assert torch.allclose(t.q.norm(dim=-1), torch.full_like(t.q[..., 0], 16 ** -0.5), atol=5e-3)  # eps 1e-6 inside the L2 norm
+
+
+def test_replace_by_itself_is_a_noop(host, ids):
+    tr = host.trace(ids, cells=[(1, 3)], positions=[30])
+    W = tr[(1, 3)].write[2, 0]
+    run = host.run_edits(ids, [Edit(2, 1, 3, 30, "replace", W)])
+    assert (run.logits[0] - run.base[2]).abs().max() < 1e-5
+    assert (run.logits[0, 31:] - run.base[2, 31:]).abs().max() < 1e-5
+
+
+def test_delete_equals_independent_recomputation(host, ids):
+    """Deleting b k v^T at (layer, head, t) equals transformers' own forward with v_t = 0 there."""
+    layer, head, t = 1, 2, 25
+    mod = sys.modules[type(host.layers[layer].linear_attn).__module__]
+    orig = mod.torch_chunk_gated_delta_rule
+    calls = []
+
+    def patched(query, key, value, *a, **kw):
+        calls.append(1)
+        if len(calls) == layer + 1:  # the layer-th recurrent call of this forward
+            value = value.clone()
+            value[:, t, head] = 0
+        return orig(query, key, value, *a, **kw)
+
+    mod.torch_chunk_gated_delta_rule = patched
+    try:
+        ref = host.logits(ids)
+    finally:
+        mod.torch_chunk_gated_delta_rule = orig
+    run = host.run_edits(ids, [Edit(s, layer, head, t, "delete") for s in range(3)])
+    assert (run.logits - ref).abs().max() < TOL
+    assert (run.logits[:, t:] - run.base[:, t:]).abs().max() > 1e-3  # the deletion did something
+
+
+def test_add_to_state_propagates_exactly(host, ids):
+    layer, head, t0 = 2, 1, 20
+    D = torch.randn(16, 8) * 0.5
+    pos = list(range(t0, 40))
+    base = host.trace(ids, cells=[(layer, head)], positions=pos)[(layer, head)]
+    edit = host.trace(ids, cells=[(layer, head)], positions=pos, edits=[Edit(0, layer, head, t0, "add", D)])[(layer, head)]
+    dS = D.clone()
+    for j, s in enumerate(pos):
+        if s > t0:
+            k, a, b = base.k[0, j], base.a[0, j], base.b[0, j]
+            dS = a * (dS - b * torch.outer(k, k @ dS))
+        assert (edit.state[0, j] - base.state[0, j] - dS).abs().max() < 1e-5
+        assert (edit.out[0, j] - base.out[0, j] - dS.T @ base.q[0, j]).abs().max() < 1e-5
+    assert (edit.state[1:] - base.state[1:]).abs().max() == 0  # other sequences untouched
+
+
+def test_batch_equals_single_runs_and_naive(host, ids):
+    tr = host.trace(ids, cells=[(0, 0)], positions=[12])
+    atom = torch.randn(16, 8)
+    rows = [Edit(0, 0, 0, 12, "replace", atom), Edit(0, 0, 0, 12, "delete"), Edit(1, 2, 3, 33, "delete"),
+            [Edit(2, 0, 1, 5, "add", atom), Edit(2, 1, 1, 9, "replace", atom, scale="write")]]
+    batch = host.run_edits(ids, rows)
+    for j, r in enumerate(rows):
+        single = host.run_edits(ids, [r])
+        assert (batch.logits[j] - single.logits[0]).abs().max() < 1e-5
+    naive = host.run_edits(ids, rows, reuse_prefix=False)
+    assert (batch.logits - naive.logits).abs().max() < TOL
+    assert batch.start.tolist() == [12, 12, 33, 5]
+
+
+def test_generate_matches_transformers(host, ids):
+    prompt = ids[:2, :12]
+    ours = host.generate(prompt, max_new_tokens=10)
+    ref = host.model.generate(prompt, max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    assert torch.equal(ours, ref)
+    # an edit during generation changes the continuation's logits (edit at a generated position)
+    big = torch.randn(16, 8) * 50
+    edited = host.generate(prompt, max_new_tokens=10, edits=[Edit(0, 0, 0, 14, "add", big)])
+    assert torch.equal(edited[:, :15], ours[:, :15])
+
+
+def test_scaled_edits_use_the_write_norm():
+    S = torch.zeros(1, 1, 4, 3)
+    k, v, b = torch.randn(1, 1, 4), torch.randn(1, 1, 3), torch.tensor([[0.5]])
+    S1, Sd = delta_rule.step(S, torch.zeros(1, 1, 4), k, v, torch.zeros(1, 1), b)
+    unit = torch.ones(4, 3) / 12 ** 0.5
+    out = delta_rule.apply_edits(S1, Sd, k, v, b, [(0, 0, "replace", unit, "additive", "write")])
+    W = delta_rule.native_write(k[0, 0], v[0, 0], b[0, 0])
+    assert torch.allclose(out[0, 0], unit * W.norm(), atol=1e-6)
+
+
+def test_errors_name_the_fix(host):
+    with pytest.raises(ValueError, match="full_attention.*recurrent"):
+        host.cell(3, 0)
+    with pytest.raises(ValueError, match="value heads 0..3"):
+        host.cell(0, 9)
+    with pytest.raises(ValueError, match="layers 0..3"):
+        host.cell(12, 0)
+    with pytest.raises(ValueError, match="not one of"):
+        host.run_edits(torch.zeros(1, 10, dtype=torch.long), [Edit(0, 0, 0, 3, "erase")])
+
+
+def test_model_without_recurrent_layer_is_refused():
+    cfg = qwen35()
+    cfg.layer_types = ["full_attention"] * 4
+    with pytest.raises(ValueError, match="no Gated DeltaNet"):
+        load_host(cfg)
