@@ -3,29 +3,19 @@ import sys
 
 import pytest
 import torch
-from transformers import Qwen3_5TextConfig, Qwen3NextConfig
 
-from writesae.hosts import Edit, load_host
+from writesae.hosts import Edit, load_host, tiny_config
 from writesae.ops import delta_rule
 
 TOL = 1e-4
 
 
 def qwen35(n_k=2, n_v=4, layers=4):
-    return Qwen3_5TextConfig(
-        vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, linear_num_key_heads=n_k, linear_num_value_heads=n_v,
-        linear_key_head_dim=16, linear_value_head_dim=8,
-        layer_types=(["linear_attention"] * 3 + ["full_attention"]) * (layers // 4))
+    return tiny_config("qwen3_5", n_k, n_v, layers)
 
 
 def qwen3next():
-    return Qwen3NextConfig(
-        vocab_size=101, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_experts=4,
-        num_experts_per_tok=2, shared_expert_intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
-        linear_key_head_dim=16, linear_value_head_dim=8,
-        layer_types=["linear_attention"] * 3 + ["full_attention"])
+    return tiny_config("qwen3_next")
 
 
 @pytest.fixture(scope="module", params=["qwen3_5_grouped", "qwen3_5_equal", "qwen3_next"])
