@@ -1,0 +1,1 @@
+"""The paper's protocols, written once against the host API (any host that implements it)."""

@@ -1,0 +1,65 @@
+"""The artifacts every section needs, cached by their parameters: host -> windows -> states -> SAE.
+
+Each notebook calls these with its parameters; a second call (or another notebook with the same
+parameters) loads what the first one built, and an interrupted build resumes.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from .cache import artifact_dir
+from .extract import embedded_text, extract, token_windows
+from .hosts import load_host
+from .sae import SAEConfig, WriteSAE
+from .train import train_sae
+
+
+@functools.lru_cache(maxsize=4)
+def host(model="embedded", device=None, dtype="float32"):
+    """The host for ``model`` (memoised per process)."""
+    return load_host(model, device=device, dtype=getattr(torch, dtype))
+
+
+def windows(h, text="train", window=128, n_windows=None, seed=0):
+    """(N, window) token windows: for the embedded model, from its shipped text (``"train"`` or
+    ``"heldout"``); for a tokenizer-less tiny model, seeded random tokens."""
+    if h.tokenizer is None:
+        g = torch.Generator().manual_seed(seed + (1 if text == "heldout" else 0))
+        return torch.randint(0, h.config.vocab_size, (n_windows or 64, window), generator=g)
+    path = Path(text)
+    body = path.read_text() if path.suffix == ".txt" and path.exists() else embedded_text(text)
+    return token_windows(h.tokenizer, body, window, n_windows)
+
+
+def states(h, cells, *, text="train", window=128, n_windows=256, positions_per_seq=32, seed=0,
+           root=None, progress=True):
+    """Directory of the state dataset for ``cells`` (extracted once, then loaded)."""
+    cells = [[int(l), int(hd)] for l, hd in cells]
+    params = dict(model=h.name, cells=cells, text=text, window=window, n_windows=n_windows,
+                  positions_per_seq=positions_per_seq, seed=seed)
+    d = artifact_dir("states", params, root)
+    if not (d / "mean.safetensors").exists():
+        ids = windows(h, text, window, n_windows, seed)
+        extract(h, ids, cells, d, positions_per_seq=positions_per_seq, seed=seed, source=text, progress=progress)
+    return d
+
+
+def sae(h, cell, *, variant="bilinear", n_feat=2048, k=32, activation="topk", rank=1, epochs=20,
+        batch_size=256, lr=3e-4, seed=0, data=None, root=None, progress=True):
+    """The best checkpoint of an SAE on ``cell`` trained on ``data`` (a dict of :func:`states` kwargs)."""
+    layer, head = h.cell(*cell)[:2]
+    data = dict(data or {})
+    d_states = states(h, data.pop("cells", [[layer, head]]), root=root, progress=progress, **data)
+    params = dict(model=h.name, cell=[layer, head], variant=variant, n_feat=n_feat, k=k, activation=activation,
+                  rank=rank, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, states=d_states.name)
+    d = artifact_dir("sae", params, root)
+    best = d / "best"
+    if not (best / "cfg.json").exists() or not (d / "done").exists():
+        cfg = SAEConfig(variant=variant, d_k=h.d_k, d_v=h.d_v, n_feat=n_feat, k=k, activation=activation, rank=rank)
+        train_sae(d_states, (layer, head), cfg, d, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                  progress=progress)
+        (d / "done").write_text("ok\n")
+    return WriteSAE.load(best)

@@ -1,0 +1,1 @@
+"""Figures of the book: one function per figure, each taking tidy tables and returning a matplotlib Figure."""
