@@ -1,0 +1,122 @@
+"""Command line: ``writesae cells | extract | train-sae | book``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cells(spec, host):
+    """"L1H4,L9H4" | "all" -> [(1, 4), (9, 4)]."""
+    if spec == "all":
+        return [(c.layer, c.head) for c in host.cells]
+    out = []
+    for part in spec.split(","):
+        part = part.strip().upper()
+        if not (part.startswith("L") and "H" in part):
+            raise SystemExit(f"bad cell {part!r}: write cells as L<layer>H<head>, e.g. L1H4,L9H4")
+        l, h = part[1:].split("H")
+        out.append((int(l), int(h)))
+    return out
+
+
+def cmd_cells(a):
+    from .hosts import load_host
+
+    host = load_host(a.model, device=a.device, tokenizer=False)
+    print(f"{host.name}: recurrent layers {host.recurrent_layers}, {host.n_heads} value heads of "
+          f"d_k={host.d_k} x d_v={host.d_v}; attention layers "
+          f"{[i for i, t in enumerate(host.layer_types) if t != 'linear_attention']}")
+
+
+def cmd_extract(a):
+    import torch
+
+    from . import pipeline
+    from .extract import extract
+
+    host = pipeline.host(a.model, a.device)
+    ids = pipeline.windows(host, a.text, a.window, a.n_windows, a.seed)
+    out = extract(host, ids, _cells(a.cells, host), a.out, positions_per_seq=a.positions_per_seq,
+                  batch_size=a.batch_size, seed=a.seed, dtype=getattr(torch, a.dtype), source=a.text)
+    print(f"states written to {out}")
+
+
+def cmd_train_sae(a):
+    from .sae import SAEConfig
+    from .train import train_sae
+
+    import json
+    from pathlib import Path
+
+    man = json.loads((Path(a.data) / "manifest.json").read_text())
+    cfg = SAEConfig(variant=a.variant, d_k=man["d_k"], d_v=man["d_v"], n_feat=a.n_feat, k=a.k,
+                    activation=a.activation, rank=a.rank)
+    cell = a.cell.upper()
+    res = train_sae(a.data, cell, cfg, a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                    device=a.device or "cpu")
+    print(f"best SAE in {a.out}/best: {res.metrics}")
+
+
+def cmd_book(a):
+    from .book import build
+
+    build(params_file=a.params, only=a.only, tiny=a.tiny)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="writesae", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("cells", help="list a model's recurrent cells")
+    c.add_argument("--model", default="embedded")
+    c.add_argument("--device", default=None)
+    c.set_defaults(fn=cmd_cells)
+
+    e = sub.add_parser("extract", help="write a state dataset (resumable)")
+    e.add_argument("--model", default="embedded", help='"embedded", a local dir or hub name, or "tiny"')
+    e.add_argument("--cells", default="L1H1", help='e.g. "L1H1,L5H2" or "all"')
+    e.add_argument("--text", default="train", help='"train"/"heldout" (shipped text) or a .txt file')
+    e.add_argument("--window", type=int, default=128)
+    e.add_argument("--n-windows", type=int, default=256)
+    e.add_argument("--positions-per-seq", type=int, default=32)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    e.add_argument("--device", default=None)
+    e.add_argument("--out", required=True)
+    e.set_defaults(fn=cmd_extract)
+
+    t = sub.add_parser("train-sae", help="train an SAE on one cell of a state dataset (resumable)")
+    t.add_argument("--data", required=True)
+    t.add_argument("--cell", required=True, help="e.g. L1H1")
+    t.add_argument("--variant", default="bilinear",
+                   choices=["bilinear", "tied", "flat", "matrix", "bilinear_flat", "rank"])
+    t.add_argument("--activation", default="topk", choices=["topk", "batchtopk", "jumprelu"])
+    t.add_argument("--n-feat", type=int, default=2048)
+    t.add_argument("--k", type=int, default=32)
+    t.add_argument("--rank", type=int, default=1)
+    t.add_argument("--epochs", type=int, default=20)
+    t.add_argument("--batch-size", type=int, default=256)
+    t.add_argument("--lr", type=float, default=3e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default=None)
+    t.add_argument("--out", required=True)
+    t.set_defaults(fn=cmd_train_sae)
+
+    b = sub.add_parser("book", help="execute the notebooks (papermill) and build the book (jupyter-book)")
+    b.add_argument("--params", default=None, help="parameter file in params/ (default: embedded CPU)")
+    b.add_argument("--only", nargs="*", default=None, help="notebook names to (re)execute")
+    b.add_argument("--tiny", action="store_true", help="tiny parameters (CI smoke build)")
+    b.set_defaults(fn=cmd_book)
+
+    a = p.parse_args(argv)
+    try:
+        a.fn(a)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"writesae {a.cmd}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
