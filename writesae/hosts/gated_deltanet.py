@@ -119,7 +119,8 @@ class GatedDeltaNetHost:
         sqrt_dk = math.sqrt(self.d_k)
 
         def chunk(q, k, v, g, b, S0):
-            o, S = fn(q * sqrt_dk, k, v, g=g, beta=b, initial_state=S0, output_final_state=True,
+            q, k, v, g, b = (t.contiguous() for t in (q * sqrt_dk, k, v, g, b))
+            o, S = fn(q, k, v, g=g, beta=b, initial_state=S0.contiguous(), output_final_state=True,
                       use_qk_l2norm_in_kernel=False)
             return o.float(), S.float()
 
