@@ -1,0 +1,367 @@
+"""Training loop for WriteSAE (PAPER.md §2 defaults), resumable, no pickles.
+
+``train_sae`` trains on one cell of a state dataset directory; ``train_on_tensors`` on an
+in-memory (N, d_k, d_v) tensor; both run ``fit``. Output directory::
+
+    out_dir/best/   sae.safetensors + cfg.json + fire_rates.safetensors   (best validation MSE)
+    out_dir/last/   model.safetensors + optim.safetensors + state.json     (resume point)
+    out_dir/metrics.json                                                   (final metrics)
+
+Calling again with the same ``out_dir`` and parameters resumes from ``last/`` and ends with
+the same weights as an uninterrupted run: batch order, resampling draws and the initialisation
+are all derived from ``seed``, and the optimizer, dead-atom counters and RNG are checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import StateDataset, TensorStates, parse_cell
+from .sae import SAEConfig, WriteSAE
+
+__all__ = ["TrainResult", "train_sae", "train_on_tensors", "fit", "evaluate_sae", "lr_at"]
+
+
+@dataclass
+class TrainResult:
+    sae: WriteSAE
+    """The best SAE (lowest validation MSE; the last one without a validation split)."""
+    metrics: dict
+    """evaluate_sae of that SAE on the validation split (JSON-able: no fire_rates), plus
+    best_step, steps, dead_train (atoms inactive >= dead_after steps at the end of training)."""
+    fire_rates: np.ndarray
+    """(n_feat,) fraction of validation states on which each atom fires."""
+    step: int
+    """Optimizer steps done so far."""
+    best_step: int
+    finished: bool
+    """False when stopped early by ``max_steps`` (call again to resume)."""
+    out_dir: Path | None
+
+
+def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
+    """Linear warmup to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr`` at ``total``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+@torch.no_grad()
+def evaluate_sae(sae: WriteSAE, dataset, batch_size: int = 1024) -> dict:
+    """Reconstruction metrics of ``sae`` (in eval mode) over every state of ``dataset``.
+
+    Returns mse (per element), fvu (squared error / total variance of the states), l0 (mean
+    active atoms), alive / dead (atoms firing at least once / never), n_states and fire_rates
+    ((n_feat,) numpy array: fraction of states on which each atom fires).
+    """
+    was_training = sae.training
+    sae.eval()
+    n = sae.cfg.n_feat
+    sq_err = sum_sq = 0.0
+    sum_x = torch.zeros(sae.cfg.d_k, sae.cfg.d_v, dtype=torch.float64)
+    fires = torch.zeros(n, dtype=torch.float64)
+    active = count = 0
+    for S in dataset.iter_batches(batch_size, shuffle=False):
+        out = sae(S)
+        S = S.to(out.recon)
+        sq_err += float((S - out.recon).double().pow(2).sum())
+        sum_sq += float(S.double().pow(2).sum())
+        sum_x += S.double().sum(0).cpu()
+        on = out.top_acts > 0
+        fires += torch.bincount(out.top_indices[on].cpu(), minlength=n).double()
+        active += int(on.sum())
+        count += len(S)
+    sae.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate_sae: the dataset is empty")
+    total_var = sum_sq - float(sum_x.pow(2).sum()) / count
+    rates = (fires / count).numpy()
+    alive = int((fires > 0).sum())
+    return {
+        "mse": sq_err / (count * sae.cfg.d_in),
+        "fvu": sq_err / max(total_var, 1e-30),
+        "l0": active / count,
+        "alive": alive,
+        "dead": n - alive,
+        "n_states": count,
+        "fire_rates": rates,
+    }
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps({k: v for k, v in d.items() if k != "fire_rates"}, default=str))
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Replace directory ``final`` by ``tmp`` (old copy removed only after the new one is in place)."""
+    old = final.with_name(final.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _per_atom_params(sae: WriteSAE):
+    return [p for p in (sae.enc_v, sae.enc_w, sae.W_enc, sae.dec_v, sae.dec_w, sae.W_dec, sae.b_enc, sae.log_threshold) if p is not None]
+
+
+def _save_last(out_dir: Path, sae, opt, since_active, state: dict) -> None:
+    tmp = out_dir / "last.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(tmp / "model.safetensors"))
+    osd = opt.state_dict()
+    tensors = {"since_active": since_active.cpu(), "rng_torch": torch.get_rng_state()}
+    for pid, st in osd["state"].items():
+        for name, t in st.items():
+            tensors[f"opt.{pid}.{name}"] = torch.as_tensor(t).detach().cpu().contiguous()
+    save_file(tensors, str(tmp / "optim.safetensors"))
+    doc = {**state, "param_groups": osd["param_groups"]}
+    (tmp / "state.json").write_text(json.dumps(doc, indent=1))
+    _swap_in(tmp, out_dir / "last")
+
+
+def _load_last(out_dir: Path, sae, opt, device) -> tuple[torch.Tensor, dict]:
+    last = out_dir / "last"
+    doc = json.loads((last / "state.json").read_text())
+    sae.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)))
+    t = load_file(str(last / "optim.safetensors"))
+    state: dict = {}
+    for key, val in t.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = val if name == "step" else val.to(device)
+    opt.load_state_dict({"state": state, "param_groups": doc.pop("param_groups")})
+    torch.set_rng_state(t["rng_torch"])
+    return t["since_active"].to(device), doc
+
+
+def _save_best(out_dir: Path, sae: WriteSAE, metrics: dict, info: dict) -> None:
+    tmp = out_dir / "best.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    sae.save(tmp, cell=info.get("cell"), model=info.get("model"), train=info.get("train"), metrics=_jsonable(metrics))
+    if "fire_rates" in metrics:
+        save_file({"fire_rates": torch.as_tensor(metrics["fire_rates"], dtype=torch.float32)}, str(tmp / "fire_rates.safetensors"))
+    _swap_in(tmp, out_dir / "best")
+
+
+def fit(
+    sae: WriteSAE,
+    train,
+    val=None,
+    *,
+    out_dir=None,
+    lr: float = 3e-4,
+    min_lr: float = 3e-5,
+    warmup: int = 50,
+    batch_size: int = 256,
+    epochs: int = 20,
+    seed: int = 0,
+    resample_every: int = 250,
+    dead_after: int = 100,
+    renorm_every: int = 100,
+    val_every: int | None = None,
+    ckpt_every: int = 500,
+    max_steps: int | None = None,
+    device="cpu",
+    progress: bool = True,
+    info: dict | None = None,
+) -> TrainResult:
+    """Train ``sae`` on ``train`` (a StateDataset or TensorStates), validating on ``val``.
+
+    Sets the SAE's mean state M to the mean of ``train`` (unless resuming). Adam with linear
+    warmup + cosine decay (``lr_at``); per step: loss = MSE + lambda_aux * AuxK (+ JumpReLU L0);
+    atoms that did not fire for ``dead_after`` steps are "dead" (AuxK targets) and are resampled
+    every ``resample_every`` steps; decoder factors are renormalised every ``renorm_every`` steps.
+    Validation every ``val_every`` steps (default: once per epoch) keeps the best SAE by MSE
+    (``out_dir/best``); ``out_dir/last`` is written every ``ckpt_every`` steps and when stopping
+    at ``max_steps`` (total steps, for interruption); a later call with the same ``out_dir``
+    and parameters resumes. ``info`` (cell, model, ...) goes into the saved cfg.json.
+    """
+    out_dir = Path(out_dir) if out_dir is not None else None
+    info = dict(info or {})
+    sae.to(device).train()
+    n = sae.cfg.n_feat
+    drop_last = len(train) >= batch_size
+    per_epoch = len(train) // batch_size if drop_last else 1
+    total = epochs * per_epoch
+    val_every = val_every or per_epoch
+    params = {
+        "cfg": asdict(sae.cfg),
+        "lr": lr, "min_lr": min_lr, "warmup": warmup, "batch_size": batch_size, "epochs": epochs,
+        "seed": seed, "resample_every": resample_every, "dead_after": dead_after,
+        "renorm_every": renorm_every, "val_every": val_every, "ckpt_every": ckpt_every,
+        **{k: v for k, v in info.items() if k in ("cell", "data_dir", "val_frac")},
+    }  # fmt: skip
+    params = json.loads(json.dumps(params, default=str))
+    info["train"] = params
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    since_active = torch.zeros(n, dtype=torch.long, device=device)
+    state = {"step": 0, "best_val": None, "best_step": -1, "params": params}
+    best_mem = None  # best weights when there is no out_dir
+
+    if out_dir is not None and (out_dir / "last" / "state.json").exists():
+        saved = json.loads((out_dir / "last" / "state.json").read_text())["params"]
+        diff = [k for k in sorted(set(saved) | set(params)) if saved.get(k) != params.get(k)]
+        if diff:
+            lines = "\n".join(f"  {k}: checkpoint {saved.get(k)!r} != now {params.get(k)!r}" for k in diff)
+            raise ValueError(f"{out_dir} holds a run with different parameters:\n{lines}\nUse another out_dir.")
+        since_active, state = _load_last(out_dir, sae, opt, device)
+    else:
+        sae.set_mean(train.compute_mean())
+        sae.normalize_decoder()
+
+    def validate():
+        m = evaluate_sae(sae, val)
+        if state["best_val"] is None or m["mse"] < state["best_val"]:
+            nonlocal best_mem
+            state["best_val"], state["best_step"] = m["mse"], state["step"]
+            if out_dir is not None:
+                _save_best(out_dir, sae, m, info)
+            else:
+                best_mem = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+        return m
+
+    bar = tqdm(total=total, initial=state["step"], disable=not progress, desc=f"train {info.get('cell', '')}".strip())
+    stopped = False
+    while state["step"] < total and not stopped:
+        epoch, first = divmod(state["step"], per_epoch)
+        batches = train.iter_batches(batch_size, shuffle=True, epoch_seed=_seed(seed, epoch), drop_last=drop_last, start_batch=first)
+        for S in batches:
+            step = state["step"]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, lr, min_lr, warmup)
+            S = S.to(device)
+            dead_mask = since_active >= dead_after
+            out = sae(S, dead_mask=dead_mask)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            fired = torch.zeros(n, dtype=torch.bool, device=device)
+            fired[out.top_indices[out.top_acts > 0]] = True
+            since_active = torch.where(fired, 0, since_active + 1)
+            state["step"] = step = step + 1
+            if step % renorm_every == 0:
+                sae.normalize_decoder()
+            if step % resample_every == 0:
+                dead = torch.nonzero(since_active >= dead_after).flatten()
+                if len(dead):
+                    sae.resample(dead, S, generator=torch.Generator().manual_seed(_seed(seed, step, 1)))
+                    for p in _per_atom_params(sae):
+                        for buf in ("exp_avg", "exp_avg_sq"):
+                            if buf in opt.state.get(p, {}):
+                                opt.state[p][buf][dead] = 0
+                    since_active[dead] = 0
+            if step % 10 == 0 or step == total:
+                bar.set_postfix(loss=f"{out.loss.item():.3g}", fvu=f"{out.fvu.item():.3f}", l0=f"{out.l0.item():.1f}",
+                                dead=f"{float(dead_mask.float().mean()):.2f}")  # fmt: skip
+            bar.update(1)
+            if val is not None and len(val) and (step % val_every == 0 or step == total):
+                validate()
+            if out_dir is not None and (step % ckpt_every == 0 or step == total):
+                _save_last(out_dir, sae, opt, since_active, state)
+            if max_steps is not None and step >= max_steps and step < total:
+                if out_dir is not None:
+                    _save_last(out_dir, sae, opt, since_active, state)
+                stopped = True
+                break
+            if step >= total:
+                break
+    bar.close()
+
+    finished = state["step"] >= total
+    current = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    if state["best_step"] >= 0:  # bring back the best weights
+        if out_dir is not None:
+            best = WriteSAE.load(out_dir / "best", device=device)
+        else:
+            best = WriteSAE(sae.cfg, device=device)
+            best.load_state_dict(best_mem)
+    else:
+        best = WriteSAE(sae.cfg, device=device)
+        best.load_state_dict(current)
+    best.info = dict(sae.info, **{k: info[k] for k in ("cell", "model", "train") if k in info})
+    metrics = evaluate_sae(best, val if val is not None and len(val) else train)
+    rates = metrics["fire_rates"]
+    metrics.update(best_step=state["best_step"], steps=state["step"], dead_train=int((since_active >= dead_after).sum()))
+    if out_dir is not None and finished:
+        if state["best_step"] < 0:
+            _save_best(out_dir, best, metrics, info)
+        (out_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
+        best.info["metrics"] = _jsonable(metrics)
+        best.save(out_dir / "best")
+        save_file({"fire_rates": torch.as_tensor(rates, dtype=torch.float32)}, str(out_dir / "best" / "fire_rates.safetensors"))
+    return TrainResult(best, _jsonable(metrics), rates, state["step"], state["best_step"], finished, out_dir)
+
+
+def train_on_tensors(states: torch.Tensor, cfg: SAEConfig, out_dir=None, *, val_frac: float = 0.2, seed: int = 0, **kw) -> TrainResult:
+    """Train on an in-memory (N, d_k, d_v) tensor with the seeded 80/20 split (split seed = seed)."""
+    ds = TensorStates(states)
+    train = ds.split("train", seed, val_frac)
+    val = ds.split("val", seed, val_frac) if val_frac > 0 else None
+    sae = WriteSAE(cfg, device=kw.get("device", "cpu"), seed=seed)
+    return fit(sae, train, val, out_dir=out_dir, seed=seed, info={"cell": "tensor", "val_frac": val_frac}, **kw)
+
+
+def train_sae(
+    data_dir,
+    cell,
+    cfg: SAEConfig,
+    out_dir,
+    *,
+    lr: float = 3e-4,
+    min_lr: float = 3e-5,
+    warmup: int = 50,
+    batch_size: int = 256,
+    epochs: int = 20,
+    seed: int = 0,
+    resample_every: int = 250,
+    dead_after: int = 100,
+    renorm_every: int = 100,
+    val_every: int | None = None,
+    ckpt_every: int = 500,
+    val_frac: float = 0.2,
+    max_steps: int | None = None,
+    device="cpu",
+    progress: bool = True,
+) -> TrainResult:
+    """Train an SAE on one cell ((layer, head) or "L9H4") of the state dataset in ``data_dir``.
+
+    fp32 SAE on the stored (bf16) states; seeded 80/20 split by sequence with split seed = init
+    seed = ``seed``; M = mean of the training split. See ``fit`` for the loop, checkpoints and
+    resuming (call again with the same ``out_dir``; ``max_steps`` stops early).
+    """
+    key = parse_cell(cell)
+    train = StateDataset(data_dir, key, "train", seed=seed, val_frac=val_frac)
+    val = StateDataset(data_dir, key, "val", seed=seed, val_frac=val_frac)
+    if (train.d_k, train.d_v) != (cfg.d_k, cfg.d_v):
+        raise ValueError(f"cfg has (d_k, d_v) = ({cfg.d_k}, {cfg.d_v}) but {data_dir} cell {key} has ({train.d_k}, {train.d_v})")
+    man = train.manifest
+    model = man.get("model") or (man.get("params") or {}).get("model")
+    info = {"cell": key, "model": model, "data_dir": str(Path(data_dir).resolve()), "val_frac": val_frac}
+    sae = WriteSAE(cfg, device=device, seed=seed)
+    return fit(
+        sae, train, val, out_dir=out_dir, lr=lr, min_lr=min_lr, warmup=warmup, batch_size=batch_size,
+        epochs=epochs, seed=seed, resample_every=resample_every, dead_after=dead_after,
+        renorm_every=renorm_every, val_every=val_every, ckpt_every=ckpt_every, max_steps=max_steps,
+        device=device, progress=progress, info=info,
+    )  # fmt: skip
