@@ -1,0 +1,145 @@
+"""Training throughput of WriteSAE: sparse vs dense decode, and vs FlatSAE.
+
+    python benchmarks/bench_sae.py [--sizes 64 128] [--batch 256] [--steps 3] [--device cpu] [--threads N]
+
+For each state size (d_k = d_v) it times full training steps (forward, AuxK off, backward, Adam)
+of three models at n_feat = 2048, k = 32:
+
+    bilinear/sparse  WriteSAE, decoder gathers the k active factor pairs (the default)
+    bilinear/dense   the same weights, decoder multiplies the dense code by all n_feat atoms
+    flat/sparse      FlatSAE (dense encoder and dense-atom decoder, gathered by embedding_bag)
+
+and prints each number next to its limit:
+
+- the sparse/dense speed-up against its FLOP bound. Matmul FLOPs per step (B batch, n atoms,
+  d = d_k d_v; the input needs no gradient): encoder 2 x 2Bnd (forward + weight gradient),
+  dense decoder 3 x 2Bnd, sparse decoder 3 x 2Bkd, so the speed-up is at most
+  (4n + 6n) / (4n + 6k) ~ 2.4 at n = 2048, k = 32 (the encoder stays dense);
+- training FLOP/s as a fraction of this machine's dense fp32 matmul throughput, measured in the
+  same run on a GEMM of the encoder's shape.
+
+Sparse and dense decode are checked equal (reconstruction and every gradient) before timing.
+The bound assumes both decoders run at the same FLOP efficiency; the dense one also writes the
+(n, d) atom matrix and the dense code, so on a memory-starved machine it can exceed the bound.
+
+On a shared CPU, ``--threads 1`` avoids thread oversubscription (which can cost 5x here), and
+large fresh allocations pay page faults each step unless glibc keeps them, e.g.
+``MALLOC_MMAP_THRESHOLD_=1000000000000 MALLOC_TRIM_THRESHOLD_=1000000000000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from writesae.sae import SAEConfig, WriteSAE
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_flops(variant: str, sparse: bool, B: int, n: int, k: int, d: int) -> float:
+    """Matmul FLOPs of one training step (see the module docstring)."""
+    enc = 2 * 2 * B * n * d
+    dec = 3 * 2 * B * (k if sparse else n) * d
+    return float(enc + dec)
+
+
+def time_steps(cfg: SAEConfig, S: torch.Tensor, steps: int, device) -> float:
+    """Median seconds per training step (after one warm-up step)."""
+    sae = WriteSAE(cfg, device=device, seed=0)
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-4)
+    times = []
+    for i in range(steps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        out = sae(S)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(B: int, n: int, d: int, device, reps: int = 3) -> float:
+    """Best FLOP/s of a dense fp32 (B, d) @ (d, n) GEMM, the encoder's shape."""
+    a, b = torch.randn(B, d, device=device), torch.randn(d, n, device=device)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * B * n * d / best
+
+
+def check_equal(d: int, n: int, k: int, B: int, device) -> float:
+    """Max relative difference between sparse- and dense-decode reconstructions and gradients."""
+    cfg = SAEConfig("bilinear", d, d, n_feat=n, k=k)
+    sae = WriteSAE(cfg, device=device, seed=1)
+    S = torch.randn(B, d, d, device=device)
+    dead = torch.zeros(n, dtype=torch.bool, device=device)
+    dead[::2] = True  # exercise the AuxK decode too
+    worst = 0.0
+    results = []
+    for sparse in (True, False):
+        cfg.sparse_decode = sparse
+        sae.zero_grad()
+        out = sae(S, dead_mask=dead)
+        out.loss.backward()
+        results.append([out.recon.detach()] + [p.grad.detach().clone() for p in sae.parameters()])
+    for a, b in zip(*results):
+        worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)))
+    if worst > 1e-4:
+        raise AssertionError(f"sparse and dense decode differ: max relative difference {worst:.2e}")
+    return worst
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--n-feat", type=int, default=2048)
+    ap.add_argument("-k", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    B, n, k, dev = args.batch, args.n_feat, args.k, args.device
+    print(f"device {dev}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {B}, n_feat {n}, k {k}, "
+          f"median of {args.steps} training steps")  # fmt: skip
+    bound = step_flops("bilinear", False, B, n, k, 1) / step_flops("bilinear", True, B, n, k, 1)
+    for size in args.sizes:
+        d = size * size
+        diff = check_equal(size, n, k, 16, dev)
+        peak = matmul_peak(B, n, d, dev)
+        S = torch.randn(B, size, size, device=dev).to(torch.bfloat16).float()
+        print(f"\n{size}x{size} states: sparse == dense decode (max rel diff {diff:.1e}); "
+              f"dense fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
+        rows = {}
+        for name, variant, sparse in [("bilinear/sparse", "bilinear", True), ("bilinear/dense", "bilinear", False),
+                                      ("flat/sparse", "flat", True)]:  # fmt: skip
+            cfg = SAEConfig(variant, size, size, n_feat=n, k=k, sparse_decode=sparse)
+            t = time_steps(cfg, S, args.steps, dev)
+            flops = step_flops(variant, sparse, B, n, k, d)
+            rows[name] = t
+            print(f"  {name:16s} {B / t:9.0f} states/s  {t * 1e3:8.1f} ms/step  "
+                  f"{flops / t / 1e9:7.1f} GFLOP/s = {flops / t / peak:5.1%} of matmul peak")  # fmt: skip
+        speed = rows["bilinear/dense"] / rows["bilinear/sparse"]
+        print(f"  sparse/dense decode speed-up {speed:.2f}x (FLOP bound {bound:.2f}x; {speed / bound:.0%} of it); "
+              f"WriteSAE vs FlatSAE {rows['flat/sparse'] / rows['bilinear/sparse']:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
