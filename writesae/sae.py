@@ -406,8 +406,10 @@ class WriteSAE(nn.Module):
             return dead
         cfg, r = self.cfg, self.cfg.rank
         x = self._check(S) - self.mean
-        out = self.forward(S)
-        resid = x - (out.recon - self.mean)
+        was_training = self.training
+        self.eval()  # no BatchTopK threshold update from this pass
+        resid = x - (self.forward(S).recon - self.mean)
+        self.train(was_training)
         w8 = resid.pow(2).flatten(1).sum(1).double()
         probs = w8 / w8.sum() if w8.sum() > 0 else torch.ones_like(w8)
         pick = torch.multinomial(probs.cpu(), len(dead), replacement=True, generator=generator).to(self.device)
