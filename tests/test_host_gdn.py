@@ -151,3 +151,21 @@ def test_model_without_recurrent_layer_is_refused():
     cfg.layer_types = ["full_attention"] * 4
     with pytest.raises(ValueError, match="no Gated DeltaNet"):
         load_host(cfg)
+
+
+def test_real_checkpoint_layout_loads_from_a_directory(tmp_path):
+    """Qwen3.5 hub checkpoints are saved as the multimodal Qwen3_5ForConditionalGeneration: the loader
+    takes such a directory (offline) and runs its language model with the same weights."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    cfg = Qwen3_5Config(text_config=tiny_config().to_dict(),
+                        vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2,
+                                           out_hidden_size=64))
+    torch.manual_seed(0)
+    full = Qwen3_5ForConditionalGeneration(cfg).eval()
+    full.save_pretrained(tmp_path)
+    host = load_host(str(tmp_path), tokenizer=False)
+    ids = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        ref = full(input_ids=ids).logits
+    assert (host.trace(ids).logits - ref).abs().max() < TOL
