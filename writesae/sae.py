@@ -78,7 +78,9 @@ class SAEConfig:
     """Decode by gathering the k active atoms (cost ~ k); False multiplies the dense code
     by all n_feat atoms (for benchmarks and checks only)."""
     jumprelu_init_threshold: float = 1e-3
+    """JumpReLU: initial threshold, in pre-activation (= state) units: set it to your data's scale."""
     jumprelu_bandwidth: float = 1e-3
+    """JumpReLU: width of the straight-through rectangle kernel, also in state units."""
     l0_coeff: float = 1e-3
     """JumpReLU: weight of the mean-L0 penalty in the loss."""
     batchtopk_momentum: float = 0.01
