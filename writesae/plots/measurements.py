@@ -1,0 +1,104 @@
+"""Figures of the measurements (claims 1, 3, 5, 6 and §4): each takes the tidy tables of
+``writesae.experiments`` and returns a matplotlib Figure; no computation beyond plotting."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+
+__all__ = ["partition_histogram", "substitution_kl", "win_rate_strip", "closed_form_scatter", "divergence_curves"]
+
+COLORS = {"register": "tab:blue", "bundle": "tab:orange", "atom": "tab:blue", "delete": "tab:red",
+          "random": "tab:gray", "native": "tab:green"}
+
+
+def partition_histogram(table, summary, bins=40):
+    """Claim 1: histogram of the per-atom median cosine to the native write, by class, with each
+    class drawn as a normal curve (its members' weight, mean, std), and the BIC of k = 1, 2, 3."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    edges = np.histogram_bin_edges(table["cos"], bins=bins)
+    width = edges[1] - edges[0]
+    x = np.linspace(edges[0], edges[-1], 400)
+    for cls in ("bundle", "register"):
+        vals = table.loc[table["class"] == cls, "cos"]
+        ax.hist(vals, bins=edges, alpha=0.6, color=COLORS[cls], label=f"{cls} (n={len(vals)})")
+        c = summary["components"][cls]
+        if c["std"] > 0:
+            dens = np.exp(-0.5 * ((x - c["mean"]) / c["std"]) ** 2) / (c["std"] * np.sqrt(2 * np.pi))
+            ax.plot(x, dens * c["weight"] * len(table) * width, color=COLORS[cls])
+    bic = ", ".join(f"k={k}: {v:.0f}" for k, v in sorted(summary["bic"].items(), key=lambda kv: int(kv[0])))
+    ax.set(xlabel="median cos(atom, native write) over firings", ylabel="atoms",
+           title=f"BIC {bic}; dBIC(2-1) = {summary['dbic']:.1f}")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def substitution_kl(df, read="mean", direction="patched||base"):
+    """Claim 3: KL_atom against KL_delete per firing (log scale, colour = cos(atom, write)) and the
+    distribution of log10 KL per condition."""
+    d = df[(df["read"] == read) & (df["direction"] == direction)]
+    conds = [c for c in ("atom", "delete", "random", "native") if f"kl_{c}" in d]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    floor = 1e-12
+    sc = ax1.scatter(d["kl_delete"].clip(lower=floor), d["kl_atom"].clip(lower=floor), c=d["cos_native"], s=8,
+                     cmap="coolwarm", vmin=-1, vmax=1)
+    lim = [max(floor, min(d["kl_delete"].min(), d["kl_atom"].min())), max(d["kl_delete"].max(), d["kl_atom"].max())]
+    ax1.plot(lim, lim, "k--", lw=1)
+    ax1.set(xscale="log", yscale="log", xlabel="KL delete", ylabel="KL atom",
+            title=f"win rate {d['win'].mean():.1%} (n={len(d)}; {read}, {direction})")
+    fig.colorbar(sc, ax=ax1, label="cos(atom, write)")
+    long = d.melt(value_vars=[f"kl_{c}" for c in conds], var_name="condition", value_name="kl")
+    long["log10 KL"] = np.log10(long["kl"].clip(lower=floor))
+    long["condition"] = long["condition"].str[3:]
+    sns.violinplot(long, x="condition", y="log10 KL", hue="condition", palette=COLORS, ax=ax2, cut=0, legend=False)
+    ax2.set_title(f"scaling: {d['scaling'].iloc[0]}, write: {d['write'].iloc[0]}")
+    fig.tight_layout()
+    return fig
+
+
+def win_rate_strip(summary, chosen=None):
+    """Claim 5: per-head win rates (a ``summarize(df, by=("layer", "head", ...))`` table, one read and
+    direction) as a strip plot by layer, with the ``chosen`` (layer, head) marked."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    sns.stripplot(summary, x="layer", y="win_rate", ax=ax, color="tab:blue", size=7, jitter=0.15)
+    if chosen is not None:
+        layers = sorted(summary["layer"].unique())
+        row = summary[(summary["layer"] == chosen[0]) & (summary["head"] == chosen[1])]
+        ax.scatter([layers.index(chosen[0])] * len(row), row["win_rate"], marker="*", s=250, color="tab:red",
+                   zorder=3, label=f"L{chosen[0]}H{chosen[1]}")
+        ax.legend(frameon=False)
+    ax.axhline(0.5, color="k", lw=0.8, ls=":")
+    ax.set(ylabel="win rate (KL atom < KL delete)", ylim=(0, 1))
+    fig.tight_layout()
+    return fig
+
+
+def closed_form_scatter(df, predictor="pred_direct", split="eval"):
+    """Claim 6: measured against predicted logit shift (``split`` rows), colour = eps, per lag."""
+    d = df[df["split"] == split]
+    lags = sorted(d["lag"].unique())
+    fig, axes = plt.subplots(1, len(lags), figsize=(4.5 * len(lags), 4), squeeze=False)
+    for ax, L in zip(axes[0], lags):
+        g = d[d["lag"] == L]
+        sns.scatterplot(g, x=predictor, y="measured", hue="eps", palette="viridis", s=10, ax=ax, legend=L == lags[0])
+        lim = [min(g[predictor].min(), g["measured"].min()), max(g[predictor].max(), g["measured"].max())]
+        ax.plot(lim, lim, "k--", lw=1)
+        ax.set(title=f"lag {L}", xlabel=f"predicted ({predictor})", ylabel="measured logit shift")
+    fig.tight_layout()
+    return fig
+
+
+def divergence_curves(curves):
+    """§4: median (and quartiles) of the KL and of the relative state change of the edited cell per
+    lag after the edit, one line per condition (a :func:`writesae.experiments.divergence.curves` table)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, col, label in zip(axes, ("kl", "state_rel", "state_rel_later"),
+                              ("KL(next token)", "relative state change, edited cell", "relative state change, later cells")):
+        for cond, g in curves.groupby("cond"):
+            ax.plot(g["lag"], g[f"{col}_median"], label=cond, color=COLORS.get(cond))
+            ax.fill_between(g["lag"], g[f"{col}_q25"], g[f"{col}_q75"], alpha=0.2, color=COLORS.get(cond))
+        ax.set(yscale="log", xlabel="positions after the edit", ylabel=label)
+    axes[0].legend(frameon=False)
+    fig.tight_layout()
+    return fig
