@@ -11,6 +11,7 @@ import torch
 
 from .base import Cell, CellTrace, Edit, EditRun, Trace
 from .gated_deltanet import GatedDeltaNetHost
+from .mamba2 import Mamba2Host
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
 _GDN_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_next")
@@ -29,14 +30,22 @@ def tiny_config(family="qwen3_5", n_k_heads=2, n_v_heads=4, layers=4, vocab_size
     if family == "qwen3_next":
         return Qwen3NextConfig(**common, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                                shared_expert_intermediate_size=32)
-    raise ValueError(f"unknown tiny family {family!r}: use 'qwen3_5' or 'qwen3_next'")
+    if family == "mamba2":
+        from transformers import Mamba2Config
+
+        return Mamba2Config(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, num_heads=n_v_heads,
+                            head_dim=16, state_size=8, expand=1, n_groups=n_v_heads, chunk_size=16,
+                            conv_kernel=4)
+    raise ValueError(f"unknown tiny family {family!r}: use 'qwen3_5', 'qwen3_next' or 'mamba2'")
 
 
 def _host_class(config):
     mt = getattr(config, "model_type", "")
     if mt in _GDN_TYPES:
         return GatedDeltaNetHost
-    raise ValueError(f"no host adapter for model_type {mt!r}; supported: {', '.join(_GDN_TYPES)}")
+    if mt == "mamba2":
+        return Mamba2Host
+    raise ValueError(f"no host adapter for model_type {mt!r}; supported: {', '.join(_GDN_TYPES)}, mamba2")
 
 
 def _model_from_config(config):
@@ -50,7 +59,8 @@ def _model_from_config(config):
 def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=True):
     """Load a model as a host.
 
-    source: ``"embedded"`` (the model shipped with this package, no network), ``"tiny"`` / ``"tiny:qwen3_next"``
+    source: ``"embedded"`` (the model shipped with this package, no network), ``"tiny"`` / ``"tiny:qwen3_next"`` /
+    ``"tiny:mamba2"``
     (a seeded random tiny model, no tokenizer), a local directory or hub
     name of a real checkpoint (e.g. ``"Qwen/Qwen3.5-0.8B"``, offline when cached), a transformers config
     (random init, for tests), or an already-loaded model. device: default CUDA when available, else CPU."""
@@ -83,4 +93,4 @@ def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=
     return _host_class(model.config)(model, tokenizer=tok, name=name)
 
 
-__all__ = ["Cell", "CellTrace", "Edit", "EditRun", "Trace", "GatedDeltaNetHost", "load_host", "tiny_config", "EMBEDDED_DIR"]
+__all__ = ["Cell", "CellTrace", "Edit", "EditRun", "Trace", "GatedDeltaNetHost", "Mamba2Host", "load_host", "tiny_config", "EMBEDDED_DIR"]

@@ -170,11 +170,11 @@ class RecurrentHost:
         return EditRun(out, starts, positions, base, seqs)
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens=20, edits=(), eos_token_id=None):
+    def generate(self, input_ids, max_new_tokens=20, edits=()):
         """Greedy decoding with cache edits at chosen absolute positions (prompt or generated).
 
         input_ids: (B, T) prompts of equal length; edits: Edits whose ``seq`` is the batch row.
-        Returns (B, T + max_new_tokens) token ids."""
+        Always decodes ``max_new_tokens`` (no stop at end-of-text). Returns (B, T + max_new_tokens) ids."""
         ids = torch.as_tensor(input_ids).to(self.device)
         if ids.ndim == 1:
             ids = ids[None]

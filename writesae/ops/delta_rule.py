@@ -6,7 +6,8 @@ Per value head, with ``S`` of shape ``(d_k, d_v)``::
 
 ``a_t = exp(g_t)`` is the forget gate, ``b_t`` the write gate, ``W_t = b_t k_t v_t^T`` the native
 (additive) write and ``U_t = S_t - a_t S_{t-1} = b_t k_t (v_t - a_t S_{t-1}^T k_t)^T`` the full
-delta-rule update. DeltaNet is the special case ``g = 0``.
+delta-rule update. DeltaNet is the special case ``g = 0``; the gated *linear* rule of Mamba-2 and GLA,
+``S_t = a_t S_{t-1} + b_t k_t v_t^T`` (no erase term, so ``U_t = W_t``), is ``erase=False``.
 
 An edit at step t adds ``delta_t`` to the freshly written state; every edit kind is such a delta:
 
@@ -29,13 +30,12 @@ KINDS = ("replace", "delete", "add")
 WRITES = ("additive", "update")
 
 
-def step(S, q, k, v, g, b):
+def step(S, q, k, v, g, b, erase=True):
     """One native step. S: (B,H,dk,dv); q,k: (B,H,dk); v: (B,H,dv); g,b: (B,H).
 
     Returns (S_new, S_decayed) where S_decayed = a_t S_{t-1}."""
     Sd = S * g.exp()[..., None, None]
-    kv_mem = torch.einsum("bhkv,bhk->bhv", Sd, k)
-    delta = (v - kv_mem) * b[..., None]
+    delta = (v - torch.einsum("bhkv,bhk->bhv", Sd, k) if erase else v) * b[..., None]
     return Sd + k[..., :, None] * delta[..., None, :], Sd
 
 
@@ -82,7 +82,7 @@ def apply_edits(S, Sd, k, v, b, edits):
     return out
 
 
-def run(S, q, k, v, g, b, edits=None, record=(), chunk=None, min_chunk=8):
+def run(S, q, k, v, g, b, edits=None, record=(), chunk=None, min_chunk=8, erase=True):
     """The recurrence over T steps, with edits and recorded states at chosen steps.
 
     q, k: (B,T,H,dk) (q scaled); v: (B,T,H,dv); g, b: (B,T,H); S: (B,H,dk,dv) state before step 0.
@@ -90,6 +90,7 @@ def run(S, q, k, v, g, b, edits=None, record=(), chunk=None, min_chunk=8):
     chunk: optional fast kernel ``chunk(q, k, v, g, b, S0) -> (o, S_T)`` for stretches with neither
     edits nor records (the host passes transformers' chunked torch path on CPU, fla's kernel on GPU);
     stretches shorter than ``min_chunk`` and everything when ``chunk`` is None run step by step.
+    erase=False runs the gated linear rule (Mamba-2, GLA).
     Returns (o (B,T,H,dv), S_T, {t: (S_{t-1}, S_t)})."""
     T = q.shape[1]
     edits = edits or {}
@@ -102,12 +103,12 @@ def run(S, q, k, v, g, b, edits=None, record=(), chunk=None, min_chunk=8):
                 outs.append(o)
             else:
                 for s in range(t, stop):
-                    S, _ = step(S, q[:, s], k[:, s], v[:, s], g[:, s], b[:, s])
+                    S, _ = step(S, q[:, s], k[:, s], v[:, s], g[:, s], b[:, s], erase)
                     outs.append(read(S, q[:, s])[:, None])
         if stop == T:
             break
         S_prev = S
-        S, Sd = step(S, q[:, stop], k[:, stop], v[:, stop], g[:, stop], b[:, stop])
+        S, Sd = step(S, q[:, stop], k[:, stop], v[:, stop], g[:, stop], b[:, stop], erase)
         if stop in edits:
             S = apply_edits(S, Sd, k[:, stop], v[:, stop], b[:, stop], edits[stop])
         if stop in record:
