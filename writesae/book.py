@@ -271,12 +271,24 @@ def _find_chromium():
     return None
 
 
+def chromium_command(chromium: str, profile: str, budget_ms: int = 5000) -> list[str]:
+    """Headless Chromium with every host name but localhost unresolvable.
+
+    So a page that renders here renders offline: nothing can come from a CDN.
+    """
+    return [chromium, "--headless", "--no-sandbox", "--disable-gpu",
+            "--disable-background-networking", "--disable-component-update", "--no-first-run",
+            "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost",
+            f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
+
+
 def screenshot(pages, out_dir, width: int = 1280, height: int = 2000, budget_ms: int = 5000) -> list[Path]:
     """Render HTML pages with headless Chromium to PNGs in ``out_dir``; return the PNG paths.
 
-    ``pages``: paths to built ``.html`` files (or URLs). Chromium runs with no
-    network-facing background services and a throw-away profile; scripts get
-    ``budget_ms`` of virtual time (enough for widgets and MathJax to render).
+    ``pages``: paths to built ``.html`` files (or URLs). Chromium runs with a
+    throw-away profile and no name resolution except localhost (see
+    :func:`chromium_command`); scripts get ``budget_ms`` of virtual time
+    (enough for widgets and MathJax to render).
     Without a Chromium binary (``apt-get install -y chromium``, or
     ``$WRITESAE_CHROMIUM``) it prints why and returns ``[]``.
     """
@@ -295,11 +307,8 @@ def screenshot(pages, out_dir, width: int = 1280, height: int = 2000, budget_ms:
             name = f"{Path(page).parent.name}-{name}"
         png = out_dir / f"{name}.png"
         with tempfile.TemporaryDirectory() as profile:
-            cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu",
-                   "--disable-background-networking", "--disable-component-update",
-                   "--no-first-run", "--hide-scrollbars", f"--user-data-dir={profile}",
-                   f"--screenshot={png}", f"--window-size={width},{height}",
-                   f"--virtual-time-budget={budget_ms}", url]
+            cmd = chromium_command(chromium, profile, budget_ms) + [
+                "--hide-scrollbars", f"--screenshot={png}", f"--window-size={width},{height}", url]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
         if proc.returncode != 0 or not png.exists():
             print(f"screenshot: chromium failed on {page} (exit {proc.returncode}): {proc.stderr[-500:]}")
