@@ -148,6 +148,12 @@ def test_failing_notebook_reports_and_keeps_copy(tmp_path):
     assert not (root / "_build" / "src" / "notebooks" / "bad.ipynb").exists()
 
 
+def test_only_must_name_toc_notebooks(built):
+    root, _, _ = built
+    with pytest.raises(ValueError, match="nope"):
+        book.build(root=root, only=["nope"], progress=False)
+
+
 def test_missing_toc_file_is_an_error(tmp_path):
     (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: notebooks/nope\n")
     with pytest.raises(FileNotFoundError, match="notebooks/nope"):
