@@ -70,7 +70,7 @@ def condition_matrices(atom, coef, native, scaling, generator):
 
 
 def kl_by_position(logits, base, direction="patched||base"):
-    """KL per position between ``logits`` (R, T, V) (patched) and ``base`` (T, V) or (R, T, V): (R, T)."""
+    """KL per position between ``logits`` (..., T, V) (patched) and ``base`` (T, V) or (..., T, V): (..., T)."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r} is not one of {DIRECTIONS}")
     lp, lb = F.log_softmax(logits.double(), -1), F.log_softmax(base.double(), -1).expand_as(logits)
@@ -112,7 +112,6 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
         raise ValueError(f"sites must hold one cell, got {len(cells)}")
     layer, head = (int(x) for x in cells.iloc[0])
     ids = torch.as_tensor(ids)
-    T = ids.shape[1]
     sites = sites.reset_index(drop=True)
     per_site, kls = [], {}
     seqs = sorted(sites["seq"].unique())
@@ -139,10 +138,9 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
                         keys.append((j, cond, p))
                 run = host.run_edits(ids[s:s + 1], rows, reuse_prefix=reuse_prefix)
                 for d in directions:
-                    kl = kl_by_position(run.logits, run.base[0], d)
                     for n, (j, cond, p) in enumerate(keys):
-                        kls[(j, d, cond)] = dict(next=float(kl[n, p]), final=float(kl[n, T - 1]),
-                                                 mean=float(kl[n, p:].mean()))
+                        kl = kl_by_position(run.logits[n, p:], run.base[0, p:], d)
+                        kls[(j, d, cond)] = dict(next=float(kl[0]), final=float(kl[-1]), mean=float(kl.mean()))
             if progress:
                 print(f"substitution: sequence {s} done ({len(per_site)}/{len(sites)} firings)")
     geo = pd.DataFrame(per_site).set_index("firing").sort_index()
