@@ -49,7 +49,9 @@ def states(h, cells, *, text="train", window=128, n_windows=256, positions_per_s
 
 def sae(h, cell, *, variant="bilinear", n_feat=2048, k=32, activation="topk", rank=1, epochs=20,
         batch_size=256, lr=3e-4, seed=0, data=None, root=None, progress=True):
-    """The best checkpoint of an SAE on ``cell`` trained on ``data`` (a dict of :func:`states` kwargs)."""
+    """The best checkpoint of an SAE on ``cell`` trained on ``data`` (a dict of :func:`states` kwargs).
+
+    Training metrics (validation MSE, FVU, L0, alive/dead) are in ``sae.info["metrics"]``."""
     layer, head = h.cell(*cell)[:2]
     data = dict(data or {})
     d_states = states(h, data.pop("cells", [[layer, head]]), root=root, progress=progress, **data)
@@ -62,4 +64,14 @@ def sae(h, cell, *, variant="bilinear", n_feat=2048, k=32, activation="topk", ra
         train_sae(d_states, (layer, head), cfg, d, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                   progress=progress)
         (d / "done").write_text("ok\n")
-    return WriteSAE.load(best)
+    return WriteSAE.load(best, expect_cell=(layer, head), expect_dims=(h.d_k, h.d_v))
+
+
+def savefig(fig, name, root=None, dpi=120):
+    """Save a figure as ``<cache root>/figures/<name>`` (PNG) too, next to the other artifacts."""
+    from .cache import cache_root
+
+    path = cache_root(root) / "figures" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
