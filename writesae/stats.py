@@ -6,7 +6,7 @@ each against an independent reference.
 
 Conventions: confidence intervals are returned as ``CI(low, high)`` (a
 NamedTuple, so ``lo, hi = wilson_ci(...)`` works); tests return
-``Test(statistic, pvalue)``.
+``StatTest(statistic, pvalue)``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from scipy import stats as _st
 from sklearn.mixture import GaussianMixture
 
 __all__ = [
-    "CI", "Test", "GMMPartition",
+    "CI", "StatTest", "GMMPartition",
     "wilson_ci", "bootstrap_ci", "cliffs_delta", "paired_wilcoxon",
     "mann_whitney", "median_ratio", "gmm_partition",
 ]
@@ -29,7 +29,7 @@ class CI(NamedTuple):
     high: float
 
 
-class Test(NamedTuple):
+class StatTest(NamedTuple):
     statistic: float
     pvalue: float
 
@@ -105,22 +105,22 @@ def cliffs_delta(x, y, paired: bool = False) -> float:
     return float(2.0 * u / (len(x) * len(y)) - 1.0)
 
 
-def paired_wilcoxon(x, y, alternative: str = "two-sided") -> Test:
+def paired_wilcoxon(x, y, alternative: str = "two-sided") -> StatTest:
     """Wilcoxon signed-rank test on the paired differences ``x - y``.
 
     Thin wrapper on ``scipy.stats.wilcoxon(x, y, alternative=...)``.
     """
     r = _st.wilcoxon(np.asarray(x, float), np.asarray(y, float), alternative=alternative)
-    return Test(float(r.statistic), float(r.pvalue))
+    return StatTest(float(r.statistic), float(r.pvalue))
 
 
-def mann_whitney(x, y, alternative: str = "two-sided") -> Test:
+def mann_whitney(x, y, alternative: str = "two-sided") -> StatTest:
     """Mann-Whitney U test of two independent samples (U of ``x``, p-value).
 
     Thin wrapper on ``scipy.stats.mannwhitneyu``.
     """
     r = _st.mannwhitneyu(np.asarray(x, float), np.asarray(y, float), alternative=alternative)
-    return Test(float(r.statistic), float(r.pvalue))
+    return StatTest(float(r.statistic), float(r.pvalue))
 
 
 def median_ratio(*samples) -> np.ndarray:
