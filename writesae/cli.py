@@ -60,7 +60,7 @@ def cmd_train_sae(a):
 def cmd_book(a):
     from .book import build
 
-    build(params_file=a.params, only=a.only, tiny=a.tiny)
+    build(params_file=a.params, only=a.only, tiny=a.tiny, force=a.force)
 
 
 def main(argv=None):
@@ -107,12 +107,13 @@ def main(argv=None):
     b.add_argument("--params", default=None, help="parameter file in params/ (default: embedded CPU)")
     b.add_argument("--only", nargs="*", default=None, help="notebook names to (re)execute")
     b.add_argument("--tiny", action="store_true", help="tiny parameters (CI smoke build)")
+    b.add_argument("--force", action="store_true", help="re-execute notebooks even when unchanged")
     b.set_defaults(fn=cmd_book)
 
     a = p.parse_args(argv)
     try:
         a.fn(a)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"writesae {a.cmd}: {err}", file=sys.stderr)
         return 2
     return 0
