@@ -1,0 +1,75 @@
+"""Widgets build on the tiny host (token ids, no tokenizer), their callbacks run, and a headless kernel
+stores a state whose HTML shows the first view."""
+import json
+
+import nbformat
+import pytest
+import torch
+from nbclient import NotebookClient
+
+from writesae import widgets
+from writesae.hosts import load_host
+from writesae.sae import SAEConfig, WriteSAE
+
+torch.set_num_threads(1)  # tiny models: extra threads only spin against the shared cores
+CELL = (2, 3)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    host = load_host("tiny")
+    ids = torch.randint(0, 101, (4, 24), generator=torch.Generator().manual_seed(0))
+    sae = WriteSAE(SAEConfig("bilinear", host.d_k, host.d_v, n_feat=32, k=4), seed=0)
+    sae.set_mean(host.trace(ids, cells=[CELL])[CELL].state.flatten(0, 1).mean(0))
+    return host, ids, sae
+
+
+def test_atom_explorer_shows_and_follows_the_chosen_atom(setup):
+    host, ids, sae = setup
+    box = widgets.atom_explorer(host, {CELL: sae}, ids, n_contexts=3)
+    c = box.controls
+    first = c["view"].value
+    assert c["atom"].value == c["atom"].options[0][1]
+    assert "<img" in first and first.count("<li>") == 3 and 'background:#fd8' in first
+    other = c["atom"].options[5][1]
+    c["atom"].value = other
+    assert c["view"].value != first and f"atom {other}" not in first
+    c["sort"].value = "feature"
+    assert [v for _, v in c["atom"].options] == sorted(v for _, v in c["atom"].options)
+    c["cls"].value = "register"  # no classes given: nothing matches, and it says so
+    assert c["atom"].options == () and "no atom" in c["view"].value
+
+
+def test_live_install_runs_and_magnitude_zero_changes_nothing(setup):
+    host, _, sae = setup
+    box = widgets.live_install(host, {CELL: sae}, prompt="5 17 42 8 23 61 9 33", target="7", n_new=6)
+    c = box.controls
+    assert "<table" in c["view"].value and "native" in c["view"].value
+    c["m"].value = 0.0
+    c["run"].click()
+    rows = c["view"].value.split("<tr>")[1:]  # the body rows: native, edited
+    native, edited = (r.split("<td>")[2].split("</td>")[0] for r in rows)
+    assert native == edited and len(native.split()) == 6
+    c["mode"].value = "atom"
+    c["m"].value = 8.0
+    c["run"].click()
+    assert "atom 0" in c["view"].value
+
+
+def test_widgets_in_a_headless_kernel_keep_their_state():
+    code = (
+        "import torch\ntorch.set_num_threads(1)\n"
+        "from writesae import widgets\nfrom writesae.hosts import load_host\nfrom writesae.sae import SAEConfig, WriteSAE\n"
+        "host = load_host('tiny')\nids = torch.randint(0, 101, (3, 20), generator=torch.Generator().manual_seed(0))\n"
+        "sae = WriteSAE(SAEConfig('bilinear', 16, 8, n_feat=16, k=2), seed=0)\n"
+        "box = widgets.atom_explorer(host, {(2, 3): sae}, ids)\nbox"
+    )
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code),
+                                         nbformat.v4.new_code_cell("widgets.live_install(host, {(2, 3): sae}, n_new=4)")])
+    NotebookClient(nb, timeout=120, kernel_name="python3", store_widget_state=True).execute()
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    html = [s["state"].get("value", "") for s in state.values() if s["model_name"] == "HTMLModel"]
+    assert any("<img" in h for h in html) and any("<table" in h and "native" in h for h in html)
+    views = [o for c in nb.cells for o in c.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(views) == 2
+    assert json.dumps(state)  # serialisable as saved

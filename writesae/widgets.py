@@ -1,0 +1,189 @@
+"""Interactive views (ipywidgets): the atom explorer and the live install.
+
+They hold no algorithm: data come from :mod:`writesae.experiments`, figures from :mod:`writesae.plots`.
+Each draws its first view when it is built, into HTML widgets (figures as inline PNG), so a notebook
+executed with its widget state saved shows a meaningful page in the static book. Both return a
+``VBox`` whose ``controls`` dict names its inputs (for scripting and tests).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+
+import ipywidgets as W
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from .experiments import firings as _firings
+from .experiments import interventions as iv
+from .experiments import partition as _partition
+from .plots import interventions as plots
+
+__all__ = ["atom_explorer", "live_install"]
+
+DEFAULT_PROMPT = "The river rose after the storm, and the people of the town"
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
+
+
+def _tok(host, t) -> str:
+    return html.escape(repr(host.tokenizer.decode([int(t)])) if host.tokenizer is not None else str(int(t)))
+
+
+def _text(host, ids) -> str:
+    if host.tokenizer is not None:
+        return html.escape(host.tokenizer.decode([int(t) for t in ids]))
+    return " ".join(str(int(t)) for t in ids)
+
+
+def _context(host, row, width) -> str:
+    """The tokens around a firing, the firing token highlighted."""
+    pos = int(row.pos)
+    toks = [_tok(host, t) for t in row.window[max(0, pos - width):pos + 3]]
+    i = min(pos, width)
+    toks[i] = f'<b style="background:#fd8">{toks[i]}</b>'
+    return " ".join(toks)
+
+
+def _cell_name(cell):
+    return f"L{cell[0]}H{cell[1]}"
+
+
+def atom_explorer(host, saes, ids, *, firings=None, classes=None, kls=None, n_contexts=5, width=8):
+    """Browse the atoms of one or more SAEs.
+
+    saes: {(layer, head): WriteSAE}; ids: (N, T) windows the firings are taken on. Optional, per cell:
+    ``firings`` (tables of :func:`writesae.experiments.firings.collect`, computed when missing),
+    ``classes`` (:func:`writesae.experiments.partition.partition` tables: a ``class`` per feature) and
+    ``kls`` (any table with a ``feature`` column and ``kl_*`` columns, e.g. substitution KLs per firing).
+    Choose a cell, filter by class and cosine, sort by fire rate / cosine / firings, pick an atom: its
+    factors and the atom as heatmaps, the cosines to the native writes over its firings, its row of the
+    atom table, its median KLs, and its top-firing contexts (firing token highlighted)."""
+    firings, classes, kls = dict(firings or {}), classes or {}, kls or {}
+    tables = {}
+    for cell, sae in saes.items():
+        if cell not in firings:
+            firings[cell] = _firings.collect(host, sae, cell, ids)
+        t = _partition.atom_table(firings[cell])
+        if cell in classes:
+            t = t.merge(classes[cell][["feature", "class"]], on="feature", how="left")
+        tables[cell] = t.assign(**{"class": t["class"].fillna("—")} if "class" in t else {"class": "—"})
+
+    cell_w = W.Dropdown(options=[(_cell_name(c), c) for c in saes], description="cell")
+    cls_w = W.Dropdown(options=["all", "register", "bundle"], description="class")
+    cos_w = W.FloatRangeSlider(value=(-1, 1), min=-1, max=1, step=0.05, description="median cos")
+    sort_w = W.Dropdown(options=["fire_rate", "cos", "n_firings", "feature"], description="sort by")
+    atom_w = W.Dropdown(description="atom", layout=W.Layout(width="420px"))
+    view = W.HTML()
+
+    def options(*_):
+        t = tables[cell_w.value]
+        t = t[(t["cos"] >= cos_w.value[0]) & (t["cos"] <= cos_w.value[1])]
+        if cls_w.value != "all":
+            t = t[t["class"] == cls_w.value]
+        t = t.sort_values(sort_w.value, ascending=sort_w.value == "feature")
+        atom_w.options = [(f"#{f}  rate {rate:.3f}  cos {c:+.2f}  {k}", int(f))
+                          for f, rate, c, k in zip(t["feature"], t["fire_rate"], t["cos"], t["class"])]
+        if atom_w.options:
+            atom_w.value = atom_w.options[0][1]
+        else:
+            view.value = "<i>no atom matches the filters</i>"
+
+    def show(*_):
+        if atom_w.value is None:
+            return
+        cell, f = cell_w.value, int(atom_w.value)
+        sae, fr = saes[cell], firings[cell]
+        mine = fr[fr["feature"] == f]
+        fig = plots.atom_figure(sae.v[f].detach(), sae.w[f].detach(), mine["cos"], title=f"{_cell_name(cell)} atom {f}")
+        row = tables[cell][tables[cell]["feature"] == f]
+        parts = [_png(fig), row.to_html(index=False, float_format="%.3f")]
+        if cell in kls:
+            k = kls[cell][kls[cell]["feature"] == f]
+            cols = [c for c in k.columns if c.startswith("kl")]
+            if len(k) and cols:
+                parts.append("<b>substitution KL (median over firings)</b>"
+                             + k[cols].median().to_frame().T.assign(n=len(k)).to_html(index=False, float_format="%.4f"))
+        top = mine.nlargest(n_contexts, "coef").assign(window=lambda d: [ids[s] for s in d["seq"]])
+        parts.append("<b>top firings</b><ol>" + "".join(
+            f"<li>coef {r.coef:.3f} · seq {r.seq} pos {r.pos}: {_context(host, r, width)}</li>" for r in top.itertuples())
+            + "</ol>")
+        view.value = "".join(parts)
+
+    for w in (cell_w, cls_w, cos_w, sort_w):
+        w.observe(options, names="value")
+    atom_w.observe(show, names="value")
+    options()
+    show()
+    box = W.VBox([W.HBox([cell_w, cls_w, sort_w]), W.HBox([cos_w, atom_w]), view])
+    box.controls = dict(cell=cell_w, cls=cls_w, cos=cos_w, sort=sort_w, atom=atom_w, view=view)
+    return box
+
+
+def _parse_ids(host, text):
+    if host.tokenizer is not None:
+        return host.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [int(t) for t in text.replace(",", " ").split()]
+
+
+def live_install(host, saes=None, *, prompt=None, cell=None, target=None, n_new=20):
+    """Type a prompt (text, or token ids for a host without tokenizer), choose a cell, what to write
+    (a target token's direction, :func:`writesae.experiments.interventions.target_direction`, or an SAE
+    atom), how many of the last prompt positions and the magnitude m (x ||k_t v_t^T||); Run shows the
+    greedy continuation before and after and the target's first-step log-prob and rank
+    (:func:`writesae.experiments.interventions.live_install`)."""
+    saes = saes or {}
+    cells = [(c.layer, c.head) for c in host.cells]
+    if prompt is None:
+        prompt = DEFAULT_PROMPT if host.tokenizer is not None else "5 17 42 8 23 61 9 33 12 70 4 56"
+    if target is None:
+        target = " water" if host.tokenizer is not None else "7"
+    prompt_w = W.Textarea(value=prompt, description="prompt", layout=W.Layout(width="600px"))
+    cell_w = W.Dropdown(options=[(_cell_name(c), c) for c in cells], value=tuple(cell or cells[-1]), description="cell")
+    mode_w = W.ToggleButtons(options=["target direction", "atom"], value="target direction")
+    target_w = W.Text(value=target, description="target")
+    atom_w = W.IntText(value=0, description="atom")
+    last_w = W.IntSlider(value=3, min=1, max=8, description="last n pos.")
+    m_w = W.FloatSlider(value=3.0, min=0.0, max=12.0, step=0.5, description="m")
+    run_w = W.Button(description="Run", button_style="primary")
+    view = W.HTML()
+
+    def run(*_):
+        ids = _parse_ids(host, prompt_w.value)
+        tgt = _parse_ids(host, target_w.value)
+        cell = cell_w.value
+        if len(ids) < 2 or not tgt:
+            view.value = "<i>the prompt needs two tokens or more and a target</i>"
+            return
+        if mode_w.value == "atom":
+            if cell not in saes:
+                view.value = f"<i>no SAE for {_cell_name(cell)}: have {[_cell_name(c) for c in saes]}</i>"
+                return
+            matrix = saes[cell].atom(atom_w.value).detach()
+        else:
+            matrix = iv.target_direction(host, cell, ids, tgt[0])
+        T = len(ids)
+        positions = list(range(max(0, T - last_w.value), T))
+        res = iv.live_install(host, cell, ids, m_w.value * matrix, positions=positions, n_new=n_new, target=tgt[0])
+        table = pd.DataFrame({"": ["native", "edited"],
+                              "continuation": [_text(host, res["native"]), _text(host, res["edited"])],
+                              "target log p (1st step)": [res["native_logp"], res["edited_logp"]],
+                              "target rank": [res["native_rank"], res["edited_rank"]],
+                              "target generated": [tgt[0] in res["native"], tgt[0] in res["edited"]]})
+        what = f"atom {atom_w.value}" if mode_w.value == "atom" else f"direction of {_tok(host, tgt[0])}"
+        view.value = (f"<p>{what} x m = {m_w.value:g} x ||k_t v_t^T|| at positions {positions} of "
+                      f"{_cell_name(cell)}; target {_tok(host, tgt[0])}</p>" + table.to_html(index=False, escape=False,
+                                                                                            float_format="%.3f"))
+
+    run_w.on_click(run)
+    run()
+    box = W.VBox([prompt_w, W.HBox([cell_w, mode_w]), W.HBox([target_w, atom_w]), W.HBox([last_w, m_w, run_w]), view])
+    box.controls = dict(prompt=prompt_w, cell=cell_w, mode=mode_w, target=target_w, atom=atom_w, last=last_w, m=m_w,
+                        run=run_w, view=view)
+    return box
