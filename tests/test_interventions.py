@@ -1,10 +1,12 @@
 """Interventions (claims 8, 9, 10, 13) on the tiny host: effects go the predicted way, magnitude 0 is a no-op."""
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
 
 from writesae.experiments import closed_form, firings, interventions as iv
 from writesae.hosts import load_host
+from writesae.plots import interventions as plots
 from writesae.sae import SAEConfig, WriteSAE
 
 torch.set_num_threads(1)  # tiny models: extra threads only spin against the shared cores
@@ -67,6 +69,9 @@ def test_sign_prediction_moves_the_logit_as_predicted(host, ids, lag, key):
     assert 0.7 < s["median_ratio"] < 1.3
     # the direction raises the target: positive installs raise its logit on average
     assert df.loc[df["sign"] > 0, "measured"].mean() > 0 > df.loc[df["sign"] < 0, "measured"].mean()
+    fig = plots.sign_figure(df)
+    assert f"{s['accuracy']:.1%}" in fig.axes[0].get_title() and len(fig.axes[0].collections) == 2
+    plt.close(fig)
 
 
 def test_target_direction_is_a_unit_rank1_matrix(host, ids):
@@ -110,6 +115,9 @@ def test_erasure_follows_the_first_order_prediction(host, ids, sae, fired):
     summ = iv.erasure_summary(er)
     assert list(summ["where"]) == ["firing", "firing", "non-firing", "non-firing"]
     assert (summ["n"] > 0).all() and summ["p_zero"].between(0, 1).all()
+    fig = plots.erasure_figure(er)
+    assert len(fig.axes) == 2 and len(fig.axes[1].lines) == 3  # two curves over doses and the zero line
+    plt.close(fig)
 
 
 def test_generation_install_raises_the_target(host, ids):
@@ -129,6 +137,9 @@ def test_generation_install_raises_the_target(host, ids):
     summ = iv.install_summary(gi)
     assert set(summ["stratum"]) == {"frequent", "mid", "rare", "semantic", "all"}
     assert summ.loc[summ["stratum"] == "all", "n"].tolist() == [len(tg), len(tg)]
+    fig = plots.install_figure(gi)
+    assert len(fig.axes[0].patches) == 4 * 3  # native + two m per stratum
+    plt.close(fig)
 
 
 def test_steering_adds_the_amplified_features(host, ids, sae, fired):
@@ -150,3 +161,6 @@ def test_steering_adds_the_amplified_features(host, ids, sae, fired):
     assert df.loc[df["condition"] == "baseline", "count"].tolist() == (base < 30).sum(1).tolist()
     summ = iv.steering_summary(df)
     assert list(summ["condition"]) == ["baseline", "boundary", "random"]
+    fig = plots.steering_figure(summ)
+    assert [p.get_height() for p in fig.axes[0].patches] == pytest.approx(summ["mean_rate"].tolist())
+    plt.close(fig)

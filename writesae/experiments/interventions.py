@@ -198,7 +198,7 @@ def erasure(host, sae, cell, ids, *, firings=None, features=None, n_features=8, 
     def predicted(sites, token, dose, A):  # first-order direct-path change of token's logit at t
         s, p = torch.tensor(sites["seq"].to_numpy()), torch.tensor(sites["pos"].to_numpy())
         u = token_readout(host, (layer, head), o[s, p], z[s, p], r[s, p], torch.full((len(s),), token))
-        c = torch.as_tensor(sites["coef"].to_numpy(), dtype=torch.float32)
+        c = torch.tensor(sites["coef"].to_numpy(), dtype=torch.float32)
         return (-dose * c * torch.einsum("nk,kv,nv->n", tr.q[s, p], A, u)).numpy()
 
     parts = []
@@ -320,8 +320,8 @@ def generation_install(host, cell, prompts, targets, *, ms=(1.5, 3.0, 6.0), offs
     T = prompts.shape[1]
     positions = [T + o for o in offsets]
     read = T - 1
-    seq = torch.as_tensor(targets["seq"].to_numpy(), dtype=torch.long)
-    tokens = torch.as_tensor(targets["token"].to_numpy(), dtype=torch.long)
+    seq = torch.tensor(targets["seq"].to_numpy(), dtype=torch.long)
+    tokens = torch.tensor(targets["token"].to_numpy(), dtype=torch.long)
     d = _directions(host, (layer, head), prompts, seq, tokens, min(positions), read, key, window)
     native = host.generate(prompts, n_new)[:, T:].cpu()
     ar = torch.arange(len(seq))
