@@ -67,9 +67,10 @@ def token_readout(host, cell, o, z, r, tokens):
         return back_g(g)[0].detach()
 
 
-def _directions(host, cell, ids, seq, tokens, install, read, key="q", window=8):
+def _directions(host, cell, ids, seq, tokens, install, read, key="q", window=8, output="direct"):
     """Unit directions D (R, d_k, d_v) for targets ``tokens`` of rows ``seq`` (install at ``install``, read
-    at ``read``, both ints), with what predicting their effect needs: dict(D, u, q, kv, k, a, b)."""
+    at ``read``, both ints), with what predicting their effect needs: dict(D, u, q, kv, k, a, b).
+    output: the d_v side of D, ``"direct"`` (u_T) or ``"paper"`` (``W_O[h]^T W_U[T]``, no norms)."""
     tr, z, o, r, _ = closed_form.readout(host, cell, ids[:, :read + 1])
     seq = torch.as_tensor(seq, dtype=torch.long)
     i_read, i_ins, lo = read, install, max(0, install - window + 1)
@@ -81,8 +82,15 @@ def _directions(host, cell, ids, seq, tokens, install, read, key="q", window=8):
         k_dir = tr.q[seq, lo:i_ins + 1].mean(1)
     else:
         raise ValueError(f"key {key!r} is not 'q' or 'mean_q'")
-    k_dir = F.normalize(k_dir, dim=-1)
-    D = k_dir[:, :, None] * F.normalize(u, dim=-1)[:, None, :]
+    if output == "direct":
+        w = u
+    elif output == "paper":
+        attn = host.layers[cell[0]].linear_attn
+        W_O = attn.out_proj.weight[:, cell[1] * host.d_v:(cell[1] + 1) * host.d_v].float()
+        w = host.lm_head.weight[torch.as_tensor(tokens, dtype=torch.long)].float() @ W_O
+    else:
+        raise ValueError(f"output {output!r} is not 'direct' or 'paper'")
+    D = F.normalize(k_dir, dim=-1)[:, :, None] * F.normalize(w, dim=-1)[:, None, :]
     kv = tr.k[seq, i_ins].norm(dim=-1) * tr.v[seq, i_ins].norm(dim=-1)
     after = slice(i_ins + 1, i_read + 1)
     return dict(D=D, u=u, q=q, kv=kv, k=tr.k[seq, after], a=tr.a[seq, after], b=tr.b[seq, after])
@@ -106,11 +114,13 @@ def target_direction(host, cell, ids, token, *, read=None, key="q", window=8):
 
 # ----------------------------------------------------------------------- claim 9: sign prediction
 @torch.no_grad()
-def sign_prediction(host, cell, ids, *, tokens_per_window=5, m=1.0, lag=0, key="q", window=8, seed=0):
+def sign_prediction(host, cell, ids, *, tokens_per_window=5, m=1.0, lag=0, key="q", output="direct", window=8,
+                    seed=0):
     """Claim 9: per window, ``tokens_per_window`` random target tokens T, each with a random sign s;
     add ``s m ||k_t0 v_t0^T||_F D_T`` to the state at ``t0 = T_end - 1 - lag`` and read the logit of T at the
-    last position. One row per trial: seq, token, sign, install, read, predicted (first-order direct
-    path), measured (logit change), measured_logp (log-prob change), correct (signs agree)."""
+    last position. ``output="paper"`` builds D from the paper's ``W_O[h]^T W_U[T]`` instead of u_T; the
+    prediction always uses u_T. One row per trial: seq, token, sign, install, read, predicted (first-order
+    direct path), measured (logit change), measured_logp (log-prob change), correct (signs agree)."""
     ids = _as_batch(ids)
     layer, head = host.cell(*cell)[:2]
     N, T = ids.shape
@@ -119,7 +129,7 @@ def sign_prediction(host, cell, ids, *, tokens_per_window=5, m=1.0, lag=0, key="
     tokens = torch.randint(0, host.lm_head.weight.shape[0], (N * tokens_per_window,), generator=g)
     sign = (torch.randint(0, 2, (N * tokens_per_window,), generator=g) * 2 - 1).float()
     seq = torch.arange(N).repeat_interleave(tokens_per_window)
-    d = _directions(host, (layer, head), ids, seq, tokens, install, read, key, window)
+    d = _directions(host, (layer, head), ids, seq, tokens, install, read, key, window, output)
     M = sign[:, None, None] * m * d["D"]
     predicted = _predict(d, M * d["kv"][:, None, None])
     rows = [Edit(int(s), layer, head, install, "add", M[r], scale="kv") for r, s in enumerate(seq)]
@@ -133,7 +143,7 @@ def sign_prediction(host, cell, ids, *, tokens_per_window=5, m=1.0, lag=0, key="
                             measured_logp=dlogp.numpy()))
     out["correct"] = np.sign(out["measured"]) == np.sign(out["predicted"])
     out.attrs["params"] = dict(model=host.name, cell=[layer, head], n_windows=N, window=T,
-                               tokens_per_window=tokens_per_window, m=m, lag=lag, key=key, seed=seed)
+                               tokens_per_window=tokens_per_window, m=m, lag=lag, key=key, output=output, seed=seed)
     return out
 
 
