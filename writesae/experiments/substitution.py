@@ -71,9 +71,13 @@ def condition_matrices(atom, coef, native, scaling, generator):
 
 def kl_by_position(logits, base, direction="patched||base"):
     """KL per position between ``logits`` (..., T, V) (patched) and ``base`` (T, V) or (..., T, V): (..., T)."""
+    return _kl(F.log_softmax(logits.double(), -1), F.log_softmax(base.double(), -1).expand_as(logits), direction)
+
+
+def _kl(lp, lb, direction):
+    """KL from log-probabilities: patched ``lp``, baseline ``lb``."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r} is not one of {DIRECTIONS}")
-    lp, lb = F.log_softmax(logits.double(), -1), F.log_softmax(base.double(), -1).expand_as(logits)
     if direction == "base||patched":
         lp, lb = lb, lp
     return (lp.exp() * (lp - lb)).sum(-1)
@@ -137,9 +141,11 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
                         rows.append(Edit(0, layer, head, p, kind, m, write=write))
                         keys.append((j, cond, p))
                 run = host.run_edits(ids[s:s + 1], rows, reuse_prefix=reuse_prefix)
-                for d in directions:
-                    for n, (j, cond, p) in enumerate(keys):
-                        kl = kl_by_position(run.logits[n, p:], run.base[0, p:], d)
+                lb = F.log_softmax(run.base[0].double(), -1)
+                for n, (j, cond, p) in enumerate(keys):
+                    lp = F.log_softmax(run.logits[n, p:].double(), -1)
+                    for d in directions:
+                        kl = _kl(lp, lb[p:], d)
                         kls[(j, d, cond)] = dict(next=float(kl[0]), final=float(kl[-1]), mean=float(kl.mean()))
             if progress:
                 print(f"substitution: sequence {s} done ({len(per_site)}/{len(sites)} firings)")
