@@ -77,10 +77,11 @@ class SAEConfig:
     sparse_decode: bool = True
     """Decode by gathering the k active atoms (cost ~ k); False multiplies the dense code
     by all n_feat atoms (for benchmarks and checks only)."""
-    jumprelu_init_threshold: float = 1e-3
-    """JumpReLU: initial threshold, in pre-activation (= state) units: set it to your data's scale."""
-    jumprelu_bandwidth: float = 1e-3
-    """JumpReLU: width of the straight-through rectangle kernel, also in state units."""
+    jumprelu_init_threshold: float = 0.1
+    """JumpReLU: initial threshold, in units of the scaled input (S - M) / c (c = the RMS of the
+    centred training states, so thresholds do not depend on the host's state scale)."""
+    jumprelu_bandwidth: float = 0.1
+    """JumpReLU: width of the straight-through rectangle kernel, in the same scaled units."""
     l0_coeff: float = 1e-3
     """JumpReLU: weight of the mean-L0 penalty in the loss."""
     batchtopk_momentum: float = 0.01
@@ -212,6 +213,10 @@ class WriteSAE(nn.Module):
         if cfg.activation == "jumprelu":
             self.log_threshold = param(torch.full((n,), math.log(cfg.jumprelu_init_threshold), **kw))
         self.register_buffer("mean", torch.zeros(dk, dv, device=device, **kw))
+        # Input scale c: the SAE works on x = (S - M) / c internally (c = RMS of the centred training
+        # states, set by the trainer), so biases and learning rate do not depend on the host's state
+        # scale. Every public quantity (coefficients, reconstructions, decode) is in state units.
+        self.register_buffer("scale", torch.ones((), device=device, **kw))
         if cfg.activation == "batchtopk":
             # inference threshold; negative = not estimated yet (then eval falls back to TopK)
             self.register_buffer("threshold", torch.tensor(-1.0, device=device, **kw))
@@ -316,15 +321,18 @@ class WriteSAE(nn.Module):
         vals, idx = _compact(acts)
         return vals, idx, l0_loss
 
+    def _x(self, S: Tensor) -> Tensor:
+        """Centred, scaled states (S - M) / c."""
+        return (self._check(S) - self.mean) / self.scale
+
     def pre_acts(self, S: Tensor) -> Tensor:
-        """All n_feat pre-activations (B, n_feat) of states S (B, d_k, d_v), bias included."""
-        S = self._check(S)
-        return self._pre(S - self.mean)
+        """All n_feat pre-activations (B, n_feat) of states S (B, d_k, d_v), bias included, in state units."""
+        return self._pre(self._x(S)) * self.scale
 
     def encode(self, S: Tensor) -> EncoderOutput:
-        """Active atoms of states S (B, d_k, d_v)."""
-        acts, idx, _ = self._activate(self.pre_acts(S))
-        return EncoderOutput(acts, idx)
+        """Active atoms of states S (B, d_k, d_v); coefficients in state units (S_hat = M + b + sum a_i A_i)."""
+        acts, idx, _ = self._activate(self._pre(self._x(S)))
+        return EncoderOutput(acts * self.scale, idx)
 
     # -- decoder -----------------------------------------------------------------------------
     def _combine(self, acts: Tensor, idx: Tensor) -> Tensor:
@@ -345,14 +353,17 @@ class WriteSAE(nn.Module):
         return Vg.mT @ Wg
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
-        """Reconstructed states S_hat = M + b_dec + sum_j a_j A_j, (B, d_k, d_v)."""
+        """Reconstructed states S_hat = M + c b_dec + sum_j a_j A_j, (B, d_k, d_v); a_j in state units."""
         out = self._combine(top_acts, top_indices) + self.mean
-        return out + self.b_dec if self.b_dec is not None else out
+        return out + self.scale * self.b_dec if self.b_dec is not None else out
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, S: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
-        """Encode and decode states S (B, d_k, d_v); ``dead_mask`` (n_feat,) bool enables AuxK."""
-        x = self._check(S) - self.mean
+        """Encode and decode states S (B, d_k, d_v); ``dead_mask`` (n_feat,) bool enables AuxK.
+
+        ``mse``, ``auxk_loss`` and ``loss`` are in units of the scaled input (S - M) / c (what training
+        optimises); ``recon`` and ``top_acts`` are in state units."""
+        x = self._x(S)
         pre = self._pre(x)
         acts, idx, sparsity_loss = self._activate(pre)
         rec = self._combine(acts, idx)
@@ -370,7 +381,7 @@ class WriteSAE(nn.Module):
             auxk = (e_hat - e.detach()).pow(2).mean()
         l0 = (acts > 0).sum(-1).to(x.dtype).mean()
         loss = mse + self.cfg.lambda_aux * auxk + sparsity_loss
-        return ForwardOutput(rec + self.mean, acts, idx, mse, fvu, auxk, sparsity_loss, loss, l0)
+        return ForwardOutput(rec * self.scale + self.mean, acts * self.scale, idx, mse, fvu, auxk, sparsity_loss, loss, l0)
 
     # -- training helpers --------------------------------------------------------------------
     @torch.no_grad()
@@ -384,6 +395,13 @@ class WriteSAE(nn.Module):
     def set_mean(self, mean: Tensor) -> None:
         """Set the mean state M (d_k, d_v)."""
         self.mean.copy_(mean.to(self.mean))
+
+    @torch.no_grad()
+    def set_scale(self, scale: float) -> None:
+        """Set the input scale c (RMS of the centred training states); see ``__init__``."""
+        if not scale > 0:
+            raise ValueError(f"input scale must be positive, got {scale}")
+        self.scale.fill_(float(scale))
 
     @torch.no_grad()
     def encoder_norms(self) -> Tensor:
@@ -407,10 +425,10 @@ class WriteSAE(nn.Module):
         if len(dead) == 0:
             return dead
         cfg, r = self.cfg, self.cfg.rank
-        x = self._check(S) - self.mean
+        x = self._x(S)
         was_training = self.training
         self.eval()  # no BatchTopK threshold update from this pass
-        resid = x - (self.forward(S).recon - self.mean)
+        resid = x - (self.forward(S).recon - self.mean) / self.scale
         self.train(was_training)
         w8 = resid.pow(2).flatten(1).sum(1).double()
         probs = w8 / w8.sum() if w8.sum() > 0 else torch.ones_like(w8)

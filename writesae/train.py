@@ -61,6 +61,16 @@ def _seed(*parts: int) -> int:
 
 
 @torch.no_grad()
+def centred_rms(dataset, mean, batch_size: int = 4096) -> float:
+    """sqrt(mean((S - M)^2)) over a dataset: the SAE's input scale."""
+    acc, n = 0.0, 0
+    for x in dataset.iter_batches(batch_size, shuffle=False):
+        acc += float((x.float() - mean.cpu()).double().pow(2).sum())
+        n += x.numel()
+    return (acc / max(n, 1)) ** 0.5 or 1.0
+
+
+@torch.no_grad()
 def evaluate_sae(sae: WriteSAE, dataset, batch_size: int = 1024) -> dict:
     """Reconstruction metrics of ``sae`` (in eval mode) over every state of ``dataset``.
 
@@ -228,6 +238,7 @@ def fit(
         since_active, state = _load_last(out_dir, sae, opt, device)
     else:
         sae.set_mean(train.compute_mean())
+        sae.set_scale(centred_rms(train, sae.mean))
         sae.normalize_decoder()
 
     def validate():
