@@ -17,6 +17,10 @@ from .sae import SAEConfig, WriteSAE
 from .train import train_sae
 
 
+# Part of every SAE artifact's key: bump when training changes what a given set of parameters produces.
+TRAINER_VERSION = 2  # 2: input scale c (SAE trains on (S - M) / c)
+
+
 @functools.lru_cache(maxsize=4)
 def host(model="embedded", device=None, dtype="float32"):
     """The host for ``model`` (memoised per process)."""
@@ -55,7 +59,7 @@ def sae(h, cell, *, variant="bilinear", n_feat=2048, k=32, activation="topk", ra
     layer, head = h.cell(*cell)[:2]
     data = dict(data or {})
     d_states = states(h, data.pop("cells", [[layer, head]]), root=root, progress=progress, **data)
-    params = dict(model=h.name, cell=[layer, head], variant=variant, n_feat=n_feat, k=k, activation=activation,
+    params = dict(trainer=TRAINER_VERSION, model=h.name, cell=[layer, head], variant=variant, n_feat=n_feat, k=k, activation=activation,
                   rank=rank, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, states=d_states.name)
     d = artifact_dir("sae", params, root)
     best = d / "best"
