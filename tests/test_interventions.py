@@ -158,11 +158,14 @@ def test_steering_adds_the_amplified_features(host, ids, sae, fired):
         enc = sae.encode(S[None])
     expect = sum(4.0 * float(a) * sae.atom(int(i)).detach() for a, i in zip(enc.top_acts[0], enc.top_indices[0]) if int(i) in feats)
     assert e.pos == 15 and torch.allclose(e.matrix, expect, atol=1e-7)
-    df = iv.steering_probe(host, sae, CELL, prompts, feats, count=range(30), alphas=(5.0,), n_new=6, per=100)
+    df = iv.steering_probe(host, sae, CELL, prompts, feats, count={"low": range(30), "even": range(0, 101, 2)},
+                           alphas=(5.0,), n_new=6, per=100)
     base = host.generate(prompts, 6)[:, 16:]
-    assert df.loc[df["condition"] == "baseline", "count"].tolist() == (base < 30).sum(1).tolist()
+    b = df[df["condition"] == "baseline"]
+    assert b.loc[b["counted"] == "low", "count"].tolist() == (base < 30).sum(1).tolist()
+    assert b.loc[b["counted"] == "even", "rate"].tolist() == pytest.approx(((base % 2 == 0).sum(1) * 100 / 6).tolist())
     summ = iv.steering_summary(df)
-    assert list(summ["condition"]) == ["baseline", "boundary", "random"]
+    assert list(summ["condition"]) == ["baseline", "boundary", "random"] * 2 and list(summ["counted"][:3]) == ["low"] * 3
     fig = plots.steering_figure(summ)
-    assert [p.get_height() for p in fig.axes[0].patches] == pytest.approx(summ["mean_rate"].tolist())
+    assert [p.get_height() for ax in fig.axes for p in ax.patches] == pytest.approx(summ["mean_rate"].tolist())
     plt.close(fig)

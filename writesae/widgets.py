@@ -42,13 +42,20 @@ def _text(host, ids) -> str:
     return " ".join(str(int(t)) for t in ids)
 
 
+def _piece(host, t) -> str:
+    """One token as it reads in running text (newlines shown as ↵), or its id."""
+    if host.tokenizer is None:
+        return f" {int(t)}"
+    return html.escape(host.tokenizer.decode([int(t)]).replace("\n", "↵"))
+
+
 def _context(host, row, width) -> str:
-    """The tokens around a firing, the firing token highlighted."""
+    """The text around a firing, the firing token highlighted."""
     pos = int(row.pos)
-    toks = [_tok(host, t) for t in row.window[max(0, pos - width):pos + 3]]
+    toks = [_piece(host, t) for t in row.window[max(0, pos - width):pos + 3]]
     i = min(pos, width)
     toks[i] = f'<b style="background:#fd8">{toks[i]}</b>'
-    return " ".join(toks)
+    return "".join(toks)
 
 
 def _cell_name(cell):

@@ -458,8 +458,9 @@ def steering_probe(host, sae, cell, prompts, features, *, count, alphas=(5.0, 10
                    per=100, seed=0) -> pd.DataFrame:
     """Claim 13: decode ``prompts`` with ``features`` amplified x alpha, with the dose-matched control
     (the same coefficients on ``control`` atoms, default: as many random features not in ``features``,
-    seeded) and without edits. One row per (condition, alpha, prompt): count (generated tokens in
-    ``count``, e.g. newlines) and rate (per ``per`` generated tokens)."""
+    seeded) and without edits. ``count``: token ids to count (e.g. newlines), or a dict name -> ids.
+    One row per (condition, alpha, prompt, counted): count (generated tokens in the set) and rate (per
+    ``per`` generated tokens)."""
     prompts = _as_batch(prompts)
     T = prompts.shape[1]
     features = [int(f) for f in features]
@@ -467,11 +468,15 @@ def steering_probe(host, sae, cell, prompts, features, *, count, alphas=(5.0, 10
         rest = np.setdiff1d(np.arange(sae.cfg.n_feat), features)
         control = np.random.default_rng(seed).choice(rest, len(features), replace=False).tolist()
     swap = dict(zip(features, map(int, control)))
-    cnt = torch.as_tensor(list(count))
+    count = count if isinstance(count, dict) else {"count": count}
 
     def rows(ids, condition, alpha):
-        c = torch.isin(ids[:, T:], cnt).sum(1).numpy()
-        return pd.DataFrame(dict(condition=condition, alpha=float(alpha), seq=np.arange(len(ids)), count=c, rate=c * per / n_new))
+        out = []
+        for name, toks in count.items():
+            c = torch.isin(ids[:, T:], torch.as_tensor(list(toks))).sum(1).numpy()
+            out.append(pd.DataFrame(dict(condition=condition, alpha=float(alpha), seq=np.arange(len(ids)), counted=name,
+                                         count=c, rate=c * per / n_new)))
+        return pd.concat(out, ignore_index=True)
 
     parts = [rows(host.generate(prompts, n_new).cpu(), "baseline", 1.0)]
     for alpha in alphas:
@@ -484,17 +489,18 @@ def steering_probe(host, sae, cell, prompts, features, *, count, alphas=(5.0, 10
 
 
 def steering_summary(df) -> pd.DataFrame:
-    """Per (condition, alpha): n prompts, mean rate with bootstrap CI, paired Wilcoxon p against the
-    baseline and (boundary rows) against the random-feature control at the same alpha."""
-    base = df[df["condition"] == "baseline"].set_index("seq")["rate"]
+    """Per (counted, condition, alpha): n prompts, mean rate with bootstrap CI, paired Wilcoxon p against
+    the baseline and (boundary rows) against the random-feature control at the same alpha."""
     rows = []
-    for (cond, alpha), g in df.groupby(["condition", "alpha"], sort=False):
-        g = g.set_index("seq")["rate"]
-        ci = stats.bootstrap_ci(g.to_numpy()) if g.nunique() > 1 else stats.CI(g.mean(), g.mean())
-        r = dict(condition=cond, alpha=alpha, n=len(g), mean_rate=g.mean(), ci_low=ci.low, ci_high=ci.high,
-                 p_vs_baseline=_wilcoxon_p(g, base[g.index]) if cond != "baseline" else np.nan)
-        if cond == "boundary":
-            c = df[(df["condition"] == "random") & (df["alpha"] == alpha)].set_index("seq")["rate"]
-            r["p_vs_random"] = _wilcoxon_p(g, c[g.index]) if len(c) else np.nan
-        rows.append(r)
+    for counted, d in df.groupby("counted", sort=False):
+        rate = d.set_index(["condition", "alpha", "seq"])["rate"]
+        base = rate.loc["baseline", 1.0]
+        for (cond, alpha), g in d.groupby(["condition", "alpha"], sort=False):
+            g = g.set_index("seq")["rate"]
+            ci = stats.bootstrap_ci(g.to_numpy()) if g.nunique() > 1 else stats.CI(g.mean(), g.mean())
+            r = dict(counted=counted, condition=cond, alpha=alpha, n=len(g), mean_rate=g.mean(), ci_low=ci.low,
+                     ci_high=ci.high, p_vs_baseline=_wilcoxon_p(g, base[g.index]) if cond != "baseline" else np.nan)
+            if cond == "boundary":
+                r["p_vs_random"] = _wilcoxon_p(g, rate.loc["random", alpha][g.index]) if ("random", alpha) in rate.index.droplevel(2) else np.nan
+            rows.append(r)
     return pd.DataFrame(rows)

@@ -111,15 +111,17 @@ def install_figure(df):
 
 
 def steering_figure(summary):
-    """Mean count rate (e.g. newlines per 100 generated tokens) per condition and alpha, with CIs;
-    takes :func:`writesae.experiments.interventions.steering_summary`."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    labels = [c if c == "baseline" else f"{c} x{a:g}" for c, a in zip(summary["condition"], summary["alpha"])]
-    mean = summary["mean_rate"].to_numpy()
-    err = np.vstack([mean - summary["ci_low"].to_numpy(), summary["ci_high"].to_numpy() - mean])
-    colors = ["0.6" if c == "baseline" else "C0" if c == "boundary" else "C1" for c in summary["condition"]]
-    ax.bar(range(len(labels)), mean, yerr=err, color=colors, capsize=3)
-    ax.set_xticks(range(len(labels)), labels, rotation=20)
-    ax.set_ylabel("rate per 100 generated tokens")
+    """Mean rate (per 100 generated tokens) per condition and alpha with CIs, one panel per counted token
+    set; takes :func:`writesae.experiments.interventions.steering_summary`."""
+    groups = list(summary.groupby("counted", sort=False))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.4), squeeze=False)
+    for ax, (counted, g) in zip(axes[0], groups):
+        labels = [c if c == "baseline" else f"{c} x{a:g}" for c, a in zip(g["condition"], g["alpha"])]
+        mean = g["mean_rate"].to_numpy()
+        err = np.vstack([mean - g["ci_low"].to_numpy(), g["ci_high"].to_numpy() - mean])
+        colors = ["0.6" if c == "baseline" else "C0" if c == "boundary" else "C1" for c in g["condition"]]
+        ax.bar(range(len(labels)), mean, yerr=err, color=colors, capsize=3)
+        ax.set_xticks(range(len(labels)), labels, rotation=20)
+        ax.set_ylabel(f"{counted} per 100 generated tokens")
     fig.tight_layout()
     return fig
