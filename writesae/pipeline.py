@@ -79,3 +79,18 @@ def savefig(fig, name, root=None, dpi=120):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
+
+
+def data_spec(h, cells, *, heads_layer=None, window=128, n_windows=256, positions_per_seq=32, seed=0):
+    """The state-dataset parameters every section shares: ``cells`` plus, if given, every head of
+    ``heads_layer`` (for the all-heads test), extracted once into one dataset."""
+    want = {(int(l), int(hd)) for l, hd in cells}
+    if heads_layer is not None:
+        want |= {(int(heads_layer), hd) for hd in range(h.n_heads)}
+    return dict(cells=[list(c) for c in sorted(want)], window=window, n_windows=n_windows,
+                positions_per_seq=positions_per_seq, seed=seed)
+
+
+def saes(h, cells, data, **kw):
+    """{(layer, head): SAE} for ``cells``, each trained (once) on the dataset ``data`` (see :func:`sae`)."""
+    return {(int(l), int(hd)): sae(h, (l, hd), data=data, **kw) for l, hd in cells}
