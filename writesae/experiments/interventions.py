@@ -493,14 +493,14 @@ def steering_summary(df) -> pd.DataFrame:
     the baseline and (boundary rows) against the random-feature control at the same alpha."""
     rows = []
     for counted, d in df.groupby("counted", sort=False):
-        rate = d.set_index(["condition", "alpha", "seq"])["rate"]
-        base = rate.loc["baseline", 1.0]
-        for (cond, alpha), g in d.groupby(["condition", "alpha"], sort=False):
-            g = g.set_index("seq")["rate"]
+        wide = d.pivot(index="seq", columns=["condition", "alpha"], values="rate")
+        base = wide[("baseline", 1.0)]
+        for cond, alpha in dict.fromkeys(zip(d["condition"], d["alpha"])):
+            g = wide[(cond, alpha)]
             ci = stats.bootstrap_ci(g.to_numpy()) if g.nunique() > 1 else stats.CI(g.mean(), g.mean())
             r = dict(counted=counted, condition=cond, alpha=alpha, n=len(g), mean_rate=g.mean(), ci_low=ci.low,
-                     ci_high=ci.high, p_vs_baseline=_wilcoxon_p(g, base[g.index]) if cond != "baseline" else np.nan)
+                     ci_high=ci.high, p_vs_baseline=_wilcoxon_p(g, base) if cond != "baseline" else np.nan)
             if cond == "boundary":
-                r["p_vs_random"] = _wilcoxon_p(g, rate.loc["random", alpha][g.index]) if ("random", alpha) in rate.index.droplevel(2) else np.nan
+                r["p_vs_random"] = _wilcoxon_p(g, wide[("random", alpha)]) if ("random", alpha) in wide else np.nan
             rows.append(r)
     return pd.DataFrame(rows)
