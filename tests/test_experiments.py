@@ -260,4 +260,5 @@ def test_figures(host, sae, ids, sites, firings):
     fig = M.partition_histogram(table, summ)
     assert sum(p.get_height() for p in fig.axes[0].patches) == len(table)
     sm = S.summarize(df.assign(layer=1), by=("layer", "head", "read", "direction"), n_boot=50)
-    assert len(M.win_rate_strip(sm, chosen=CELL).axes) == 1
+    fig = M.win_rate_strip(sm, chosen=CELL)
+    assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == len(sm)

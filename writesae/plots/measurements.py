@@ -59,16 +59,15 @@ def substitution_kl(df, read="mean", direction="patched||base"):
 
 def win_rate_strip(summary, chosen=None):
     """Claim 5: per-head win rates (a ``summarize(df, by=("layer", "head", ...))`` table, one read and
-    direction) as a strip plot by layer, with the ``chosen`` (layer, head) marked."""
+    direction) as a strip plot by layer, with the ``chosen`` (layer, head) drawn in red."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    sns.stripplot(summary, x="layer", y="win_rate", ax=ax, color="tab:blue", size=7, jitter=0.15)
-    if chosen is not None:
-        layers = sorted(summary["layer"].unique())
-        row = summary[(summary["layer"] == chosen[0]) & (summary["head"] == chosen[1])]
-        ax.scatter([layers.index(chosen[0])] * len(row), row["win_rate"], marker="*", s=250, color="tab:red",
-                   zorder=3, label=f"L{chosen[0]}H{chosen[1]}")
-        ax.legend(frameon=False)
+    label = f"L{chosen[0]}H{chosen[1]}" if chosen is not None else ""
+    marked = (summary["layer"] == chosen[0]) & (summary["head"] == chosen[1]) if chosen is not None else False
+    d = summary.assign(head_=np.where(marked, label, "other heads"))
+    sns.stripplot(d, x="layer", y="win_rate", hue="head_", palette={"other heads": "tab:blue", label: "tab:red"},
+                  ax=ax, size=8, jitter=0.15)
     ax.axhline(0.5, color="k", lw=0.8, ls=":")
+    ax.legend(frameon=False, title=None)
     ax.set(ylabel="win rate (KL atom < KL delete)", ylim=(0, 1))
     fig.tight_layout()
     return fig
