@@ -167,6 +167,12 @@ def test_partition_two_components_on_bimodal_one_on_unimodal():
     assert summ["n_register"] == 80 and (table.loc[table["class"] == "register", "feature"] >= 120).all()
     table, summ = P.partition(atoms(rng.normal(0.1, 0.05, 200)))
     assert summ["k"] == 1 and summ["dbic"] > 0
+    # a broad high component also claims the far low tail: those atoms stay bundles
+    broad = np.concatenate([rng.normal(0.1, 0.01, 300), rng.normal(0.3, 0.1, 100), [-0.1, -0.05]])
+    table, summ = P.partition(atoms(broad))
+    reg = table.loc[table["class"] == "register", "cos"]
+    assert summ["n_register_gmm"] > summ["n_register"] and reg.min() > summ["means"][0]
+    assert summ["threshold"] == reg.min() and (table.loc[table["class"] == "bundle", "cos"] < reg.min()).all()
 
 
 def test_atom_table_and_exemplars(host, sae, ids, firings):

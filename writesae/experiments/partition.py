@@ -2,8 +2,11 @@
 
 Per alive atom, the median signed Frobenius cosine between the atom and the native write over its
 firings; a Gaussian mixture with 1, 2, 3 components on these medians (``writesae.stats.gmm_partition``)
-with BIC and dBIC = BIC(2) - BIC(1); the higher-mean component of the 2-component fit are the
-"registers", the other the "bundles". The exemplar table adds fire rate, top tokens and the top
+with BIC and dBIC = BIC(2) - BIC(1); the atoms of the higher-mean component of the 2-component fit are
+the "registers", the others the "bundles". A mixture with unequal variances gives the broader component
+both tails, so an atom far *below* the bundles can land in the register component; registers are
+therefore the register-component atoms whose cosine also exceeds the bundle component's mean (a
+threshold at the upper crossing of the two components), and the summary keeps the raw GMM count. The exemplar table adds fire rate, top tokens and the top
 reader head: the later recurrent head whose output responds most when the atom is added to the state.
 """
 from __future__ import annotations
@@ -36,18 +39,21 @@ def atom_table(firings) -> pd.DataFrame:
 
 def partition(atoms, *, min_firings=1, ks=(1, 2, 3), seed=0):
     """(table, summary): the alive atoms (>= ``min_firings`` firings) with a ``class`` column
-    ("register" / "bundle", from the 2-component fit), and a summary dict: n_alive, n_register,
-    n_bundle, bic {k: BIC}, dbic, k (lowest BIC), means (bundle, register) of the fit, mean_cos per
-    class, and ``components``: per class (weight, mean, std) of its members (for plotting)."""
+    ("register" / "bundle", see the module docstring), and a summary dict: n_alive, n_register,
+    n_bundle, n_register_gmm (before the bundle-mean rule), threshold (lowest register cosine), bic
+    {k: BIC}, dbic, k (lowest BIC), means (bundle, register) of the fit, mean_cos per class, and
+    ``components``: per class (weight, mean, std) of its members (for plotting)."""
     alive = atoms[atoms["n_firings"] >= min_firings].reset_index(drop=True)
     if len(alive) < 2 * max(ks):
         raise ValueError(f"{len(alive)} alive atoms: too few for a {max(ks)}-component mixture")
     fit = stats.gmm_partition(alive["cos"].to_numpy(), ks=ks, seed=seed)
-    table = alive.assign(**{"class": fit.labels})
+    register = (fit.labels == "register") & (alive["cos"].to_numpy() > fit.means[0])
+    table = alive.assign(**{"class": np.where(register, "register", "bundle")})
     comps = {c: dict(weight=float((table["class"] == c).mean()), mean=float(table.loc[table["class"] == c, "cos"].mean()),
                      std=float(table.loc[table["class"] == c, "cos"].std(ddof=0)))
              for c in ("bundle", "register")}
-    summary = dict(n_alive=len(alive), n_register=fit.n_register, n_bundle=fit.n_bundle,
+    summary = dict(n_alive=len(alive), n_register=int(register.sum()), n_bundle=int((~register).sum()),
+                   n_register_gmm=fit.n_register, threshold=float(alive["cos"][register].min()) if register.any() else np.nan,
                    bic={int(k): v for k, v in fit.bic.items()}, dbic=fit.dbic, k=fit.k, means=list(fit.means),
                    mean_cos={c: comps[c]["mean"] for c in comps}, components=comps,
                    params=dict(atoms.attrs.get("params", {}), min_firings=min_firings, ks=list(ks), seed=seed))
