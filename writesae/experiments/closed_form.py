@@ -18,11 +18,12 @@ Predicted logit shifts stored per (site, eps, lag, eval token):
   later layers. Its raw scale is not meaningful; the paper fits one scalar (``c_paper`` per atom in
   :func:`r2`, fitted by least squares on the *fit* prompts only, evaluated on disjoint *eval* prompts).
 - ``pred_direct``: no fitted parameter. The exact ``do_t`` pushed through the Jacobians of the gated
-  RMSNorm/out_proj and of the final RMSNorm/``W_U`` at the unedited point (torch.func.jvp); later layers
-  are ignored (the change rides the residual stream straight to the output).
+  RMSNorm/out_proj and of the final RMSNorm/``W_U`` at the unedited point (torch.func.jvp); the rest of
+  the network (the edited layer's MLP and every later layer) is ignored: the change rides the residual
+  stream straight to the output.
 - ``direct_nonlinear``: the same path without linearising: ``logits(r_t + dy) - logits(r_t)`` with ``dy``
   the exact change of the layer output. ``direct_nonlinear - pred_direct`` is the norms' nonlinearity,
-  ``measured - direct_nonlinear`` what later layers add.
+  ``measured - direct_nonlinear`` what the rest of the network adds.
 
 ``measured`` is the logit change of a full edited forward (``host.run_edits``, edit kind ``add``).
 Eval tokens at each site are ranked by ``|pred_paper|`` (the atom's own token ordering) and kept at
