@@ -94,6 +94,10 @@ def divergence_curves(curves):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, col, label in zip(axes, ("kl", "state_rel", "state_rel_later"),
                               ("KL(next token)", "relative state change, edited cell", "relative state change, later cells")):
+        if not (curves[f"{col}_median"] > 0).any():  # e.g. no recurrent cell after the edited one
+            ax.text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=ax.transAxes)
+            ax.set(xlabel="positions after the edit", ylabel=label)
+            continue
         for cond, g in curves.groupby("cond"):
             ax.plot(g["lag"], g[f"{col}_median"], label=cond, color=COLORS.get(cond))
             ax.fill_between(g["lag"], g[f"{col}_q25"], g[f"{col}_q75"], alpha=0.2, color=COLORS.get(cond))
