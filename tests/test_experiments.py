@@ -268,3 +268,17 @@ def test_figures(host, sae, ids, sites, firings):
     sm = S.summarize(df.assign(layer=1), by=("layer", "head", "read", "direction"), n_boot=50)
     fig = M.win_rate_strip(sm, chosen=CELL)
     assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == len(sm)
+
+
+def test_divergence_plot_of_the_last_recurrent_layer():
+    """The last recurrent layer has no later cells: that panel is all zeros and must not break the figure."""
+    import pandas as pd
+
+    from writesae.plots.measurements import divergence_curves
+
+    rows = [dict(cond=c, lag=lag, **{f"{col}_{q}": (0.0 if col == "state_rel_later" else 10.0 ** -lag)
+                                     for col in ("kl", "state_rel", "state_rel_later") for q in ("median", "q25", "q75")})
+            for c in ("atom", "delete") for lag in range(4)]
+    fig = divergence_curves(pd.DataFrame(rows))
+    assert fig.axes[1].get_yscale() == "log" and fig.axes[2].get_yscale() == "linear"
+    assert fig.axes[2].texts[0].get_text() == "nothing to show"
