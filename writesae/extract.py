@@ -27,7 +27,7 @@ def embedded_text(name="heldout"):
 
 def token_windows(tokenizer, text, window=128, n_windows=None, stride=None):
     """Tokenise ``text`` once and cut it into ``(N, window)`` non-overlapping windows (in order)."""
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     stride = stride or window
     n = (len(ids) - window) // stride + 1
     if n < 1:

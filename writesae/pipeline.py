@@ -24,6 +24,9 @@ TRAINER_VERSION = 2  # 2: input scale c (SAE trains on (S - M) / c)
 @functools.lru_cache(maxsize=4)
 def host(model="embedded", device=None, dtype="float32"):
     """The host for ``model`` (memoised per process)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # no weight-loading bars in the book's pages
     return load_host(model, device=device, dtype=getattr(torch, dtype))
 
 
@@ -72,13 +75,13 @@ def sae(h, cell, *, variant="bilinear", n_feat=2048, k=32, activation="topk", ra
 
 
 def savefig(fig, name, root=None, dpi=120):
-    """Save a figure as ``<cache root>/figures/<name>`` (PNG) too, next to the other artifacts."""
+    """Save a figure as ``<cache root>/figures/<name>`` (PNG) too, next to the other artifacts (returns None,
+    so a notebook cell ending with it shows nothing extra)."""
     from .cache import cache_root
 
     path = cache_root(root) / "figures" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
 
 
 def data_spec(h, cells, *, heads_layer=None, window=128, n_windows=256, positions_per_seq=32, seed=0):
