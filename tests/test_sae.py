@@ -4,10 +4,10 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from writesae.data import ShardWriter
+from writesae.experiments.ground_truth import planted, recovery
 from writesae.sae import SAEConfig, WriteSAE, convert_reference_checkpoint
 from writesae.train import evaluate_sae, lr_at, train_on_tensors, train_sae
 
@@ -26,25 +26,6 @@ def one_thread():
 def sae_of(variant="bilinear", activation="topk", seed=0, **kw):
     cfg = SAEConfig(variant, DK, DV, n_feat=N, k=4, activation=activation, rank=kw.pop("rank", 2 if variant == "rank" else 1), **kw)
     return WriteSAE(cfg, seed=seed)
-
-
-def planted(n=4096, d=16, n_atoms=64, seed=0, noise=0.01):
-    """States = sums of 3-4 of 64 random rank-1 unit atoms with coefficients in [0.5, 1.5], + noise."""
-    g = torch.Generator().manual_seed(seed)
-    u = F.normalize(torch.randn(n_atoms, d, generator=g), dim=-1)
-    v = F.normalize(torch.randn(n_atoms, d, generator=g), dim=-1)
-    atoms = u[:, :, None] * v[:, None, :]
-    n_act = torch.randint(3, 5, (n,), generator=g)
-    scores = torch.rand(n, n_atoms, generator=g)
-    kth = scores.sort(-1, descending=True).values.gather(1, (n_act - 1)[:, None])
-    coef = (0.5 + torch.rand(n, n_atoms, generator=g)) * (scores >= kth)
-    return torch.einsum("na,akv->nkv", coef, atoms) + noise * torch.randn(n, d, d, generator=g), atoms
-
-
-def recovery(sae, atoms):
-    """Per planted atom: best |cosine| with any learned atom (Frobenius)."""
-    learned = F.normalize(sae.atoms().detach().flatten(1), dim=-1)
-    return (F.normalize(atoms.flatten(1), dim=-1) @ learned.T).abs().max(1).values
 
 
 # ---------------------------------------------------------------------------------------------
