@@ -36,7 +36,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def ids():
     torch.manual_seed(1)
-    return torch.randint(0, 101, (3, 48))  # token ids < 101 are valid for every host here  # 48 > chunk size threshold: the chunked path runs
+    return torch.randint(0, 101, (3, 96))  # ids < 101 valid for every host; 96 tokens: 64-token chunks run too
 
 
 def test_no_edit_equals_transformers_forward(host, ids):
@@ -63,8 +63,9 @@ def test_replace_by_itself_is_a_noop(host, ids):
     tr = host.trace(ids, cells=[(1, 3)], positions=[30])
     W = tr[(1, 3)].write[2, 0]
     run = host.run_edits(ids, [Edit(2, 1, 3, 30, "replace", W)])
-    assert (run.logits[0] - run.base[2]).abs().max() < 1e-5
-    assert (run.logits[0, 31:] - run.base[2, 31:]).abs().max() < 1e-5
+    # the edited run and the unedited prefix pass split the recurrence into different chunked / stepwise
+    # stretches, which differ by rounding only: the issue's float tolerance
+    assert (run.logits[0] - run.base[2]).abs().max() < TOL
 
 
 def test_delete_equals_independent_recomputation(host, ids):
@@ -115,7 +116,8 @@ def test_batch_equals_single_runs_and_naive(host, ids):
     batch = host.run_edits(ids, rows)
     for j, r in enumerate(rows):
         single = host.run_edits(ids, [r])
-        assert (batch.logits[j] - single.logits[0]).abs().max() < 1e-5
+        # other rows change where the shared prefix pass splits its recurrence: rounding only
+        assert (batch.logits[j] - single.logits[0]).abs().max() < TOL
     naive = host.run_edits(ids, rows, reuse_prefix=False)
     assert (batch.logits - naive.logits).abs().max() < TOL
     assert batch.start.tolist() == [12, 12, 33, 5]
@@ -177,3 +179,26 @@ def test_real_checkpoint_layout_loads_from_a_directory(tmp_path):
     with torch.no_grad():
         ref = full(input_ids=ids).logits
     assert (host.trace(ids).logits - ref).abs().max() < TOL
+
+
+def test_chunked_and_stepwise_recurrence_agree():
+    """The recurrence driver's fast path (transformers' chunked kernel for unedited stretches) and the
+    token-by-token path give the same outputs and final state."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, dk, dv = 2, 80, 2, 16, 8
+    q = torch.nn.functional.normalize(torch.randn(B, T, H, dk, generator=g), dim=-1) / dk ** 0.5
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, dk, generator=g), dim=-1)
+    v, S0 = torch.randn(B, T, H, dv, generator=g), torch.randn(B, H, dk, dv, generator=g)
+    gl, b = -torch.rand(B, T, H, generator=g), torch.rand(B, T, H, generator=g)
+    host = load_host(qwen35())
+    calls = []
+    kernel = host._chunk_kernel()
+
+    def chunk(*a):
+        calls.append(a[0].shape[1])
+        return kernel(*a)
+
+    o1, S1, _ = delta_rule.run(S0, q, k, v, gl, b, record=[5], chunk=chunk, min_chunk=64)
+    o2, S2, _ = delta_rule.run(S0, q, k, v, gl, b, record=[5])
+    assert calls == [74]  # positions 6..79 in one chunked call; 0..5 step by step
+    assert (o1 - o2).abs().max() < 1e-5 and (S1 - S2).abs().max() < 1e-5

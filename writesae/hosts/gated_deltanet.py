@@ -129,8 +129,10 @@ class GatedDeltaNetHost(RecurrentHost):
         b = b_raw.float().sigmoid()
         g = -attn.A_log.float().exp() * F.softplus(a_raw.float() + attn.dt_bias.float())
         S0 = state[1] if state is not None else q.new_zeros(B, self.n_heads, self.d_k, self.d_v)
+        # transformers' torch chunk kernel pads every call to 64 tokens: shorter stretches are cheaper
+        # step by step on CPU; fla's kernel on GPU is cheap for short stretches too
         o, S, kept = delta_rule.run(S0.float(), q, k, v, g, b, edits=edits, record=record,
-                                    chunk=self._chunk_kernel())
+                                    chunk=self._chunk_kernel(), min_chunk=64 if self.device.type == "cpu" else 8)
         o = attn.norm(o.to(x.dtype).reshape(-1, self.d_v), z.reshape(-1, self.d_v)).reshape(B, T, -1)
         new_state = (xc[..., xc.shape[-1] - (K - 1):], S)
         return attn.out_proj(o), new_state, (q, k, v, g, b, mixed), kept
