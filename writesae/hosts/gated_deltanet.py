@@ -54,9 +54,7 @@ class GatedDeltaNetHost(RecurrentHost):
     kind = "Gated DeltaNet"
 
     def __init__(self, model, tokenizer=None, name=None):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        super().__init__(model, tokenizer, name)
         self.decoder, self.lm_head = _parts(model)
         self.config = self.decoder.config
         self.layers = list(self.decoder.layers)
@@ -187,8 +185,3 @@ class GatedDeltaNetHost(RecurrentHost):
         """Attention keys/values of one sequence before ``pos``, n copies."""
         k, v = state
         return k[seq:seq + 1, :, :pos].expand(n, -1, -1, -1), v[seq:seq + 1, :, :pos].expand(n, -1, -1, -1)
-
-    @torch.no_grad()
-    def logits(self, input_ids):
-        """Unmodified transformers forward (fast kernels where available): (B, T, V) float32."""
-        return self.model(input_ids=input_ids.to(self.device)).logits.float()

@@ -23,9 +23,7 @@ class Mamba2Host(RecurrentHost):
     kind = "Mamba-2"
 
     def __init__(self, model, tokenizer=None, name=None):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        super().__init__(model, tokenizer, name)
         self.backbone, self.lm_head = model.backbone, model.lm_head
         self.config = c = model.config
         self.layers = list(self.backbone.layers)
@@ -73,8 +71,3 @@ class Mamba2Host(RecurrentHost):
         o = (o + xs * m.D.float()[:, None]).reshape(Bt, T, -1)
         out = m.out_proj(m.norm(o.to(x.dtype), gate).to(x.dtype))
         return out, (xc[..., xc.shape[-1] - (K - 1):], S), (C, B, xs, g, dt, xBC), kept
-
-    @torch.no_grad()
-    def logits(self, input_ids):
-        """Unmodified transformers forward: (B, T, V) float32."""
-        return self.model(input_ids=input_ids.to(self.device)).logits.float()

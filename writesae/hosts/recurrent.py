@@ -24,6 +24,11 @@ class RecurrentHost:
 
     kind = "recurrent"  # a word for the recurrent layers in error messages
 
+    def __init__(self, model, tokenizer=None, name=None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+
     def _run(self, hidden, start, first_layer, states, edits=None, record=None, keep_inputs=False):
         """Run layers first_layer.. on hidden (B,T,hidden) = input of layer first_layer at positions
         start..start+T-1, from per-layer states. edits/record: {layer: {step: [...]}} / {layer: steps}.
