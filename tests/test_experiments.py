@@ -189,15 +189,24 @@ def test_atom_table_and_exemplars(host, sae, ids, firings):
     assert len(rd) == 4 and (rd["response"] > 0).all()
 
 
-def test_propagate_is_the_matrix_product():
+@pytest.mark.parametrize("per_row", [False, True])
+def test_propagate_is_the_matrix_product(per_row):
+    """P^T q for the Gated DeltaNet transport (scalar decay) and an RWKV-7-like one (per-row decay)."""
+    from types import SimpleNamespace
+
     g = torch.Generator().manual_seed(0)
-    k = F.normalize(torch.randn(3, 5, generator=g), dim=1)
-    a, b, q = torch.rand(3, generator=g), torch.rand(3, generator=g), torch.randn(5, generator=g)
+    k = F.normalize(torch.randn(4, 5, generator=g), dim=1)
+    a = torch.rand(4, 5, generator=g) if per_row else torch.rand(4, generator=g)
+    b, q = torch.rand(4, generator=g), torch.randn(5, generator=g)
+    e, f = -b[:, None] * k, (a if per_row else a[:, None]) * k
     P_ = torch.eye(5)
-    for s in range(3):  # P = prod_{s} a_s (I - b_s k_s k_s^T), later steps on the left
-        P_ = a[s] * (torch.eye(5) - b[s] * torch.outer(k[s], k[s])) @ P_
-    y, G = C.propagate(k, a, b, q)
-    assert torch.allclose(y, P_.T @ q, atol=1e-6) and G == pytest.approx(float(a.prod()))
+    for s in range(1, 4):  # P = prod_{s=t0+1..t} (D_s + e_s f_s^T), later steps on the left
+        M = (torch.diag(a[s]) if per_row else a[s] * torch.eye(5)) + torch.outer(e[s], f[s])
+        if not per_row:  # Gated DeltaNet: a_s (I - b_s k_s k_s^T)
+            assert torch.allclose(M, a[s] * (torch.eye(5) - b[s] * torch.outer(k[s], k[s])), atol=1e-6)
+        P_ = M @ P_
+    y, G = C.propagate(SimpleNamespace(a=a, e=e, f=f), 0, 3, q)
+    assert torch.allclose(y, P_.T @ q, atol=1e-6) and G == pytest.approx(float(a[1:].prod(0).mean()))
 
 
 def test_closed_form_exact_at_head_first_order_at_layer(host, sae, ids, sites):

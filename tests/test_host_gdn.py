@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from writesae.hosts import Edit, load_host, tiny_config
-from writesae.ops import delta_rule
+from writesae.ops import recurrence as delta_rule
 
 TOL = 1e-4
 

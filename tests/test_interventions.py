@@ -40,10 +40,10 @@ def fired(host, sae, ids):
 
 def test_token_readout_is_the_analytic_direct_path_gradient(host, ids):
     """u_T = J_g(o, z)^T W_O[h]^T J_f(r)^T W_U[T], against the RMSNorm Jacobians written out by hand."""
-    _, z, o, r, _ = closed_form.readout(host, CELL, ids)
+    _, (z,), o, r, _ = closed_form.readout(host, CELL, ids)
     o, z, r = o[:, 31], z[:, 31], r[:, 31]
     tokens = torch.tensor([3, 50, 7, 99, 0, 12])
-    u = iv.token_readout(host, CELL, o, z, r, tokens)
+    u = iv.token_readout(host, CELL, o, (z,), r, tokens)
 
     def rms_vjp(x, y):  # d/dx of x / rms(x) (eps as in the model), applied to y
         d = x.shape[-1]

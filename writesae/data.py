@@ -12,7 +12,7 @@ Tensor keys inside a shard, for every cell key ``"L{layer}H{head}"``:
 
     "{key}.state"   (n, d_k, d_v)   the state S_t after the write at token t   (dtype, default bf16)
     "{key}.write"   (n, d_k, d_v)   the native write W_t = b_t k_t v_t^T          (dtype)
-    "{key}.a"       (n,)            forget gate a_t                                 (float32)
+    "{key}.a"       (n,)            decay a_t (mean over key rows if per-row)     (float32)
     "{key}.b"       (n,)            write gate b_t                                  (float32)
 
 and, shared by all cells: "token_ids", "seq_ids", "positions" (n,) int64.

@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -28,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "runs" / "embedded"
+# working files live outside the work tree by default so that a later session can resume a training
+WORK = Path(os.environ.get("WRITESAE_RUNS", Path.home() / ".cache" / "writesae" / "runs")) / "embedded"
 OUT = Path(__file__).resolve().parent / "embedded"
 
 SOURCES = [  # npm name, pinned version, license of the package, what the texts are
@@ -202,7 +204,12 @@ def prepare():
         stats[s][i] += 1
         stats[s][i + 1] += len(t.encode())
     log("docs (train n, bytes, val n, bytes):", stats)
-    tok = train_tokenizer(train, WORK / "tokenizer")
+    if (OUT / "tokenizer.json").exists():  # the shipped tokenizer: every zoo model shares it
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(OUT)
+        tok.save_pretrained(WORK / "tokenizer")
+    else:
+        tok = train_tokenizer(train, WORK / "tokenizer")
     for name, ds in (("train", train), ("val", val)):
         ids = tok.backend_tokenizer.encode_batch([t for _, _, t in ds], add_special_tokens=False)
         arr = np.concatenate([np.array(e.ids + [0], dtype=np.uint16) for e in ids])

@@ -2,23 +2,25 @@
 
 Orientation of this code: the state ``S`` is ``d_k x d_v`` and the head reads ``o_t = S_t^T q_t``. Add
 ``eps A`` (``A = v w^T``, ``v in R^{d_k}``, ``w in R^{d_v}``, ``||A||_F = 1``) to ``S_{t0}``. The layer's own
-q, k, a, b do not change, so the perturbation evolves exactly as
+inputs do not change, so the perturbation evolves exactly by the family's transport
+(:func:`writesae.ops.recurrence.transport`: ``dS_s = D_s * dS_{s-1} + e_s (f_s^T dS_{s-1})``, for Gated
+DeltaNet ``a_s (I - b_s k_s k_s^T) dS_{s-1}``, for Mamba-2 and GLA the decay alone)::
 
-    dS_t = P_{t0->t} eps A,   P_{t0->t} = prod_{s=t0+1..t} a_s (I - b_s k_s k_s^T)   (d_k x d_k, left factor)
-    do_t = dS_t^T q_t = eps A^T P^T q_t  =  eps (q_t . P v) w                         (exact)
+    dS_t = P_{t0->t} eps A        do_t = dS_t^T q_t = eps (q_t . P v) w = eps (P^T q_t . v) w   (exact)
 
 The paper's approximation drops the erase factors: ``P ~ G I`` with ``G = prod a_s`` (1 at t = t0), so
 ``do_t ~ eps G (q_t . v) w``; the q-side pairs with ``v`` (the d_k factor) and the output direction is ``w``.
-The head output then passes the gated RMSNorm ``norm(o, z) = o / rms(o) * weight * silu(z)``, ``out_proj``
-(the head's d_v columns ``W_O,h``), the residual stream, later layers, the final RMSNorm and ``W_U``.
+The head output then reaches the logits through ``host.head_out`` (for Gated DeltaNet the gated RMSNorm
+``norm(o, z)`` and the head's ``d_v`` columns ``W_O,h`` of ``out_proj``), the residual stream, later layers,
+and ``host.unembed`` (final norm and ``W_U``).
 
 Predicted logit shifts stored per (site, eps, lag, eval token):
 
 - ``pred_paper``: ``eps G (A^T q_t) . (W_U W_O,h)[tok]`` -- the paper's first-order formula: no norms, no
   later layers. Its raw scale is not meaningful; the paper fits one scalar (``c_paper`` per atom in
   :func:`r2`, fitted by least squares on the *fit* prompts only, evaluated on disjoint *eval* prompts).
-- ``pred_direct``: no fitted parameter. The exact ``do_t`` pushed through the Jacobians of the gated
-  RMSNorm/out_proj and of the final RMSNorm/``W_U`` at the unedited point (torch.func.jvp); the rest of
+- ``pred_direct``: no fitted parameter. The exact ``do_t`` pushed through the Jacobians of ``host.head_out``
+  and of ``host.unembed`` at the unedited point (torch.func.jvp); the rest of
   the network (the edited layer's MLP and every later layer) is ignored: the change rides the residual
   stream straight to the output.
 - ``direct_nonlinear``: the same path without linearising: ``logits(r_t + dy) - logits(r_t)`` with ``dy``
@@ -29,8 +31,8 @@ Predicted logit shifts stored per (site, eps, lag, eval token):
 Eval tokens at each site are ranked by ``|pred_paper|`` (the atom's own token ordering) and kept at
 ``ranks``. Fitted quantities: none for ``pred_direct``; the scalars ``c_*`` of :func:`r2` only.
 
-The gated RMSNorm inputs and the final residual are read with forward hooks on
-``host.layers[l].linear_attn.norm`` and ``host.decoder.norm`` (Gated DeltaNet hosts).
+What the read-out needs (the head-out context and the final residual) comes from ``host.readout``, so
+every host family runs this module unchanged.
 """
 from __future__ import annotations
 
@@ -41,46 +43,47 @@ import torch.nn.functional as F
 from torch.func import jvp
 
 from ..hosts import Edit
+from ..ops import recurrence
 from .substitution import _generator, random_rank1
 
 __all__ = ["readout", "propagate", "closed_form", "r2", "r2_summary", "edited_layer", "selectivity"]
 
 
-@torch.no_grad()
 def readout(host, cell, ids, edits=()):
-    """Trace ``ids`` and capture, for ``cell``: the CellTrace, the gate ``z`` (B, T, d_v) and the head
-    output entering the gated RMSNorm (B, T, d_v), and the final residual stream ``r`` (B, T, hidden)."""
-    layer, head = host.cell(*cell)[:2]
-    got = {}
-    hooks = [host.layers[layer].linear_attn.norm.register_forward_hook(lambda m, i, o: got.__setitem__("norm", i)),
-             host.decoder.norm.register_forward_hook(lambda m, i, o: got.__setitem__("final", i[0]))]
-    try:
-        tr = host.trace(ids, cells=[(layer, head)], edits=edits)
-    finally:
-        for h in hooks:
-            h.remove()
-    B, T = ids.shape
-    o, z = (x.reshape(B, T, host.n_heads, host.d_v)[:, :, head].float() for x in got["norm"])
-    return tr[(layer, head)], z, o, got["final"].float(), tr.logits
+    """``host.readout`` unpacked: (CellTrace, per-position context of ``host.head_out``, head output ``o``
+    (B, T, d_v), final residual (B, T, hidden), logits)."""
+    ro = host.readout(cell, ids, edits)
+    return ro.trace, ro.context, ro.trace.out, ro.residual, ro.logits
 
 
-def _layer_out(host, layer, head, o, z):
-    """The head's contribution to the residual stream: W_O,h norm(o, z) (norm acts per head)."""
-    attn = host.layers[layer].linear_attn
-    dv = host.d_v
-    return F.linear(attn.norm(o, z), attn.out_proj.weight[:, head * dv:(head + 1) * dv])
+def _seq(ct, b):
+    """The CellTrace of batch row b."""
+    return type(ct)(*(None if x is None else x[b] for x in ct))
+
+
+def _at(context, *index):
+    return tuple(c[index] for c in context)
+
+
+def _layer_out(host, cell, o, context):
+    """The edited layer's output as a function of the head output (the rest of the layer at its run values)."""
+    return host.head_out(cell, o, *context)
 
 
 def _logits(host, r):
-    return host.lm_head(host.decoder.norm(r)).float()
+    return host.unembed(r).float()
 
 
-def propagate(k, a, b, q):
-    """``P_{t0->t}^T q`` for the steps s = t0+1..t given by k (n, d_k), a (n,), b (n,) in order, and ``G``."""
+def propagate(ct, t0, t, q):
+    """``P_{t0->t}^T q`` with ``P`` the layer's own transport of a state perturbation over the steps
+    t0+1..t (read from the CellTrace ``ct`` of one sequence: a, e, f at every position), and
+    ``G = prod a_s`` (the paper's gate product; for a per-key-row decay, its mean over key rows)."""
     y = q.clone()
-    for s in range(len(a) - 1, -1, -1):
-        y = a[s] * (y - b[s] * k[s] * (k[s] @ y))
-    return y, float(torch.prod(a)) if len(a) else 1.0
+    for s in range(t, t0, -1):
+        y = recurrence.transport_back(y, ct.a[s].log(), None if ct.e is None else ct.e[s],
+                                      None if ct.f is None else ct.f[s])
+    G = ct.a[t0 + 1:t + 1].prod(0).mean() if t > t0 else torch.tensor(1.0)
+    return y, float(G)
 
 
 def _unit_atom(sae, f):
@@ -140,14 +143,13 @@ def closed_form(host, sae, ids, sites, *, eps=(0.1, 0.3, 1.0, 3.0), relative_to=
     T = ids.shape[1]
     sites = sites[sites["pos"] + max(lags) < T].reset_index(drop=True)
     split = _site_split(sites, fit_frac, seed)
-    W_U = host.lm_head.weight.float()
-    W_O = host.layers[layer].linear_attn.out_proj.weight.float()[:, head * host.d_v:(head + 1) * host.d_v]
-    U_tok = W_U @ W_O  # (V, d_v): the paper's token read-out of the head output
+    cell = host.cell(layer, head)
+    U_tok = host.head_unembed(cell)  # (V, d_v): the paper's token read-out W_U W_O[head] of the head output
     rows = []
     seqs = sorted(sites["seq"].unique())
     for b0 in range(0, len(seqs), trace_batch):
         batch = seqs[b0:b0 + trace_batch]
-        ct, z, o, r, _ = readout(host, (layer, head), ids[torch.as_tensor(batch)])
+        ct, ctx, o, r, _ = readout(host, cell, ids[torch.as_tensor(batch)])
         mine = [(bi, j) for bi, s in enumerate(batch) for j in sites.index[sites["seq"] == s]]
         items, refs = [], []
         for bi, j in mine:
@@ -162,14 +164,15 @@ def closed_form(host, sae, ids, sites, *, eps=(0.1, 0.3, 1.0, 3.0), relative_to=
             order = (U_tok @ (A.T @ ct.q[bi, p])).abs().argsort(descending=True)
             for li, L in enumerate(lags):
                 t = p + L
-                y, G = propagate(ct.k[bi, p + 1:t + 1], ct.a[bi, p + 1:t + 1], ct.b[bi, p + 1:t + 1], ct.q[bi, t])
+                y, G = propagate(_seq(ct, bi), p, t, ct.q[bi, t])
                 do, do_paper = A.T @ y, G * (A.T @ ct.q[bi, t])
-                dy = jvp(lambda x: _layer_out(host, layer, head, x, z[bi, t]), (o[bi, t],), (do,))[1]
+                cx = _at(ctx, bi, t)
+                dy = jvp(lambda x: _layer_out(host, cell, x, cx), (o[bi, t],), (do,))[1]
                 dlog = jvp(lambda x: _logits(host, x), (r[bi, t],), (dy,))[1]
-                y0, l0 = _layer_out(host, layer, head, o[bi, t], z[bi, t]), _logits(host, r[bi, t])
+                y0, l0 = _layer_out(host, cell, o[bi, t], cx), _logits(host, r[bi, t])
                 for ei, e in enumerate(eps):
                     n = e * ref
-                    dlog_nl = _logits(host, r[bi, t] + _layer_out(host, layer, head, o[bi, t] + n * do, z[bi, t]) - y0) - l0
+                    dlog_nl = _logits(host, r[bi, t] + _layer_out(host, cell, o[bi, t] + n * do, cx) - y0) - l0
                     for rk in ranks:
                         tok = int(order[rk - 1])
                         rows.append(dict(feature=f, seq=s, pos=p, lag=L, t=t, eps=e, norm=n, token_rank=rk, token=tok,
@@ -239,17 +242,19 @@ def edited_layer(host, sae, ids, sites, *, eps=(1e-3, 1e-2, 0.1, 1.0, 3.0), lags
         s, p, f = int(st["seq"]), int(st["pos"]), int(st["feature"])
         A = _unit_atom(sae, f)
         x = ids[s:s + 1].expand(len(eps), -1)
-        ct, z, o, _, _ = readout(host, (layer, head), ids[s:s + 1])
-        ce, ze, oe, _, _ = readout(host, (layer, head), x, [Edit(i, layer, head, p, "add", e * A) for i, e in enumerate(eps)])
+        cell = host.cell(layer, head)
+        ct, ctx, o, _, _ = readout(host, cell, ids[s:s + 1])
+        ce, ctxe, oe, _, _ = readout(host, cell, x, [Edit(i, layer, head, p, "add", e * A) for i, e in enumerate(eps)])
         for L in lags:
             t = p + L
-            y, G = propagate(ct.k[0, p + 1:t + 1], ct.a[0, p + 1:t + 1], ct.b[0, p + 1:t + 1], ct.q[0, t])
+            y, G = propagate(_seq(ct, 0), p, t, ct.q[0, t])
             do = A.T @ y
-            dy = jvp(lambda v: _layer_out(host, layer, head, v, z[0, t]), (o[0, t],), (do,))[1]
-            y0 = _layer_out(host, layer, head, o[0, t], z[0, t])
+            cx = _at(ctx, 0, t)
+            dy = jvp(lambda v: _layer_out(host, cell, v, cx), (o[0, t],), (do,))[1]
+            y0 = _layer_out(host, cell, o[0, t], cx)
             for i, e in enumerate(eps):
                 m_head = ce.out[i, t] - ct.out[0, t]
-                m_layer = _layer_out(host, layer, head, oe[i, t], ze[i, t]) - y0
+                m_layer = _layer_out(host, cell, oe[i, t], _at(ctxe, i, t)) - y0
                 rows.append(dict(feature=f, seq=s, pos=p, lag=L, eps=e, G=G,
                                  r2_head=_r2(m_head.double().numpy(), (e * do).double().numpy()),
                                  r2_layer=_r2(m_layer.double().numpy(), (e * dy).double().numpy()),

@@ -40,6 +40,11 @@ def _rank1_factors(sae):
     return sae.v, sae.w
 
 
+def _mean_decay(a):
+    """The decay as one number per position: itself (scalar per head) or its mean over key rows."""
+    return a if a.ndim == 2 else a.mean(-1)
+
+
 @torch.no_grad()
 def collect(host, sae, cell, ids, *, min_pos=8, batch_size=16, chunk=8192, progress=False) -> pd.DataFrame:
     """Every firing of ``sae`` on ``cell`` = (layer, head) over the windows ``ids`` (N, T), positions >= min_pos.
@@ -47,7 +52,8 @@ def collect(host, sae, cell, ids, *, min_pos=8, batch_size=16, chunk=8192, progr
     One row per firing: seq (row of ``ids``), pos, token, layer, head, feature, rank (0 = top-1), coef
     (the TopK coefficient), cos (atom vs the additive write ``W_t``), cos_v = cos(v_i, k_t) and
     cos_w = cos(w_i, v_t) (its k- and v-side factors; NaN for dense atoms), cos_update (atom vs the full update ``U_t``), write_norm
-    ``||W_t||_F``, update_norm ``||U_t||_F``, state_norm ``||S_t||_F``, a, b (gates).
+    ``||W_t||_F``, update_norm ``||U_t||_F``, state_norm ``||S_t||_F``, a (the decay; its mean over key rows
+    for families with a per-row decay), b (write gate).
     ``df.attrs["params"]`` records what produced it (positions scanned = n_windows * (window - min_pos)).
     """
     ids = torch.as_tensor(ids)
@@ -60,10 +66,10 @@ def collect(host, sae, cell, ids, *, min_pos=8, batch_size=16, chunk=8192, progr
         B = tr.q.shape[0]
         P = T - min_pos
         sl = (slice(None), slice(min_pos, None))
-        k, v, a, b = (x[sl].reshape(B * P, -1) for x in (tr.k, tr.v, tr.a[..., None], tr.b[..., None]))
-        S, Sp = (x[sl].reshape(B * P, host.d_k, host.d_v) for x in (tr.state, tr.prev_state))
+        a = _mean_decay(tr.a)[sl].reshape(B * P, 1)
+        k, v, b = (x[sl].reshape(B * P, -1) for x in (tr.k, tr.v, tr.b[..., None]))
+        S, U = (x[sl].reshape(B * P, host.d_k, host.d_v) for x in (tr.state, tr.update))
         u_add = b * v
-        u_upd = b * (v - a * torch.einsum("nkv,nk->nv", Sp, k))
         enc = sae.encode(S)
         acts, order = enc.top_acts.sort(dim=1, descending=True)
         feats = enc.top_indices.gather(1, order)
@@ -74,7 +80,8 @@ def collect(host, sae, cell, ids, *, min_pos=8, batch_size=16, chunk=8192, progr
             c = slice(c0, c0 + chunk)
             A = sae.atoms(feat[c]).float()
             cos[c] = write_cosine(A, k[row[c]], u_add[row[c]])
-            cos_u[c] = write_cosine(A, k[row[c]], u_upd[row[c]])
+            Uc = U[row[c]]
+            cos_u[c] = (A * Uc).flatten(1).sum(1) / (A.flatten(1).norm(dim=1) * Uc.flatten(1).norm(dim=1)).clamp_min(1e-30)
         if factors is not None:
             fv, fw = factors[0][feat].float(), factors[1][feat].float()
             cos_v = torch.cosine_similarity(fv, k[row], dim=1)
@@ -88,7 +95,7 @@ def collect(host, sae, cell, ids, *, min_pos=8, batch_size=16, chunk=8192, progr
             "layer": layer, "head": head, "feature": feat.numpy(), "rank": rank.numpy(),
             "coef": coef.float().numpy(), "cos": cos.numpy(), "cos_v": cos_v.numpy(), "cos_w": cos_w.numpy(),
             "cos_update": cos_u.numpy(), "write_norm": u_add.norm(dim=1)[row].mul(k.norm(dim=1)[row]).numpy(),
-            "update_norm": u_upd.norm(dim=1)[row].mul(k.norm(dim=1)[row]).numpy(),
+            "update_norm": U.flatten(1).norm(dim=1)[row].numpy(),
             "state_norm": S.flatten(1).norm(dim=1)[row].numpy(), "a": a[row, 0].numpy(), "b": b[row, 0].numpy(),
         }))
         if progress:

@@ -52,29 +52,28 @@ def _as_batch(ids):
     return ids[None] if ids.ndim == 1 else ids
 
 
-def token_readout(host, cell, o, z, r, tokens):
+def token_readout(host, cell, o, context, r, tokens):
     """Direct-path readout vectors ``u_T`` (N, d_v): the gradient of token ``tokens[n]``'s logit with
-    respect to the head output, through the gated norm at (o[n], z[n]) and the final norm at r[n]
-    (see the module docstring). o, z: (N, d_v); r: (N, hidden); tokens: (N,)."""
-    layer, head = cell
-    attn = host.layers[layer].linear_attn
-    W_O = attn.out_proj.weight[:, head * host.d_v:(head + 1) * host.d_v].float()
-    W_U = host.lm_head.weight[torch.as_tensor(tokens, dtype=torch.long)].float()
+    respect to the head output, through ``host.head_out`` at (o[n], context[n]) and ``host.unembed`` at r[n]
+    (see the module docstring). o: (N, d_v); context: tuple of (N, ...); r: (N, hidden); tokens: (N,)."""
+    cell = host.cell(*cell[:2])
+    tokens = torch.as_tensor(tokens, dtype=torch.long)
     with torch.enable_grad():
-        _, back_f = torch.func.vjp(lambda x: host.decoder.norm(x).float(), r)
-        g = back_f(W_U)[0] @ W_O
-        _, back_g = torch.func.vjp(lambda x: attn.norm(x, z).float(), o)
-        return back_g(g)[0].detach()
+        o = o.detach().requires_grad_(True)
+        r = r.detach()
+        logits = host.unembed(r + host.head_out(cell, o, *context) - host.head_out(cell, o.detach(), *context))
+        chosen = logits.float().gather(-1, tokens[:, None]).sum()
+        return torch.autograd.grad(chosen, o)[0].detach()
 
 
 def _directions(host, cell, ids, seq, tokens, install, read, key="q", window=8, output="direct"):
     """Unit directions D (R, d_k, d_v) for targets ``tokens`` of rows ``seq`` (install at ``install``, read
-    at ``read``, both ints), with what predicting their effect needs: dict(D, u, q, kv, k, a, b).
+    at ``read``, both ints), with what predicting their effect needs: dict(D, u, q, kv, trace rows).
     output: the d_v side of D, ``"direct"`` (u_T) or ``"paper"`` (``W_O[h]^T W_U[T]``, no norms)."""
-    tr, z, o, r, _ = closed_form.readout(host, cell, ids[:, :read + 1])
+    tr, ctx, o, r, _ = closed_form.readout(host, cell, ids[:, :read + 1])
     seq = torch.as_tensor(seq, dtype=torch.long)
     i_read, i_ins, lo = read, install, max(0, install - window + 1)
-    u = token_readout(host, cell, o[seq, i_read], z[seq, i_read], r[seq, i_read], tokens)
+    u = token_readout(host, cell, o[seq, i_read], closed_form._at(ctx, seq, i_read), r[seq, i_read], tokens)
     q = tr.q[seq, i_read]
     if key == "q":
         k_dir = q
@@ -85,21 +84,19 @@ def _directions(host, cell, ids, seq, tokens, install, read, key="q", window=8, 
     if output == "direct":
         w = u
     elif output == "paper":
-        attn = host.layers[cell[0]].linear_attn
-        W_O = attn.out_proj.weight[:, cell[1] * host.d_v:(cell[1] + 1) * host.d_v].float()
-        w = host.lm_head.weight[torch.as_tensor(tokens, dtype=torch.long)].float() @ W_O
+        w = host.head_unembed(host.cell(*cell[:2]))[torch.as_tensor(tokens, dtype=torch.long)]
     else:
         raise ValueError(f"output {output!r} is not 'direct' or 'paper'")
     D = F.normalize(k_dir, dim=-1)[:, :, None] * F.normalize(w, dim=-1)[:, None, :]
     kv = tr.k[seq, i_ins].norm(dim=-1) * tr.v[seq, i_ins].norm(dim=-1)
-    after = slice(i_ins + 1, i_read + 1)
-    return dict(D=D, u=u, q=q, kv=kv, k=tr.k[seq, after], a=tr.a[seq, after], b=tr.b[seq, after])
+    return dict(D=D, u=u, q=q, kv=kv, tr=tr, seq=seq, install=i_ins, read=i_read)
 
 
 def _predict(d, dS):
     """First-order direct-path logit change of a state change dS (R, d_k, d_v) made at the install position:
     ``(P^T q_t)^T dS u_T`` with P the layer's own recurrence from install to read (exact)."""
-    pq = torch.stack([closed_form.propagate(d["k"][r], d["a"][r], d["b"][r], d["q"][r])[0] for r in range(len(dS))])
+    pq = torch.stack([closed_form.propagate(closed_form._seq(d["tr"], int(s)), d["install"], d["read"], d["q"][r])[0]
+                      for r, s in enumerate(d["seq"])])
     return torch.einsum("rk,rkv,rv->r", pq, dS, d["u"])
 
 
@@ -126,7 +123,7 @@ def sign_prediction(host, cell, ids, *, tokens_per_window=5, m=1.0, lag=0, key="
     N, T = ids.shape
     read, install = T - 1, T - 1 - lag
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, host.lm_head.weight.shape[0], (N * tokens_per_window,), generator=g)
+    tokens = torch.randint(0, host.vocab_size, (N * tokens_per_window,), generator=g)
     sign = (torch.randint(0, 2, (N * tokens_per_window,), generator=g) * 2 - 1).float()
     seq = torch.arange(N).repeat_interleave(tokens_per_window)
     d = _directions(host, (layer, head), ids, seq, tokens, install, read, key, window, output)
@@ -162,7 +159,7 @@ def sign_summary(df) -> pd.DataFrame:
 def _delta(host, ids, rows, read, batch=32):
     """Logit and log-prob changes, each (R, V), at each row's own read position; rows: lists of Edits
     (seq = row of ids). Runs one sequence at a time, ``batch`` rows per run."""
-    dlogit = torch.empty(len(rows), host.lm_head.weight.shape[0])
+    dlogit = torch.empty(len(rows), host.vocab_size)
     dlogp = torch.empty_like(dlogit)
     by_seq = {}
     for j, r in enumerate(rows):
@@ -203,11 +200,11 @@ def erasure(host, sae, cell, ids, *, firings=None, features=None, n_features=8, 
         counts = firings["feature"].value_counts()
         features = counts[counts >= max(2, per_feature)].index[:n_features].tolist()
     rng = np.random.default_rng(seed)
-    tr, z, o, r, _ = closed_form.readout(host, (layer, head), ids)
+    tr, ctx, o, r, _ = closed_form.readout(host, (layer, head), ids)
 
     def predicted(sites, token, dose, A):  # first-order direct-path change of token's logit at t
         s, p = torch.tensor(sites["seq"].to_numpy()), torch.tensor(sites["pos"].to_numpy())
-        u = token_readout(host, (layer, head), o[s, p], z[s, p], r[s, p], torch.full((len(s),), token))
+        u = token_readout(host, (layer, head), o[s, p], closed_form._at(ctx, s, p), r[s, p], torch.full((len(s),), token))
         c = torch.tensor(sites["coef"].to_numpy(), dtype=torch.float32)
         return (-dose * c * torch.einsum("nk,kv,nv->n", tr.q[s, p], A, u)).numpy()
 
@@ -289,7 +286,7 @@ def target_strata(host, prompts, *, corpus=None, n_per_stratum=3, mid=(100, 1000
     words of :data:`SEMANTIC_WORDS` when the host has a tokenizer, else none). ``corpus`` defaults to the
     prompts. One row per target: seq, token, stratum, native_rank, corpus_count."""
     prompts = _as_batch(prompts)
-    V = host.lm_head.weight.shape[0]
+    V = host.vocab_size
     rank = _ranks(host.logits(prompts)[:, -1]).cpu()
     corpus = prompts if corpus is None else torch.as_tensor(corpus)
     count = torch.bincount(corpus.flatten(), minlength=V)[:V]
@@ -401,7 +398,7 @@ def sentence_tokens(host):
     ("." "!" "?" at the end, or a newline anywhere) and tokens containing a newline."""
     if host.tokenizer is None:
         raise ValueError(f"{host.name} has no tokenizer: pass boundary / count token ids explicitly")
-    V = host.lm_head.weight.shape[0]
+    V = host.vocab_size
     text = [host.tokenizer.decode([t]) for t in range(min(V, len(host.tokenizer)))]
     newline = [t for t, s in enumerate(text) if "\n" in s]
     boundary = sorted(set(newline) | {t for t, s in enumerate(text) if s.rstrip(" ").endswith((".", "!", "?"))})

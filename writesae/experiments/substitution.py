@@ -85,7 +85,7 @@ def _kl(lp, lb, direction):
 
 def _native(ct, r, p, write):
     W = ct.write[r, p]
-    return W if write == "additive" else ct.state[r, p] - ct.a[r, p] * ct.prev_state[r, p]
+    return W if write == "additive" else ct.update[r, p]
 
 
 @torch.no_grad()

@@ -1,96 +1,193 @@
 """Host adapters: one module per recurrent family, the only code that knows a model's internals.
 
-``load_host(source)`` returns a host object that lists cells, traces and runs cache edits.
+``load_host(source)`` returns a host (see :mod:`writesae.hosts.recurrent` for the contract) that lists
+cells, traces, runs cache edits and reads a head's output through to the logits.
+
+==================  ===============================================  ======================================
+family              model_type (library)                             checkpoints
+==================  ===============================================  ======================================
+``gated_deltanet``  qwen3_5, qwen3_5_text, qwen3_5_moe(_text),       Qwen/Qwen3.5-0.8B ... 27B, Qwen3-Next
+                    qwen3_next (transformers)
+``mamba2``          mamba2 (transformers)                            state-spaces/mamba2-370m (hf format)
+``delta_net``       delta_net (fla; ours on CPU)                     fla-hub/delta_net-1.3B-100B
+``gla``             gla (fla; ours on CPU)                           fla-hub/gla-1.3B-100B
+``rwkv7``           rwkv7 (fla; ours on CPU)                         fla-hub/rwkv7-1.5B-world
+==================  ===============================================  ======================================
 """
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
 import torch
 
-from .base import Cell, CellTrace, Edit, EditRun, Trace
-from .gated_deltanet import GatedDeltaNetHost
-from .mamba2 import Mamba2Host
+from .base import Cell, CellTrace, Edit, EditRun, LayerOut, LayerState, Readout, Trace
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
-_GDN_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_next")
+
+# model_type -> (family module, host class): the one table of supported families
+HOSTS = {
+    "qwen3_5": ("gated_deltanet", "GatedDeltaNetHost"),
+    "qwen3_5_text": ("gated_deltanet", "GatedDeltaNetHost"),
+    "qwen3_5_moe": ("gated_deltanet", "GatedDeltaNetHost"),
+    "qwen3_5_moe_text": ("gated_deltanet", "GatedDeltaNetHost"),
+    "qwen3_next": ("gated_deltanet", "GatedDeltaNetHost"),
+    "mamba2": ("mamba2", "Mamba2Host"),
+    "delta_net": ("delta_net", "DeltaNetHost"),
+    "gla": ("gla", "GLAHost"),
+    "rwkv7": ("rwkv7", "RWKV7Host"),
+}
+# family names accepted by "tiny:<family>" and "embedded:<family>" -> the model_type they build
+FAMILIES = {"gdn": "qwen3_5", "gated_deltanet": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_next": "qwen3_next",
+            "qwen3_5_moe": "qwen3_5_moe", "mamba2": "mamba2", "deltanet": "delta_net", "delta_net": "delta_net",
+            "gla": "gla", "rwkv7": "rwkv7"}
+ZOO = ("gdn", "mamba2", "deltanet", "gla", "rwkv7")  # one embedded model per family
+
+
+def host_class(config_or_type):
+    """The host class for a config (or a model_type string); errors list what is supported."""
+    mt = config_or_type if isinstance(config_or_type, str) else getattr(config_or_type, "model_type", "")
+    if mt not in HOSTS:
+        raise ValueError(f"no host adapter for model_type {mt!r}; supported: {', '.join(HOSTS)}")
+    mod, cls = HOSTS[mt]
+    return getattr(importlib.import_module(f"{__name__}.{mod}"), cls)
+
+
+def _family(name):
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}: use one of {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
 
 
 def tiny_config(family="qwen3_5", n_k_heads=2, n_v_heads=4, layers=4, vocab_size=101):
-    """A tiny randomly initialisable config of a real transformers class (tests, CI notebooks)."""
-    from transformers import Qwen3_5TextConfig, Qwen3NextConfig
+    """A tiny randomly initialisable config of the family's real class (tests, CI notebooks). Where the
+    family allows it the heads are grouped and d_k != d_v."""
+    mt = _family(family)
+    if mt in ("qwen3_5", "qwen3_next", "qwen3_5_moe"):
+        from transformers import Qwen3_5MoeTextConfig, Qwen3_5TextConfig, Qwen3NextConfig
 
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=32, linear_num_key_heads=n_k_heads,
-                  linear_num_value_heads=n_v_heads, linear_key_head_dim=16, linear_value_head_dim=8,
-                  layer_types=(["linear_attention"] * 3 + ["full_attention"]) * (layers // 4))
-    if family == "qwen3_5":
-        return Qwen3_5TextConfig(**common)
-    if family == "qwen3_next":
-        return Qwen3NextConfig(**common, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                               shared_expert_intermediate_size=32)
-    if family == "mamba2":
+        common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32, linear_num_key_heads=n_k_heads,
+                      linear_num_value_heads=n_v_heads, linear_key_head_dim=16, linear_value_head_dim=8,
+                      layer_types=(["linear_attention"] * 3 + ["full_attention"]) * (layers // 4))
+        moe = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=32)
+        return {"qwen3_5": lambda: Qwen3_5TextConfig(**common),
+                "qwen3_next": lambda: Qwen3NextConfig(**common, **moe),
+                "qwen3_5_moe": lambda: Qwen3_5MoeTextConfig(**common, **moe)}[mt]()
+    if mt == "mamba2":
         from transformers import Mamba2Config
 
         return Mamba2Config(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, num_heads=n_v_heads,
-                            head_dim=16, state_size=8, expand=1, n_groups=n_v_heads, chunk_size=16,
-                            conv_kernel=4)
-    raise ValueError(f"unknown tiny family {family!r}: use 'qwen3_5', 'qwen3_next' or 'mamba2'")
+                            head_dim=16, state_size=8, expand=1, n_groups=2, chunk_size=16, conv_kernel=4)
+    from ..models import classes
 
-
-def _host_class(config):
-    mt = getattr(config, "model_type", "")
-    if mt in _GDN_TYPES:
-        return GatedDeltaNetHost
-    if mt == "mamba2":
-        return Mamba2Host
-    raise ValueError(f"no host adapter for model_type {mt!r}; supported: {', '.join(_GDN_TYPES)}, mamba2")
+    cfg = classes(mt)[0]
+    if mt == "delta_net":
+        return cfg(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, num_heads=n_v_heads, expand_k=0.5,
+                   expand_v=1.0, use_gate=True, use_short_conv=True, conv_size=4, intermediate_size=96)
+    if mt == "gla":
+        return cfg(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, num_heads=n_v_heads, expand_k=0.5,
+                   expand_v=1.0, num_kv_heads=n_k_heads, use_short_conv=True, conv_size=4, intermediate_size=96)
+    return cfg(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, head_dim=16, intermediate_size=128,
+               decay_low_rank_dim=8, gate_low_rank_dim=16, a_low_rank_dim=8, v_low_rank_dim=8)
 
 
 def _model_from_config(config):
     from transformers import AutoModelForCausalLM
 
-    if getattr(config, "model_type", "") == "qwen3_5" and hasattr(config, "text_config"):
+    _register(getattr(config, "model_type", ""))
+    if getattr(config, "model_type", "") in ("qwen3_5", "qwen3_5_moe") and hasattr(config, "text_config"):
         config = config.text_config
     return AutoModelForCausalLM.from_config(config)
+
+
+def _register(model_type):
+    """Make AutoModel know a DeltaNet / GLA / RWKV-7 model_type: fla's classes on CUDA when fla is installed,
+    ours otherwise."""
+    from ..models import CLASSES, register
+
+    if model_type not in CLASSES:
+        return
+    if torch.cuda.is_available() and importlib.util.find_spec("fla") is not None:
+        import fla  # noqa: F401  (registers fla's own classes and kernels)
+    register(model_type)
+
+
+def _resolve(source):
+    """A local directory for ``source``: the embedded zoo, a directory, or a hub name already in the local
+    cache (no network: a name that is neither fails at once, saying what to do)."""
+    if source == "embedded" or source.startswith("embedded:"):
+        fam = source.split(":", 1)[1] if ":" in source else "gdn"
+        _family(fam)
+        path = EMBEDDED_DIR if fam in ("gdn", "gated_deltanet", "qwen3_5") else EMBEDDED_DIR / fam
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"the embedded {fam} model is missing from {path}: train it with "
+                                    f"`python -m writesae.embedded_train --family {fam}`")
+        return str(path)
+    if os.path.isdir(source):
+        if not os.path.exists(os.path.join(source, "config.json")):
+            raise FileNotFoundError(f"{source} is a directory but holds no config.json: point at a saved model "
+                                    "(save_pretrained) or a hub snapshot")
+        return source
+    if source.startswith((".", "/", "~")) or os.sep in source and source.count("/") != 1:
+        raise FileNotFoundError(f"model directory {source!r} does not exist")
+    if source.count("/") != 1:
+        raise ValueError(f"model {source!r} is not 'embedded', 'embedded:<family>', 'tiny:<family>', a directory "
+                         f"or a hub name 'org/name' (families: {', '.join(ZOO)})")
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(source, "config.json")
+    if not isinstance(hit, str):
+        raise FileNotFoundError(f"{source!r} is not in the local Hugging Face cache and there is no network here: "
+                                f"download it on a machine with access (huggingface-cli download {source}) and copy "
+                                "the cache, or pass a local directory")
+    return os.path.dirname(hit)
 
 
 def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=True):
     """Load a model as a host.
 
-    source: ``"embedded"`` (the model shipped with this package, no network), ``"tiny"`` / ``"tiny:qwen3_next"`` /
-    ``"tiny:mamba2"``
-    (a seeded random tiny model, no tokenizer), a local directory or hub
-    name of a real checkpoint (e.g. ``"Qwen/Qwen3.5-0.8B"``, offline when cached), a transformers config
-    (random init, for tests), or an already-loaded model. device: default CUDA when available, else CPU."""
+    source: ``"embedded"`` (the shipped Gated DeltaNet model) or ``"embedded:<family>"`` (the zoo: gdn,
+    mamba2, deltanet, gla, rwkv7), ``"tiny"`` / ``"tiny:<family>"`` (a seeded random tiny model, no
+    tokenizer), a local directory or a hub name of a real checkpoint (e.g. ``"Qwen/Qwen3.5-0.8B"``,
+    ``"fla-hub/rwkv7-1.5B-world"``; offline, from the local cache), a transformers config (random init), or
+    an already-loaded model. device: default CUDA when available, else CPU."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok, name = None, None
     if isinstance(source, torch.nn.Module):
         model = source
-    elif isinstance(source, str) and source.startswith("tiny"):
+    elif isinstance(source, PretrainedConfig):
+        host_class(source)
+        model = _model_from_config(source)
+        name = f"random-{source.model_type}"
+    elif not isinstance(source, str):
+        raise TypeError(f"load_host takes a name, a directory, a config or a model, got {type(source).__name__}")
+    elif source == "tiny" or source.startswith("tiny:"):
         torch.manual_seed(0)
         model = _model_from_config(tiny_config(*source.split(":")[1:2]))
         name = source
-    elif isinstance(source, PretrainedConfig):
-        _host_class(source)
-        model = _model_from_config(source)
-        name = f"random-{source.model_type}"
     else:
-        path = EMBEDDED_DIR if source == "embedded" else source
-        if source == "embedded" and not (EMBEDDED_DIR / "model.safetensors").exists():
-            raise FileNotFoundError(f"the embedded model is missing from {EMBEDDED_DIR}: "
-                                    "train it with `python -m writesae.embedded_train`")
-        if isinstance(path, Path) or os.path.isdir(str(path)):
-            path = str(path)
+        path = _resolve(source)
+        from transformers import AutoConfig
+
+        try:
+            _register(AutoConfig.from_pretrained(path).model_type)
+        except ValueError:  # a model_type transformers does not know yet: read it from the file
+            import json
+
+            _register(json.loads(Path(path, "config.json").read_text()).get("model_type", ""))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         name = str(source)
         if tokenizer:
-            tok = AutoTokenizer.from_pretrained(path)
+            shared = Path(path).resolve().parent == EMBEDDED_DIR  # the zoo shares the embedded tokenizer
+            tok_dir = str(EMBEDDED_DIR) if shared and not os.path.exists(os.path.join(path, "tokenizer.json")) else path
+            tok = AutoTokenizer.from_pretrained(tok_dir)
     model = model.to(device=device, dtype=dtype)
-    return _host_class(model.config)(model, tokenizer=tok, name=name)
+    return host_class(model.config)(model, tokenizer=tok, name=name)
 
 
-__all__ = ["Cell", "CellTrace", "Edit", "EditRun", "Trace", "GatedDeltaNetHost", "Mamba2Host", "load_host", "tiny_config", "EMBEDDED_DIR"]
+__all__ = ["Cell", "CellTrace", "Edit", "EditRun", "LayerOut", "LayerState", "Readout", "Trace", "HOSTS", "ZOO",
+           "host_class", "load_host", "tiny_config", "EMBEDDED_DIR"]

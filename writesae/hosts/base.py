@@ -45,12 +45,15 @@ class Edit(NamedTuple):
 
 
 class CellTrace(NamedTuple):
-    """What the recurrence used at one cell, at the traced positions (B = sequences, P = positions).
+    """What the recurrence used at one cell, at the traced positions (B = sequences, P = positions), in the
+    layout of :mod:`writesae.ops.recurrence` (``S`` is ``d_k x d_v``, the head reads ``o_t = S_t^T q_t``).
 
-    q, k: ``(B, P, d_k)`` after conv, activation, L2-norm (q also scaled by ``1/sqrt(d_k)``).
-    v: ``(B, P, d_v)``; a: forget gate ``exp(g_t)``, b: write gate, both ``(B, P)``.
-    write: the native write ``b_t k_t v_t^T``, state: ``S_t`` after the step, both ``(B, P, d_k, d_v)``.
-    prev_state: ``S_{t-1}`` ``(B, P, d_k, d_v)``; out: head output ``S_t^T q_t`` ``(B, P, d_v)``.
+    q, k: ``(B, P, d_k)`` read vector (scaled) and write key; v: ``(B, P, d_v)``.
+    a: the decay ``D_t = exp(g_t)``: ``(B, P)`` for a scalar per head, ``(B, P, d_k)`` for a vector per key row.
+    b: write gate ``(B, P)``; e, f: the erase pair ``(B, P, d_k)`` (``None`` for families without one).
+    write: the native write ``b_t k_t v_t^T``; update: ``S_t - D_t * S_{t-1}`` (= write without erase);
+    state: ``S_t`` after the step; prev_state: ``S_{t-1}``; all ``(B, P, d_k, d_v)``.
+    out: head output ``S_t^T q_t`` ``(B, P, d_v)`` (before any norm, gate or skip term of the layer).
     """
 
     q: torch.Tensor
@@ -62,6 +65,9 @@ class CellTrace(NamedTuple):
     state: torch.Tensor
     prev_state: torch.Tensor
     out: torch.Tensor
+    update: torch.Tensor
+    e: torch.Tensor | None = None
+    f: torch.Tensor | None = None
 
 
 class Trace(NamedTuple):
@@ -91,3 +97,44 @@ class EditRun(NamedTuple):
     positions: torch.Tensor
     base: torch.Tensor
     seq: torch.Tensor
+
+
+class LayerState(NamedTuple):
+    """A layer's cache, in one shape for every family.
+
+    windows: the per-position streams the layer looks back on (causal-conv inputs, token-shift inputs,
+    attention keys and values), each ``(B, t, ...)`` with time on dim 1 and row ``j`` the input at absolute
+    position ``j``: a block uses the tail it needs, and a run can restart at any position ``p`` from
+    ``window[:, :p]``. S: the matrix state ``(B, H, d_k, d_v)`` of a recurrent layer (``None`` for other
+    layers, and for a recurrent layer before position 0)."""
+
+    windows: tuple = ()
+    S: torch.Tensor | None = None
+
+
+class LayerOut(NamedTuple):
+    """What a family's block returns (see :class:`writesae.hosts.recurrent.RecurrentHost`).
+
+    hidden: the stream after the layer; state: its :class:`LayerState` after the last position.
+    rule: the recurrence's inputs (:class:`writesae.ops.recurrence.Rule`, ``None`` for non-recurrent layers);
+    kept: ``{step: (S_{t-1}, S_t)}`` at the recorded steps; read: per-head inputs of
+    ``host.head_out`` besides the head output itself, each ``(B, T, H, ...)`` (e.g. the output gate)."""
+
+    hidden: torch.Tensor
+    state: LayerState
+    rule: object = None
+    kept: dict = {}
+    read: tuple = ()
+
+
+class Readout(NamedTuple):
+    """Result of :meth:`host.readout`: what carries one cell's head output to the logits.
+
+    trace: the cell's :class:`CellTrace` at every position; context: the per-position inputs of
+    ``host.head_out(cell, o, *context[b, t])`` besides ``o`` (each ``(B, T, ...)``); residual: the final
+    residual stream ``(B, T, hidden)`` (the input of ``host.unembed``); logits ``(B, T, V)``."""
+
+    trace: CellTrace
+    context: tuple
+    residual: torch.Tensor
+    logits: torch.Tensor

@@ -2,11 +2,21 @@
 
 The only module that knows these models' internals. It runs the decoder layer by layer with its own
 state containers so that a run can start at any (position, layer), apply cache edits inside the
-recurrence (``writesae.ops.delta_rule``) and record what the recurrence used. Equivalence to the
-transformers forward is checked in ``tests/test_host_gdn.py``.
+recurrence (:mod:`writesae.ops.recurrence`) and record what the recurrence used. Equivalence to the
+transformers forward is checked in ``tests/test_hosts.py``.
 
-State per layer: Gated DeltaNet -> ``(conv, S)`` with ``conv`` the last ``K-1`` conv inputs
-``(B, C, K-1)`` and ``S`` ``(B, H_v, d_k, d_v)``; full attention -> ``(keys, values)`` ``(B, H_kv, t, hd)``.
+The rule (transformers' ``torch_recurrent_gated_delta_rule``: decay first, then the delta update)::
+
+    S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + b_t k_t v_t^T,   o_t = S_t^T q_t
+
+q, k: conv -> activation -> L2-norm (q scaled by 1/sqrt(d_k)), shared by ``num_v_heads / num_k_heads``
+consecutive value heads; ``g = -exp(A_log) softplus(a + dt_bias)``, ``a_t = exp(g_t)``, ``b = sigmoid(b)``.
+In the shared form: scalar g, erase ``e = -b k``, ``f = exp(g) k``. The write is ``b k v^T`` (rank 1); the
+update ``U_t = b k (v - a S^T k)^T`` is rank 1 too. The head output passes the gated RMSNorm
+``norm(o, z)`` (per head) and ``out_proj``.
+
+Layer state: Gated DeltaNet -> windows ``(conv inputs (B, t, C),)`` and ``S`` ``(B, H_v, d_k, d_v)``;
+full attention -> windows ``(keys, values)``, each ``(B, t, H_kv, hd)``.
 """
 from __future__ import annotations
 
@@ -15,8 +25,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..ops import delta_rule
-from .recurrent import RecurrentHost
+from transformers.activations import ACT2FN
+
+from ..ops import recurrence
+from .base import LayerOut, LayerState
+from .recurrent import RecurrentHost, grow, tail
 
 
 def _parts(model):
@@ -94,8 +107,8 @@ class GatedDeltaNetHost(RecurrentHost):
             fn = getattr(fn, "__wrapped__", fn)
         sqrt_dk = math.sqrt(self.d_k)
 
-        def chunk(q, k, v, g, b, S0):
-            q, k, v, g, b = (t.contiguous() for t in (q * sqrt_dk, k, v, g, b))
+        def chunk(r, S0):
+            q, k, v, g, b = (t.contiguous() for t in (r.q * sqrt_dk, r.k, r.v, r.g, r.b))
             o, S = fn(q, k, v, g=g, beta=b, initial_state=S0.contiguous(), output_final_state=True,
                       use_qk_l2norm_in_kernel=False)
             return o.float(), S.float()
@@ -104,18 +117,15 @@ class GatedDeltaNetHost(RecurrentHost):
         return chunk
 
     def _gdn(self, i, x, state, edits, record):
-        """Gated DeltaNet token mixer of layer i on normed input x (B,T,hidden).
-
-        Returns (output, new_state, inputs used by the recurrence, recorded states)."""
+        """Gated DeltaNet token mixer of layer i on normed input x (B,T,hidden): (output, state, rule, kept, z)."""
         attn = self.layers[i].linear_attn
         B, T, _ = x.shape
         mixed, z, b_raw, a_raw = self._project(attn, x)
-        mixed = mixed.transpose(1, 2)  # (B, C, T)
         K = attn.conv_kernel_size
-        conv0 = state[0] if state is not None else mixed.new_zeros(B, mixed.shape[1], K - 1)
-        xc = torch.cat([conv0.to(mixed), mixed], -1)
+        xc = torch.cat([tail(state.windows[0], K - 1).to(mixed) if state else mixed.new_zeros(B, K - 1, mixed.shape[-1]),
+                        mixed], 1).transpose(1, 2)
         y = F.conv1d(xc, attn.conv1d.weight, attn.conv1d.bias, groups=xc.shape[1])
-        y = F.silu(y).transpose(1, 2)  # transformers' activation for these layers (hidden_act="silu")
+        y = ACT2FN[attn.activation](y).transpose(1, 2)  # the config's hidden_act, as transformers does
         kd, vd = attn.key_dim, attn.value_dim
         q, k, v = y[..., :kd], y[..., kd:2 * kd], y[..., 2 * kd:2 * kd + vd]
         rep = self.n_heads // self.n_k_heads
@@ -126,14 +136,14 @@ class GatedDeltaNetHost(RecurrentHost):
         v = v.reshape(B, T, -1, self.d_v).float()
         b = b_raw.float().sigmoid()
         g = -attn.A_log.float().exp() * F.softplus(a_raw.float() + attn.dt_bias.float())
-        S0 = state[1] if state is not None else q.new_zeros(B, self.n_heads, self.d_k, self.d_v)
+        rule = recurrence.Rule(q, k, v, g, b, e=-b[..., None] * k, f=g.exp()[..., None] * k)
+        S0 = state.S if state is not None and state.S is not None else q.new_zeros(B, self.n_heads, self.d_k, self.d_v)
         # transformers' torch chunk kernel pads every call to 64 tokens: shorter stretches are cheaper
         # step by step on CPU; fla's kernel on GPU is cheap for short stretches too
-        o, S, kept = delta_rule.run(S0.float(), q, k, v, g, b, edits=edits, record=record,
-                                    chunk=self._chunk_kernel(), min_chunk=64 if self.device.type == "cpu" else 8)
+        o, S, kept = recurrence.run(S0.float(), rule, edits=edits, record=record, chunk=self._chunk_kernel(),
+                                    min_chunk=64 if self.device.type == "cpu" else 8)
         o = attn.norm(o.to(x.dtype).reshape(-1, self.d_v), z.reshape(-1, self.d_v)).reshape(B, T, -1)
-        new_state = (xc[..., xc.shape[-1] - (K - 1):], S)
-        return attn.out_proj(o), new_state, (q, k, v, g, b, mixed), kept
+        return attn.out_proj(o), LayerState((grow(state, 0, mixed),), S), rule, kept, z
 
     def _attention(self, i, x, pos_emb, state, start):
         """Full-attention token mixer (gated, GQA) with explicit past keys/values."""
@@ -147,14 +157,14 @@ class GatedDeltaNetHost(RecurrentHost):
         k = at.k_norm(at.k_proj(x).view(B, T, -1, hd)).transpose(1, 2)
         v = at.v_proj(x).view(B, T, -1, hd).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *pos_emb)
-        if state is not None:
-            k, v = torch.cat([state[0], k], 2), torch.cat([state[1], v], 2)
+        keys, values = grow(state, 0, k.transpose(1, 2)), grow(state, 1, v.transpose(1, 2))  # (B, t, H_kv, hd)
+        k, v = keys.transpose(1, 2), values.transpose(1, 2)
         rows = torch.arange(T, device=x.device)[:, None] + start
         mask = torch.arange(k.shape[2], device=x.device)[None, :] <= rows
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=at.scaling,
                                              enable_gqa=k.shape[1] != q.shape[1])
         out = out.transpose(1, 2).reshape(B, T, -1) * torch.sigmoid(gate.reshape(B, T, -1))
-        return at.o_proj(out), (k, v)
+        return at.o_proj(out), LayerState((keys, values))
 
     def _context(self, hidden, start):
         B, T, _ = hidden.shape
@@ -164,24 +174,30 @@ class GatedDeltaNetHost(RecurrentHost):
     def _block(self, i, hidden, ctx, state, edits, record):
         layer = self.layers[i]
         x = layer.input_layernorm(hidden)
-        out = None
+        rule, kept, read = None, {}, ()
         if i in self.recurrent_layers:
-            x, new_state, used, kept = self._gdn(i, x, state, edits, record)
-            out = (used, kept)
+            x, new_state, rule, kept, z = self._gdn(i, x, state, edits, record)
+            read = (z,)
         else:
             x, new_state = self._attention(i, x, ctx[1], state, ctx[0])
         hidden = hidden + x
         mlp = layer.mlp(layer.post_attention_layernorm(hidden))
-        return hidden + (mlp[0] if isinstance(mlp, tuple) else mlp), new_state, out
-
-    def _head(self, hidden):
-        return self.lm_head(self.decoder.norm(hidden))
+        return LayerOut(hidden + (mlp[0] if isinstance(mlp, tuple) else mlp), new_state, rule, kept, read)
 
     def _embed(self, input_ids):
         return self.decoder.embed_tokens(input_ids.to(self.device))
 
-    @staticmethod
-    def _slice_state(i, state, seq, pos, n):
-        """Attention keys/values of one sequence before ``pos``, n copies."""
-        k, v = state
-        return k[seq:seq + 1, :, :pos].expand(n, -1, -1, -1), v[seq:seq + 1, :, :pos].expand(n, -1, -1, -1)
+    # ------------------------------------------------------------- the read-out
+    def unembed(self, residual):
+        return self.lm_head(self.decoder.norm(residual))
+
+    def _out_weight(self, cell):
+        layer, head = cell[:2]
+        return self.layers[layer].linear_attn.out_proj.weight[:, head * self.d_v:(head + 1) * self.d_v]
+
+    def head_out(self, cell, o, z):
+        """``W_O[head] norm(o, z)``: the gated RMSNorm acts per head, so the rest of the layer drops out."""
+        return F.linear(self.layers[cell[0]].linear_attn.norm(o, z), self._out_weight(cell))
+
+    def head_unembed(self, cell):
+        return self.lm_head.weight.float() @ self._out_weight(cell).float()

@@ -1,11 +1,34 @@
-"""What every recurrent host shares: cells, traces, batched edited runs from a cached prefix, generation.
+"""The host contract, and everything every recurrent host shares.
 
-A family module subclasses :class:`RecurrentHost` and supplies the model-specific pieces: how to embed,
-how one block runs (``_block``), the positional context (``_context``), the output head (``_head``), and
-how to cut a non-recurrent layer's state at a position (``_slice_state``). A recurrent block returns,
-besides its output and new state, ``used = (q, k, v, g, b, conv_inputs)`` (what the recurrence used, in
-the layout of :mod:`writesae.ops.delta_rule`) and the states it recorded; its state is
-``(conv, S)`` with ``conv`` the last ``K-1`` conv inputs ``(B, C, K-1)`` and ``S`` ``(B, H, d_k, d_v)``.
+A host sees a model as a set of matrix-state *cells* (layer, value head) and can trace what the recurrence
+used, run batched forwards with cache edits from a reused unedited prefix, generate with edits, and read
+one head's output through to the logits. :class:`RecurrentHost` implements all of that once; a family
+module (``gated_deltanet``, ``mamba2``, ``delta_net``, ``gla``, ``rwkv7``) subclasses it and supplies:
+
+attributes
+    ``family`` (registry name), ``kind`` (a word for error messages), ``layers``, ``layer_types``,
+    ``recurrent_layers``, ``n_heads``, ``d_k``, ``d_v``.
+``_embed(input_ids) -> stream (B, T, D)``
+    The input of layer 0. The stream passed between layers is one tensor; a family whose layers share
+    more than the residual (RWKV-7's ``v_first``) carries it alongside (see ``_residual``).
+``_context(stream, start) -> ctx``
+    Per-call context of the positions ``start..start+T-1`` (rotary tables, ...), passed to every block.
+``_block(i, stream, ctx, state, edits, record) -> LayerOut``
+    Layer i over T positions from ``state`` (a :class:`LayerState`, or ``None`` at position 0). A recurrent
+    block builds its :class:`writesae.ops.recurrence.Rule` and runs :func:`writesae.ops.recurrence.run`
+    with ``edits`` (``{step: [...]}``) and ``record`` (steps whose states to keep). Its state's windows
+    hold every input position seen so far (time on dim 1), so a run can restart anywhere.
+``_residual(stream) -> (B, T, hidden)``
+    The residual part of the stream (default: all of it).
+``unembed(residual) -> logits``
+    Final norm and output head.
+``head_out(cell, o, *context) -> (..., hidden)``
+    The layer's output as a function of one head's output ``o`` (``(..., d_v)``, the ``S^T q`` of the
+    recurrence), every other input held at the run's values (``context`` = the block's ``read`` at the same
+    positions): gated norms, skip terms, the output projection. With ``unembed`` this is the *direct path*
+    from a cell to the logits used by the closed form, sign prediction, erasure and generation install.
+``head_unembed(cell) -> (V, d_v)``
+    The paper's token read-out of a head output: ``W_U W_O[head]`` (no norms).
 """
 from __future__ import annotations
 
@@ -15,37 +38,98 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..ops import delta_rule
-from .base import Cell, CellTrace, Edit, EditRun, Trace
+from ..ops import recurrence
+from .base import Cell, CellTrace, Edit, EditRun, LayerState, Readout, Trace
+
+
+def tail(window, n):
+    """The last ``n`` rows (dim 1) of a window, left-padded with zeros when it is shorter."""
+    w = window[:, max(0, window.shape[1] - n):]
+    return F.pad(w, (0, 0) * (w.ndim - 2) + (n - w.shape[1], 0)) if w.shape[1] < n else w
+
+
+def grow(state, i, new):
+    """Window ``i`` of ``state`` (or nothing) followed by ``new`` ``(B, T, ...)``: the window after the call."""
+    return new if state is None else torch.cat([state.windows[i].to(new), new], 1)
 
 
 class RecurrentHost:
-    """Base class of the host adapters (see the module docstring for what a subclass supplies)."""
+    """Base class of the host adapters (see the module docstring for the contract a family fills in)."""
 
-    kind = "recurrent"  # a word for the recurrent layers in error messages
+    kind = "recurrent"
+    family = None
 
     def __init__(self, model, tokenizer=None, name=None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
 
-    def _run(self, hidden, start, first_layer, states, edits=None, record=None, keep_inputs=False):
-        """Run layers first_layer.. on hidden (B,T,hidden) = input of layer first_layer at positions
-        start..start+T-1, from per-layer states. edits/record: {layer: {step: [...]}} / {layer: steps}.
+    # ---------------------------------------------------------------- what a family supplies
+    def _embed(self, input_ids):
+        raise NotImplementedError
 
-        Returns (logits, new_states, layer_inputs {layer: hidden}, recorded {layer: (used, kept)})."""
-        ctx = self._context(hidden, start)
+    def _context(self, stream, start):
+        return None
+
+    def _block(self, i, stream, ctx, state, edits, record):
+        raise NotImplementedError
+
+    def _residual(self, stream):
+        return stream
+
+    def unembed(self, residual):
+        raise NotImplementedError
+
+    def head_out(self, cell, o, *context):
+        raise NotImplementedError
+
+    def head_unembed(self, cell):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------- the engine
+    def _run(self, stream, start, first_layer, states, edits=None, record=None, keep_inputs=False):
+        """Run layers first_layer.. on ``stream`` (the input of layer first_layer at positions
+        start..start+T-1) from per-layer states. edits / record: ``{layer: {step: [...]}}`` / ``{layer: steps}``.
+
+        Returns (logits, new_states, layer_inputs {layer: stream}, {layer: LayerOut} of recorded layers,
+        final residual)."""
+        ctx = self._context(stream, start)
         new_states, inputs, recorded = dict(states), {}, {}
         for i in range(first_layer, len(self.layers)):
             if keep_inputs:
-                inputs[i] = hidden
+                inputs[i] = stream
             rec = (record or {}).get(i, ())
-            hidden, new_states[i], out = self._block(i, hidden, ctx, states.get(i), (edits or {}).get(i), rec)
+            out = self._block(i, stream, ctx, states.get(i), (edits or {}).get(i), rec)
+            stream, new_states[i] = out.hidden, out.state
             if rec:
                 recorded[i] = out
-        return self._head(hidden).float(), new_states, inputs, recorded
+        residual = self._residual(stream)
+        return self.unembed(residual).float(), new_states, inputs, recorded, residual
 
-    # ------------------------------------------------------------------ cells
+    def _positions(self, positions, T, what="positions"):
+        """Sorted unique positions in 0..T-1; negative ones count from the end, as in Python."""
+        if positions is None:
+            return list(range(T))
+        out = sorted({int(p) for p in torch.as_tensor(positions).reshape(-1).tolist()})
+        bad = [p for p in out if not -T <= p < T]
+        if bad:
+            raise ValueError(f"{what} {bad} outside an input of {T} tokens: use 0..{T - 1} (or -{T}..-1 from the end)")
+        return sorted({p % T for p in out})
+
+    @staticmethod
+    def _ids(input_ids):
+        ids = torch.as_tensor(input_ids)
+        return ids[None] if ids.ndim == 1 else ids
+
+    @staticmethod
+    def _edits_by_layer(rows, offset=0):
+        """[(row, Edit)] -> {layer: {step: [(row, head, kind, matrix, write, scale)]}} (steps = pos - offset)."""
+        out = defaultdict(lambda: defaultdict(list))
+        for r, e in rows:
+            out[e.layer][e.pos - offset].append((r, e.head, e.kind, e.matrix, e.write, e.scale))
+        return out
+
+    # ------------------------------------------------------------------------------ cells
     @property
     def device(self):
         return next(self.model.parameters()).device
@@ -67,88 +151,126 @@ class RecurrentHost:
             raise ValueError(f"head {head} out of range: layer {layer} has value heads 0..{self.n_heads - 1}")
         return Cell(layer, head, self.d_k, self.d_v)
 
-    def _embed(self, input_ids):
-        return self.decoder.embed_tokens(input_ids.to(self.device))
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
 
-    @staticmethod
-    def _edits_by_layer(rows, offset=0):
-        """[(row, Edit)] -> {layer: {step: [(row, head, kind, matrix, write, scale)]}} (steps = pos - offset)."""
-        out = defaultdict(lambda: defaultdict(list))
-        for r, e in rows:
-            out[e.layer][e.pos - offset].append((r, e.head, e.kind, e.matrix, e.write, e.scale))
-        return out
-
-    # ------------------------------------------------------------- public API
+    # -------------------------------------------------------------------------- public API
     @torch.no_grad()
     def logits(self, input_ids):
-        """Unmodified transformers forward (fast kernels where available): (B, T, V) float32."""
-        return self.model(input_ids=input_ids.to(self.device)).logits.float()
+        """The library's own forward (fast kernels where available): (B, T, V) float32."""
+        return self.model(input_ids=self._ids(input_ids).to(self.device)).logits.float()
+
+    @staticmethod
+    def _cell_trace(out, head, positions):
+        """The :class:`CellTrace` of one head from a recorded :class:`LayerOut`."""
+        P = torch.tensor(positions, dtype=torch.long)
+        r = out.rule
+        pick = lambda x: None if x is None else x[:, P, head]  # noqa: E731
+        q, k, v, g, b, e, f = (pick(x) for x in r)
+        S = torch.stack([out.kept[p][1][:, head] for p in positions], 1)
+        Sp = torch.stack([out.kept[p][0][:, head] for p in positions], 1)
+        update = S - recurrence.decay(Sp, g)
+        return CellTrace(q=q, k=k, v=v, a=g.exp(), b=b, write=recurrence.native_write(k, v, b), state=S,
+                         prev_state=Sp, out=torch.einsum("bpkv,bpk->bpv", S, q), update=update, e=e, f=f)
+
+    def _traced(self, input_ids, cells, positions, edits):
+        ids = self._ids(input_ids)
+        T = ids.shape[1]
+        cells = self.cells if cells is None else [self.cell(int(c[0]), int(c[1])) for c in cells]
+        positions = self._positions(positions, T)
+        for e in edits:
+            self._check_edit(e, ids.shape)
+        layers = sorted({c.layer for c in cells})
+        run = self._run(self._embed(ids), 0, 0, {}, record={l: positions for l in layers},
+                        edits=self._edits_by_layer([(e.seq, e) for e in self._norm_edits(edits, T)]))
+        return cells, positions, run
 
     @torch.no_grad()
     def trace(self, input_ids, cells=None, positions=None, edits=()) -> Trace:
         """One batched forward returning, for each cell, what the recurrence used at ``positions``
-        (default: all) plus the logits. ``cells``: list of (layer, head); default all cells.
-        ``edits``: Edits (``seq`` = batch row) applied during the run, so edited states can be read."""
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
-        T = input_ids.shape[1]
-        cells = [self.cell(l, h) for l, h in (cells if cells is not None else [(c.layer, c.head) for c in self.cells])]
-        positions = list(range(T)) if positions is None else sorted({int(p) for p in positions})
-        if positions and not 0 <= positions[0] <= positions[-1] < T:
-            raise ValueError(f"positions must lie in 0..{T - 1}")
-        layers = sorted({c.layer for c in cells})
-        logits, _, _, rec = self._run(self._embed(input_ids), 0, 0, {}, record={l: positions for l in layers},
-                                      edits=self._edits_by_layer([(e.seq, e) for e in edits]))
-        P = torch.tensor(positions, dtype=torch.long)
-        out = {}
-        for c in cells:
-            (q, k, v, g, b, _), kept = rec[c.layer]
-            h = c.head
-            S = torch.stack([kept[p][1][:, h] for p in positions], 1)
-            Sp = torch.stack([kept[p][0][:, h] for p in positions], 1)
-            qh, kh, vh, bh = q[:, P, h], k[:, P, h], v[:, P, h], b[:, P, h]
-            out[(c.layer, c.head)] = CellTrace(
-                q=qh, k=kh, v=vh, a=g[:, P, h].exp(), b=bh, write=delta_rule.native_write(kh, vh, bh),
-                state=S, prev_state=Sp, out=torch.einsum("bpkv,bpk->bpv", S, qh))
-        return Trace(out, P, logits)
+        (default: all; negative ones count from the end) plus the logits. ``cells``: list of (layer, head);
+        default all cells. ``edits``: Edits (``seq`` = batch row) applied during the run."""
+        cells, positions, (logits, _, _, rec, _) = self._traced(input_ids, cells, positions, edits)
+        out = {(c.layer, c.head): self._cell_trace(rec[c.layer], c.head, positions) for c in cells}
+        return Trace(out, torch.tensor(positions, dtype=torch.long), logits)
+
+    @torch.no_grad()
+    def readout(self, cell, input_ids, edits=()) -> Readout:
+        """Trace ``cell`` at every position and keep what carries its head output to the logits: the
+        per-position ``context`` of :meth:`head_out` and the final residual stream (see :class:`Readout`)."""
+        (c,), positions, (logits, _, _, rec, residual) = self._traced(input_ids, [cell], None, edits)
+        out = rec[c.layer]
+        context = self._read_context(out.read, c.head)
+        return Readout(self._cell_trace(out, c.head, positions), context, residual.float(), logits)
+
+    @staticmethod
+    def _read_context(read, head):
+        """The ``head_out`` context of one head from a block's ``read`` tensors (default: each (B, T, H, ...))."""
+        return tuple(x[:, :, head] for x in read)
+
+    def _check_edit(self, e, shape):
+        N, T = shape
+        if not isinstance(e, Edit):
+            raise TypeError(f"an edit must be a writesae.Edit, got {type(e).__name__}: build it as "
+                            "Edit(seq, layer, head, pos, kind, matrix)")
+        c = self.cell(e.layer, e.head)
+        if not 0 <= e.seq < N:
+            raise ValueError(f"edit seq={e.seq} outside the input's {N} sequences (0..{N - 1})")
+        if not -T <= e.pos < T:
+            raise ValueError(f"edit pos={e.pos} outside an input of {T} tokens: use 0..{T - 1} (or -{T}..-1)")
+        if e.kind not in recurrence.KINDS:
+            raise ValueError(f"edit kind {e.kind!r} is not one of {recurrence.KINDS}")
+        if e.write not in recurrence.WRITES:
+            raise ValueError(f"edit write {e.write!r} is not one of {recurrence.WRITES}")
+        if e.scale not in recurrence.SCALES:
+            raise ValueError(f"edit scale {e.scale!r} is not one of {recurrence.SCALES}")
+        if e.kind != "delete":
+            if e.matrix is None:
+                raise ValueError(f"a {e.kind!r} edit needs a matrix of shape ({c.d_k}, {c.d_v}) for cell {c.key}")
+            if tuple(torch.as_tensor(e.matrix).shape) != (c.d_k, c.d_v):
+                raise ValueError(f"edit matrix has shape {tuple(torch.as_tensor(e.matrix).shape)}, but cell {c.key} "
+                                 f"of {self.name} holds a (d_k, d_v) = ({c.d_k}, {c.d_v}) state: pass a matrix of "
+                                 f"that shape (S is d_k x d_v; transpose it if it is d_v x d_k)")
+
+    @staticmethod
+    def _norm_edits(edits, T):
+        """Edits with negative positions counted from the end."""
+        return [e._replace(pos=e.pos % T) if e.pos < 0 else e for e in edits]
 
     @torch.no_grad()
     def prefix(self, input_ids, positions):
         """Run each sequence once, unedited, and keep what an edited run from any of ``positions`` needs:
-        every layer's input, attention keys/values, conv inputs, and the matrix state before each position."""
-        input_ids = torch.as_tensor(input_ids).to(self.device)
-        positions = sorted({int(p) for p in positions})
+        every layer's input and windows, and the matrix state before each position."""
+        input_ids = self._ids(input_ids).to(self.device)
+        positions = self._positions(positions, input_ids.shape[1])
         record = {l: [p - 1 for p in positions if p > 0] for l in self.recurrent_layers}
-        logits, states, inputs, rec = self._run(self._embed(input_ids), 0, 0, {}, record=record, keep_inputs=True)
-        mixed = {l: rec[l][0][5] if l in rec else None for l in self.recurrent_layers}
-        kept = {l: rec[l][1] if l in rec else {} for l in self.recurrent_layers}
-        return _Prefix(self, input_ids, logits, inputs, states, mixed, kept)
+        logits, states, inputs, rec, _ = self._run(self._embed(input_ids), 0, 0, {}, record=record, keep_inputs=True)
+        kept = {l: rec[l].kept if l in rec else {} for l in self.recurrent_layers}
+        return _Prefix(self, input_ids, logits, inputs, states, kept)
 
     @torch.no_grad()
     def run_edits(self, input_ids, edits, positions=None, reuse_prefix=True, progress=False) -> EditRun:
-        """Run B edit rows as batched forwards; returns one output distribution per row.
+        """Run R edit rows as batched forwards; returns one output distribution per row.
 
         input_ids: (N, T). edits: a list whose items are an :class:`Edit` (a row of its own) or a list of
         Edits on the same sequence (one row, all applied). Rows sharing (sequence, first edited position)
         run as one batch that starts at that position and at the first edited layer, from the cached
         unedited prefix (``reuse_prefix=False`` recomputes everything from position 0, row by row: the
-        naive reference). positions: which absolute positions' logits to return (default all)."""
-        input_ids = torch.as_tensor(input_ids)
-        if input_ids.ndim == 1:
-            input_ids = input_ids[None]
+        naive reference). positions: which absolute positions' logits to return (default all; negative
+        ones count from the end)."""
+        input_ids = self._ids(input_ids)
         N, T = input_ids.shape
         rows = [[e] if isinstance(e, Edit) else list(e) for e in edits]
         for r in rows:
             if not r:
-                raise ValueError("an edit row is empty")
-            if len({e.seq for e in r}) != 1:
-                raise ValueError("all edits of one row must share its sequence")
+                raise ValueError("an edit row is empty: give each row at least one Edit")
             for e in r:
-                self.cell(e.layer, e.head)
-                if not 0 <= e.seq < N or not 0 <= e.pos < T:
-                    raise ValueError(f"edit {e.seq=}, {e.pos=} outside input of shape {(N, T)}")
-        positions = torch.arange(T) if positions is None else torch.as_tensor(positions, dtype=torch.long)
+                self._check_edit(e, (N, T))
+            if len({e.seq for e in r}) != 1:
+                raise ValueError(f"all edits of one row must share its sequence, got seq {sorted({e.seq for e in r})}")
+        rows = [self._norm_edits(r, T) for r in rows]
+        positions = torch.tensor(self._positions(positions, T), dtype=torch.long)
         starts = torch.tensor([min(e.pos for e in r) for r in rows], dtype=torch.long)
         seqs = torch.tensor([r[0].seq for r in rows], dtype=torch.long)
         if not reuse_prefix:
@@ -167,9 +289,9 @@ class RecurrentHost:
             groups[(r[0].seq, int(starts[j]))].append(j)
         for (s, p), idx in tqdm(groups.items(), disable=not progress, desc="edited runs"):
             l0 = min(e.layer for j in idx for e in rows[j])
-            hidden, states = pre.start(s, p, l0, len(idx))
+            stream, states = pre.start(s, p, l0, len(idx))
             ed = self._edits_by_layer([(n, e) for n, j in enumerate(idx) for e in rows[j]], offset=p)
-            lg = self._run(hidden, p, l0, states, edits=ed)[0]
+            lg = self._run(stream, p, l0, states, edits=ed)[0]
             sel = positions >= p
             out[torch.tensor(idx)[:, None], sel.nonzero()[:, 0][None]] = lg[:, positions[sel] - p].cpu()
         return EditRun(out, starts, positions, base, seqs)
@@ -180,13 +302,13 @@ class RecurrentHost:
 
         input_ids: (B, T) prompts of equal length; edits: Edits whose ``seq`` is the batch row.
         Always decodes ``max_new_tokens`` (no stop at end-of-text). Returns (B, T + max_new_tokens) ids."""
-        ids = torch.as_tensor(input_ids).to(self.device)
-        if ids.ndim == 1:
-            ids = ids[None]
-        rows = [(e.seq, e) for e in edits]
+        ids = self._ids(input_ids).to(self.device)
         T = ids.shape[1]
-        logits, states, _, _ = self._run(self._embed(ids), 0, 0, {},
-                                         edits=self._edits_by_layer([x for x in rows if x[1].pos < T]))
+        for e in edits:
+            self._check_edit(e, (ids.shape[0], T + max_new_tokens))
+        rows = [(e.seq, e) for e in edits]
+        logits, states, _, _, _ = self._run(self._embed(ids), 0, 0, {},
+                                            edits=self._edits_by_layer([x for x in rows if x[1].pos < T]))
         for n in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, nxt], 1)
@@ -194,29 +316,24 @@ class RecurrentHost:
                 break
             p = ids.shape[1] - 1
             ed = self._edits_by_layer([x for x in rows if x[1].pos == p], offset=p)
-            logits, states, _, _ = self._run(self._embed(nxt), p, 0, states, edits=ed)
+            logits, states, _, _, _ = self._run(self._embed(nxt), p, 0, states, edits=ed)
         return ids
 
 
 class _Prefix:
     """Cached unedited run of a batch of sequences; builds batched start states for edited runs."""
 
-    def __init__(self, host, input_ids, logits, inputs, states, mixed, kept):
+    def __init__(self, host, input_ids, logits, inputs, states, kept):
         self.host, self.input_ids, self.logits = host, input_ids, logits
-        self.inputs, self.final, self.mixed, self.kept = inputs, states, mixed, kept
+        self.inputs, self.final, self.kept = inputs, states, kept
 
     def start(self, seq, pos, first_layer, n):
-        """(hidden (n, T-pos, hidden), states) to run layers first_layer.. from position pos, n copies."""
-        h = self.host
-        hidden = self.inputs[first_layer][seq:seq + 1, pos:].expand(n, -1, -1)
+        """(stream (n, T-pos, D), states) to run layers first_layer.. from position pos, n copies."""
+        one = lambda x: x[seq:seq + 1].expand(n, *x.shape[1:])  # noqa: E731
+        stream = one(self.inputs[first_layer][:, pos:])
         states = {}
-        for i in range(first_layer, len(h.layers)):
-            if i in h.recurrent_layers:
-                K = h.conv_kernel
-                m = self.mixed[i][seq:seq + 1, :, max(0, pos - K + 1):pos]
-                conv = F.pad(m, (K - 1 - m.shape[-1], 0))
-                S = self.kept[i][pos - 1][1][seq:seq + 1] if pos > 0 else torch.zeros_like(self.final[i][1][:1])
-                states[i] = (conv.expand(n, -1, -1), S.expand(n, -1, -1, -1))
-            else:
-                states[i] = h._slice_state(i, self.final[i], seq, pos, n)
-        return hidden, states
+        for i in range(first_layer, len(self.host.layers)):
+            st = self.final[i]
+            S = one(self.kept[i][pos - 1][1]) if i in self.kept and pos > 0 else None
+            states[i] = LayerState(tuple(one(w[:, :pos]) for w in st.windows), S)
+        return stream, states
