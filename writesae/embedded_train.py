@@ -220,18 +220,54 @@ def prepare():
 
 
 # ----------------------------------------------------------------------------- model
-def build_model():
+# The zoo: one small model per family on the same corpus, tokenizer, context and token budget, with
+# parameter counts within +-10% of each other (counts in the model cards). Context 512 so that cells keep
+# a memory (the default model, trained on 256-token windows, forgets within a few dozen tokens).
+ZOO_SEQ, ZOO_BATCH = 512, 8
+ZOO = {
+    "gdn": dict(MODEL_KW, max_position_embeddings=4096),
+    "mamba2": dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=14, num_heads=16, head_dim=32,
+                   state_size=32, expand=2, n_groups=1, chunk_size=64, conv_kernel=4, tie_word_embeddings=True,
+                   bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "deltanet": dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=8, num_heads=4, expand_k=1.0, expand_v=1.0,
+                     intermediate_size=576, use_gate=False, use_short_conv=True, conv_size=4, use_beta=True,
+                     qk_activation="silu", qk_norm="l2", norm_eps=1e-6, tie_word_embeddings=True,
+                     bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "gla": None,
+    "rwkv7": None,
+}
+ZOO_TYPES = {"gdn": "qwen3_5_text", "mamba2": "mamba2", "deltanet": "delta_net", "gla": "gla", "rwkv7": "rwkv7"}
+
+
+def model_config(family=None):
+    """The config of the default embedded model (family None) or of a zoo member."""
+    from transformers import AutoConfig
+
+    from .hosts import _register
+
+    kw = dict(MODEL_KW if family is None else ZOO[family])
+    if "layer_types" in kw:
+        kw["layer_types"] = kw["layer_types"] * (kw["num_hidden_layers"] // len(kw["layer_types"]))
+    mt = "qwen3_5_text" if family is None else ZOO_TYPES[family]
+    _register(mt)
+    return AutoConfig.for_model(mt, **kw)
+
+
+def build_model(family=None):
     import torch
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+    from transformers import AutoModelForCausalLM
 
     # transformers binds fla / causal_conv1d kernels if importable; we want the pure-torch path
     for pkg in ("fla", "causal_conv1d"):
         if importlib.util.find_spec(pkg) is not None:
             log(f"WARNING: {pkg} is importable; transformers may bind its kernels")
-    kw = dict(MODEL_KW)
-    kw["layer_types"] = kw["layer_types"] * (kw["num_hidden_layers"] // 4)
     torch.manual_seed(SEED)
-    return Qwen3_5ForCausalLM(Qwen3_5TextConfig(**kw))
+    return AutoModelForCausalLM.from_config(model_config(family))
+
+
+def run_dir(family=None) -> Path:
+    """Checkpoints and logs of one training: the default model in WORK, a zoo member in WORK/zoo/<family>."""
+    return WORK if family is None else WORK / "zoo" / family
 
 
 def batch_at(data: np.ndarray, step: int, bs=BATCH, seq=SEQ):
@@ -288,11 +324,8 @@ def save_ckpt(model, opt, state, ckpt: Path):
 
 
 def load_ckpt(model, opt, ckpt: Path) -> dict:
-    import torch
     from safetensors.torch import load_file
-    from transformers import Qwen3_5ForCausalLM
-    loaded = Qwen3_5ForCausalLM.from_pretrained(ckpt)
-    model.load_state_dict(loaded.state_dict())
+    load_ckpt_weights(model, ckpt)
     flat = load_file(str(ckpt / "optimizer.safetensors"))
     sd = opt.state_dict()
     sd["state"] = {}
@@ -309,15 +342,17 @@ def train(args):
 
     torch.set_num_threads(args.threads)
     prepare()
+    fam = args.family
+    BATCH, SEQ = (globals()["BATCH"], globals()["SEQ"]) if fam is None else (ZOO_BATCH, ZOO_SEQ)
     data = np.load(WORK / "train.npy")
-    val = eval_windows(np.load(WORK / "val.npy"), n=64)
-    model = build_model()
+    val = eval_windows(np.load(WORK / "val.npy"), n=64 * 256 // SEQ, seq=SEQ)
+    model = build_model(fam)
     nparams = sum(p.numel() for p in model.parameters())
     total = args.tokens // (BATCH * SEQ)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    ckpt = WORK / "ckpt"
+    ckpt = run_dir(fam) / "ckpt"
     state = {"step": 0, "elapsed_s": 0.0, "total_steps": total, "evals": []}
-    if args.resume and (ckpt / "state.json").exists():
+    if not args.fresh and (ckpt / "state.json").exists():
         state = load_ckpt(model, opt, ckpt)
         total = state["total_steps"]
         log("resumed at step", state["step"])
@@ -328,7 +363,7 @@ def train(args):
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total)
-        x = batch_at(data, step)
+        x = batch_at(data, step, BATCH, SEQ)
         logits = model(input_ids=x[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -486,26 +521,126 @@ Curve (step, train loss, held-out loss on 64x256 tokens): {state['evals']}
 def bench(args):
     import torch
     torch.set_num_threads(args.threads)
-    model = build_model()
+    bs, seq = (BATCH, SEQ) if args.family is None else (ZOO_BATCH, ZOO_SEQ)
+    model = build_model(args.family)
     log(f"params {sum(p.numel() for p in model.parameters()):,}")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     data = np.random.default_rng(0).integers(0, VOCAB, 100_000).astype(np.uint16)
-    for step in range(6):
+    for step in range(4):
         if step == 1:
             t = time.time()
-        x = batch_at(data, step)
+        x = batch_at(data, step, bs, seq)
         logits = model(input_ids=x[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    log(f"tokens/s {5 * BATCH * SEQ / (time.time() - t):.0f}")
+    log(f"tokens/s {3 * bs * seq / (time.time() - t):.0f}")
+
+
+def memory_table(host, ids) -> list[dict]:
+    """Per cell: median decay (mean over key rows for per-row decays) and the median share of the state's
+    norm that is the current write ||W_t|| / ||S_t|| (near 1: the cell keeps almost no memory)."""
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        tr = host.trace(ids)
+        for c in host.cells:
+            t = tr[(c.layer, c.head)]
+            a = t.a if t.a.ndim == 2 else t.a.mean(-1)
+            share = t.write.flatten(2).norm(dim=-1) / t.state.flatten(2).norm(dim=-1).clamp_min(1e-30)
+            rows.append(dict(cell=c.key, decay=round(float(a.median()), 4), write_share=round(float(share.median()), 4)))
+    return rows
+
+
+def export_zoo(family):
+    """Export a zoo member to writesae/embedded/<family>/: bf16 weights, config, model card, metrics."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .hosts import load_host
+
+    torch.set_num_threads(1)
+    ckpt, out = run_dir(family) / "ckpt", OUT / family
+    state = json.loads((ckpt / "state.json").read_text())
+    model = build_model(family)
+    load_ckpt_weights(model, ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    host = load_host(f"embedded:{family}", device="cpu")
+    tok = AutoTokenizer.from_pretrained(OUT)
+    val = np.load(WORK / "val.npy")
+    win = eval_windows(val, n=64, seq=ZOO_SEQ)
+    val_loss = eval_loss(host.model, win)
+    counts = np.bincount(np.load(WORK / "train.npy"), minlength=VOCAB).astype(np.float64) + 1.0
+    uni = float(-np.log(counts / counts.sum())[win[:, 1:].numpy()].mean())
+    samples = [tok.decode(host.generate(tok(p, return_tensors="pt")["input_ids"], 40)[0]) for p in PROMPTS]
+    mem = memory_table(host, win[:4, :ZOO_SEQ])
+    nparams = sum(p.numel() for p in host.model.parameters())
+    metrics = dict(family=family, params=nparams, train_tokens=state["step"] * ZOO_BATCH * ZOO_SEQ, steps=state["step"],
+                   wall_s=round(state["elapsed_s"]), context=ZOO_SEQ, heldout_tokens=int(win[:, 1:].numel()),
+                   heldout_loss=round(val_loss, 4), unigram_loss=round(uni, 4), memory=mem)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    rows = "\n".join(f"| {m['cell']} | {m['decay']:.3f} | {m['write_share']:.3f} |" for m in mem)
+    card = f"""# WriteSAE zoo: {family}
+
+One of five small models (Gated DeltaNet, Mamba-2, DeltaNet, GLA, RWKV-7) trained here on the same corpus,
+tokenizer (`../tokenizer.json`), context ({ZOO_SEQ} tokens) and token budget, so that the book can compare
+the families matched. Reproduce with `python -m writesae.embedded_train --family {family}` (resumable).
+Architecture: `{cfg.get('architectures', ['?'])[0]}`, model_type `{cfg['model_type']}`, {nparams:,} parameters;
+full config in `config.json`. Weights bf16 on disk, float32 on load.
+
+## Training
+
+AdamW (betas 0.9/0.95, wd 0.1), peak LR 2e-3, 100 warmup steps, cosine to 10%, batch {ZOO_BATCH}x{ZOO_SEQ}
+random windows, grad clip 1.0, 1 CPU thread, pure-torch kernels. {state['step']} steps =
+{metrics['train_tokens']:,} tokens in {state['elapsed_s'] / 60:.1f} min.
+Curve (step, train loss, held-out loss): {state['evals']}
+
+## Evaluation ({metrics['heldout_tokens']:,} held-out tokens)
+
+| | loss (nats/token) | perplexity |
+|---|---|---|
+| this model | {val_loss:.3f} | {math.exp(val_loss):.1f} |
+| unigram baseline (train counts, add-one) | {uni:.3f} | {math.exp(uni):.1f} |
+
+## Memory per cell (4 held-out windows of {ZOO_SEQ} tokens)
+
+Median decay per step and median share ||W_t|| / ||S_t|| of the state's norm that is the current write
+(near 1: the cell keeps almost no memory).
+
+| cell | decay | write share |
+|---|---|---|
+{rows}
+
+## Greedy samples
+
+""" + "\n".join(f"- {json.dumps(s_)}" for s_ in samples) + "\n"
+    (out / "MODEL_CARD.md").write_text(card)
+    log("exported", family, "to", out, {k: v for k, v in metrics.items() if k != "memory"})
+
+
+def load_ckpt_weights(model, ckpt: Path):
+    from safetensors.torch import load_file
+    weights = load_file(str(ckpt / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ValueError(f"checkpoint {ckpt} does not fit the model: missing {missing}, unexpected {unexpected}")
+    if missing:
+        model.tie_weights()
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", choices=sorted(ZOO), default=None,
+                    help="train a zoo member (writesae/embedded/<family>/) instead of the default model")
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="(default when a checkpoint exists)")
+    ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--bench", action="store_true", help="time a few steps and exit")
     ap.add_argument("--tokens", type=int, default=2_000_000)
@@ -515,7 +650,10 @@ def main():
         return bench(args)
     if not args.export_only:
         train(args)
-    export(args.out)
+    if args.family is None:
+        export(args.out)
+    else:
+        export_zoo(args.family)
 
 
 if __name__ == "__main__":

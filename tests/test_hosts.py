@@ -1,0 +1,373 @@
+"""One suite for every host family, on tiny random configs of the real classes (grouped heads and
+d_k != d_v where the family allows them; 96-token inputs cross every chunk boundary), checked against the
+library's own forward: transformers' for Gated DeltaNet and Mamba-2, the model classes' own (chunked)
+forward for DeltaNet, GLA and RWKV-7 (fla's classes on CUDA: ``test_gpu.py``).
+
+A family's entry says where its library runs a layer's recurrence (``kernel``: the module and name of
+the function its forward calls), which argument carries the value whose zeroing deletes the write at one
+(position, head), and how to read the library's own final state."""
+import importlib
+import sys
+
+import pytest
+import torch
+
+from writesae.hosts import Edit, load_host, tiny_config
+
+TOL = 1e-4
+T = 96
+
+
+def _gdn_state(host, ids):
+    cache = host.model(input_ids=ids, use_cache=True).past_key_values
+    return {l: cache.get_recurrent_state(l, state_idx=0) for l in host.recurrent_layers}
+
+
+def _mamba2_state(host, ids):
+    cache = host.model(input_ids=ids, use_cache=True).cache_params
+    return {l: cache.get_recurrent_state(l, state_idx=0).transpose(-1, -2) for l in host.recurrent_layers}
+
+
+def _gdn_zero(args, kw, t, head):
+    kw = dict(kw)
+    args = list(args)
+    v = args[2].clone()
+    v[:, t, head] = 0
+    args[2] = v
+    return args, kw
+
+
+def _mamba2_zero(args, kw, t, group):  # B of the head's group: every head of that group loses its write
+    args = list(args)
+    B = args[3].clone()
+    B[:, t, group] = 0
+    args[3] = B
+    return args, kw
+
+
+def _v_zero(index):
+    def zero(args, kw, t, head):
+        args = list(args)
+        v = args[index].clone()
+        v[:, t, head] = 0
+        args[index] = v
+        return args, kw
+    return zero
+
+
+# family -> how to build it and how its library runs the recurrence
+FAMILIES = {
+    "gdn_grouped": dict(source=lambda: tiny_config("qwen3_5", 2, 4), state=_gdn_state, zero=_gdn_zero,
+                        kernel=("transformers.models.qwen3_5.modeling_qwen3_5", "torch_chunk_gated_delta_rule")),
+    "gdn_equal": dict(source=lambda: tiny_config("qwen3_5", 4, 4), state=_gdn_state, zero=_gdn_zero,
+                      kernel=("transformers.models.qwen3_5.modeling_qwen3_5", "torch_chunk_gated_delta_rule")),
+    "qwen3_next": dict(source=lambda: tiny_config("qwen3_next"), state=_gdn_state, zero=_gdn_zero,
+                       kernel=("transformers.models.qwen3_next.modeling_qwen3_next", "torch_chunk_gated_delta_rule")),
+    "mamba2": dict(source=lambda: "tiny:mamba2", state=_mamba2_state, zero=_mamba2_zero, groups=2,
+                   kernel=("transformers.models.mamba2.modeling_mamba2", "mamba2_chunk_scan")),
+    "delta_net": dict(source=lambda: "tiny:delta_net", zero=_v_zero(2),
+                      kernel=("writesae.models.delta_net", "delta_rule_chunked")),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def fam(request):
+    spec = FAMILIES[request.param]
+    torch.manual_seed(0)
+    return request.param, spec, load_host(spec["source"]())
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 101, (3, T), generator=torch.Generator().manual_seed(1))
+
+
+class _Patched:
+    """Wrap the library's recurrence function: record each call's final state, optionally change the
+    arguments of the n-th call (n = the layer's rank among recurrent layers)."""
+
+    def __init__(self, kernel, change=None, call=None):
+        self.mod = importlib.import_module(kernel[0])
+        self.name, self.change, self.call = kernel[1], change, call
+        self.orig, self.states = getattr(self.mod, self.name), []
+
+    def __enter__(self):
+        orig = getattr(self.orig, "__wrapped__", self.orig)
+
+        def patched(*args, **kw):
+            if self.change is not None and len(self.states) == self.call:
+                args, kw = self.change(args, kw)
+            out = orig(*args, **kw)
+            self.states.append(out[1] if isinstance(out, tuple) else None)
+            return out
+
+        setattr(self.mod, self.name, patched)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.mod, self.name, self.orig)
+
+
+def test_no_edit_run_equals_the_library_forward(fam, ids):
+    _, _, host = fam
+    ref = host.logits(ids)
+    layer = host.recurrent_layers[-1]
+    run = host.run_edits(ids, [Edit(s, layer, 0, 20, "add", torch.zeros(host.d_k, host.d_v)) for s in range(3)])
+    assert (run.logits - ref).abs().max() < TOL
+    assert (run.base - ref).abs().max() < TOL
+    assert (host.trace(ids).logits - ref).abs().max() < TOL
+    assert ref.abs().max() > 1e-2  # a real forward, not zeros
+
+
+def test_traced_last_state_is_the_librarys_state(fam, ids):
+    name, spec, host = fam
+    tr = host.trace(ids, positions=[-1, 7])
+    if "state" in spec:
+        states = spec["state"](host, ids)
+    else:  # the model's own forward: the final state its recurrence function returns
+        with _Patched(spec["kernel"]) as p, torch.no_grad():
+            host.model(input_ids=ids)
+        states = dict(zip(host.recurrent_layers, p.states))
+    for c in host.cells:
+        ours = tr[(c.layer, c.head)].state[:, -1]
+        assert (ours - states[c.layer][:, c.head].float()).abs().max() < 1e-5
+    t = tr[host.cells[1]]
+    assert torch.allclose(t.write, t.b[..., None, None] * t.k[..., :, None] * t.v[..., None, :])
+    assert torch.allclose(t.update, t.state - (t.a[..., None, None] if t.a.ndim == 2 else t.a[..., None]) * t.prev_state,
+                          atol=1e-6)
+    assert torch.allclose(t.out, torch.einsum("bpkv,bpk->bpv", t.state, t.q))
+    assert tr.positions.tolist() == [7, T - 1]
+
+
+def test_replace_by_itself_is_a_noop(fam, ids):
+    _, _, host = fam
+    layer = host.recurrent_layers[1]
+    tr = host.trace(ids, cells=[(layer, 1)], positions=[30])
+    W = tr[(layer, 1)].write[2, 0]
+    run = host.run_edits(ids, [Edit(2, layer, 1, 30, "replace", W)])
+    assert (run.logits[0] - run.base[2]).abs().max() < TOL
+
+
+def test_delete_equals_an_independent_recomputation(fam, ids):
+    """Deleting the write at (layer, head, t) equals the library's own forward with that write's value
+    zeroed inside its recurrence function (Mamba-2: B_t of the head's group, so every head of the group)."""
+    name, spec, host = fam
+    rank, t, head = 1, 25, 1
+    layer = host.recurrent_layers[rank]
+    heads = [head]
+    if "groups" in spec:
+        per = host.n_heads // spec["groups"]
+        heads = list(range(head * per, (head + 1) * per))
+    with _Patched(spec["kernel"], lambda a, k: spec["zero"](a, k, t, head), call=rank), torch.no_grad():
+        ref = host.model(input_ids=ids).logits.float()
+    run = host.run_edits(ids, [[Edit(s, layer, h, t, "delete") for h in heads] for s in range(3)])
+    assert (run.logits - ref).abs().max() < TOL
+    assert (run.logits[:, t:] - run.base[:, t:]).abs().max() > 1e-4  # the deletion did something
+
+
+def test_add_to_state_is_the_exact_transport(fam, ids):
+    from writesae.ops import recurrence
+
+    _, _, host = fam
+    layer, head, t0 = host.recurrent_layers[-1], 1, 20
+    D = torch.randn(host.d_k, host.d_v, generator=torch.Generator().manual_seed(3)) * 0.5
+    pos = list(range(t0, 40))
+    base = host.trace(ids, cells=[(layer, head)], positions=pos)[(layer, head)]
+    edit = host.trace(ids, cells=[(layer, head)], positions=pos, edits=[Edit(0, layer, head, t0, "add", D)])[(layer, head)]
+    dS = D.clone()
+    for j, s in enumerate(pos):
+        if s > t0:
+            e, f = (None, None) if base.e is None else (base.e[0, j], base.f[0, j])
+            dS = recurrence.transport(dS, base.a[0, j].log(), e, f)
+        assert (edit.state[0, j] - base.state[0, j] - dS).abs().max() < 1e-5
+        assert (edit.out[0, j] - base.out[0, j] - dS.T @ base.q[0, j]).abs().max() < 1e-5
+    assert (edit.state[1:] - base.state[1:]).abs().max() == 0  # other sequences untouched
+
+
+def test_batch_equals_single_runs_and_naive(fam, ids):
+    _, _, host = fam
+    l0, l1, l2 = host.recurrent_layers[0], host.recurrent_layers[1], host.recurrent_layers[-1]
+    atom = torch.randn(host.d_k, host.d_v, generator=torch.Generator().manual_seed(4))
+    rows = [Edit(0, l0, 0, 12, "replace", atom), Edit(0, l0, 0, 12, "delete"), Edit(1, l2, 3, 33, "delete"),
+            [Edit(2, l0, 1, 5, "add", atom), Edit(2, l1, 1, 9, "replace", atom, scale="write")],
+            Edit(1, l1, 2, 0, "delete"), Edit(2, l2, 0, -1, "delete", write="update")]
+    batch = host.run_edits(ids, rows)
+    for j, r in enumerate(rows):
+        assert (batch.logits[j] - host.run_edits(ids, [r]).logits[0]).abs().max() < TOL
+    naive = host.run_edits(ids, rows, reuse_prefix=False)
+    assert (batch.logits - naive.logits).abs().max() < TOL
+    assert batch.start.tolist() == [12, 12, 33, 5, 0, T - 1]
+
+
+def test_every_row_at_position_zero_and_negative_positions(fam, ids):
+    _, _, host = fam
+    l0 = host.recurrent_layers[0]
+    big = torch.randn(host.d_k, host.d_v, generator=torch.Generator().manual_seed(7)) * 10
+    rows = [Edit(0, l0, 0, 0, "replace", big), Edit(1, l0, 1, 0, "delete")]
+    run = host.run_edits(ids, rows, positions=[-1, 5])
+    naive = host.run_edits(ids, rows, positions=[T - 1, 5], reuse_prefix=False)
+    assert run.positions.tolist() == [5, T - 1]
+    assert (run.logits - naive.logits).abs().max() < TOL
+    assert (run.logits[0] - run.base[0]).abs().max() > 1e-4  # the edit at position 0 shows
+    with pytest.raises(ValueError, match=r"positions \[96\] outside an input of 96 tokens: use 0..95"):
+        host.run_edits(ids, [Edit(0, l0, 0, 3, "delete")], positions=[T])
+    with pytest.raises(ValueError, match="pos=200 outside an input of 96 tokens"):
+        host.run_edits(ids, [Edit(0, l0, 0, 200, "delete")])
+
+
+def test_generation_equals_the_librarys_generate(fam, ids):
+    _, _, host = fam
+    prompt = ids[:2, :12]
+    ours = host.generate(prompt, max_new_tokens=8)
+    host.model.generation_config.eos_token_id = None  # ours never stops early
+    ref = host.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+    assert torch.equal(ours, ref)
+    # an edit at a generated position: each next token is the argmax of an edited run over the text so far
+    big = torch.randn(host.d_k, host.d_v, generator=torch.Generator().manual_seed(5)) * 50
+    edit = Edit(0, host.recurrent_layers[0], 0, 14, "add", big)
+    edited = host.generate(prompt, max_new_tokens=8, edits=[edit])
+    assert torch.equal(edited[:, :15], ours[:, :15])
+    run = host.run_edits(edited[:1, :-1], [edit])
+    assert torch.equal(run.logits[0, 14:].argmax(-1), edited[0, 15:])
+
+
+def test_readout_head_out_reproduces_the_layer(fam, ids):
+    """host.head_out at the run's own head output gives back the layer's contribution, and unembed of the
+    final residual gives the logits: the read-out the closed form and the interventions use."""
+    _, _, host = fam
+    cell = host.cells[-1]
+    ro = host.readout(cell, ids[:1])
+    assert (host.unembed(ro.residual).float() - ro.logits).abs().max() < TOL
+    o = ro.trace.out[0, 40]
+    ctx = tuple(c[0, 40] for c in ro.context)
+    y0 = host.head_out(cell, o, *ctx)
+    assert y0.shape[-1] == ro.residual.shape[-1]
+    # a change of the head output moves the layer output exactly as an edit of the state does
+    D = torch.randn(host.d_k, host.d_v, generator=torch.Generator().manual_seed(6))
+    ed = host.readout(cell, ids[:1], [Edit(0, cell.layer, cell.head, 40, "add", D)])
+    y1 = host.head_out(cell, o + D.T @ ro.trace.q[0, 40], *ctx)
+    assert (ed.trace.out[0, 40] - o - D.T @ ro.trace.q[0, 40]).abs().max() < 1e-5
+    assert (y1 - y0).abs().max() > 1e-6
+    assert host.head_unembed(cell).shape == (host.vocab_size, host.d_v)
+
+
+def test_errors_name_the_fix(fam):
+    _, _, host = fam
+    last = len(host.layers) - 1
+    with pytest.raises(ValueError, match=f"value heads 0..{host.n_heads - 1}"):
+        host.cell(host.recurrent_layers[0], host.n_heads)
+    with pytest.raises(ValueError, match=f"layers 0..{last}"):
+        host.cell(last + 5, 0)
+    x = torch.zeros(1, 10, dtype=torch.long)
+    l0 = host.recurrent_layers[0]
+    with pytest.raises(ValueError, match="not one of"):
+        host.run_edits(x, [Edit(0, l0, 0, 3, "erase")])
+    with pytest.raises(ValueError, match=rf"holds a \(d_k, d_v\) = \({host.d_k}, {host.d_v}\) state"):
+        host.run_edits(x, [Edit(0, l0, 0, 3, "replace", torch.zeros(host.d_v + 1, host.d_k))])
+    with pytest.raises(ValueError, match="needs a matrix"):
+        host.run_edits(x, [Edit(0, l0, 0, 3, "add")])
+
+
+def test_every_family_is_registered_and_loads_as_tiny():
+    from writesae.hosts import FAMILIES as NAMES, HOSTS, host_class
+
+    for mt in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_next", "mamba2", "delta_net", "gla", "rwkv7"):
+        assert mt in HOSTS
+    assert host_class("rwkv7").kind == "RWKV-7"
+    with pytest.raises(ValueError, match="no host adapter for model_type 'llama'"):
+        host_class("llama")
+    with pytest.raises(ValueError, match="unknown family 'rwkv'"):
+        tiny_config("rwkv")
+    assert {"gdn", "mamba2", "deltanet", "gla", "rwkv7"} <= set(NAMES)
+
+
+def test_qwen3_5_moe_loads():
+    host = load_host("tiny:qwen3_5_moe")
+    x = torch.randint(0, 101, (1, 20))
+    assert (host.trace(x).logits - host.logits(x)).abs().max() < TOL
+
+
+def test_conv_activation_comes_from_the_config():
+    """The Gated DeltaNet conv applies the config's hidden_act, as transformers does."""
+    cfg = tiny_config("qwen3_5")
+    cfg.hidden_act = "gelu"
+    host = load_host(cfg)
+    assert host.layers[0].linear_attn.activation == "gelu"
+    x = torch.randint(0, 101, (1, 20))
+    assert (host.trace(x).logits - host.logits(x)).abs().max() < TOL
+
+
+def test_model_without_recurrent_layer_is_refused():
+    cfg = tiny_config("qwen3_5")
+    cfg.layer_types = ["full_attention"] * 4
+    with pytest.raises(ValueError, match="no Gated DeltaNet"):
+        load_host(cfg)
+
+
+def test_qwen35_hub_layout_loads_from_a_directory(tmp_path):
+    """Qwen3.5 hub checkpoints are saved as the multimodal Qwen3_5ForConditionalGeneration: the loader
+    takes such a directory (offline) and runs its language model with the same weights."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    cfg = Qwen3_5Config(text_config=tiny_config().to_dict(),
+                        vision_config=dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2,
+                                           out_hidden_size=64))
+    torch.manual_seed(0)
+    full = Qwen3_5ForConditionalGeneration(cfg).eval()
+    full.save_pretrained(tmp_path)
+    host = load_host(str(tmp_path), tokenizer=False)
+    ids = torch.randint(0, 101, (1, 20))
+    with torch.no_grad():
+        ref = full(input_ids=ids).logits
+    assert (host.trace(ids).logits - ref).abs().max() < TOL
+
+
+@pytest.mark.parametrize("family", ["delta_net"])
+def test_fla_checkpoint_directory_loads_strictly(tmp_path, family):
+    """A checkpoint saved by the family's class (fla's layout: same model_type and parameter names) loads
+    from a directory into a host, with its weights."""
+    src = load_host(f"tiny:{family}")
+    src.model.save_pretrained(tmp_path)
+    host = load_host(str(tmp_path), tokenizer=False)
+    x = torch.randint(0, 101, (1, 30))
+    assert (host.logits(x) - src.logits(x)).abs().max() == 0
+    assert host.family == src.family
+
+
+def test_chunked_and_stepwise_recurrence_agree():
+    """The recurrence driver's fast path (a chunked kernel for unedited stretches) and the token-by-token
+    path give the same outputs and final state."""
+    from writesae.ops import recurrence
+
+    g = torch.Generator().manual_seed(0)
+    B, n, H, dk, dv = 2, 80, 2, 16, 8
+    q = torch.nn.functional.normalize(torch.randn(B, n, H, dk, generator=g), dim=-1) / dk ** 0.5
+    k = torch.nn.functional.normalize(torch.randn(B, n, H, dk, generator=g), dim=-1)
+    v, S0 = torch.randn(B, n, H, dv, generator=g), torch.randn(B, H, dk, dv, generator=g)
+    gl, b = -torch.rand(B, n, H, generator=g), torch.rand(B, n, H, generator=g)
+    rule = recurrence.Rule(q, k, v, gl, b, e=-b[..., None] * k, f=gl.exp()[..., None] * k)
+    host = load_host(tiny_config("qwen3_5"))
+    calls = []
+    kernel = host._chunk_kernel()
+
+    def chunk(r, S):
+        calls.append(r.q.shape[1])
+        return kernel(r, S)
+
+    o1, S1, _ = recurrence.run(S0, rule, record=[5], chunk=chunk, min_chunk=64)
+    o2, S2, _ = recurrence.run(S0, rule, record=[5])
+    assert calls == [74]  # positions 6..79 in one chunked call; 0..5 step by step
+    assert (o1 - o2).abs().max() < 1e-5 and (S1 - S2).abs().max() < 1e-5
+
+
+def test_scaled_edits_use_the_write_norm():
+    from writesae.ops import recurrence
+
+    S = torch.zeros(1, 1, 4, 3)
+    k, v, b = torch.randn(1, 1, 4), torch.randn(1, 1, 3), torch.tensor([[0.5]])
+    r = recurrence.Rule(torch.zeros(1, 1, 4), k, v, torch.zeros(1, 1), b)
+    S1, Sd = recurrence.step(S, r)
+    unit = torch.ones(4, 3) / 12 ** 0.5
+    out = recurrence.apply_edits(S1, Sd, r, [(0, 0, "replace", unit, "additive", "write")])
+    W = recurrence.native_write(k[0, 0], v[0, 0], b[0, 0])
+    assert torch.allclose(out[0, 0], unit * W.norm(), atol=1e-6)
