@@ -67,6 +67,9 @@ FAMILIES = {
                    kernel=("transformers.models.mamba2.modeling_mamba2", "mamba2_chunk_scan")),
     "delta_net": dict(source=lambda: "tiny:delta_net", zero=_v_zero(2),
                       kernel=("writesae.models.delta_net", "delta_rule_chunked")),
+    "gla": dict(source=lambda: "tiny:gla", zero=_v_zero(2), final_state={"output_final_state": True},
+                kernel=("writesae.models.gla", "chunk_gla")),
+    "rwkv7": dict(source=lambda: "tiny:rwkv7", zero=_v_zero(3), kernel=("writesae.ops.rwkv7", "chunked")),
 }
 
 
@@ -86,9 +89,9 @@ class _Patched:
     """Wrap the library's recurrence function: record each call's final state, optionally change the
     arguments of the n-th call (n = the layer's rank among recurrent layers)."""
 
-    def __init__(self, kernel, change=None, call=None):
+    def __init__(self, kernel, change=None, call=None, extra=None):
         self.mod = importlib.import_module(kernel[0])
-        self.name, self.change, self.call = kernel[1], change, call
+        self.name, self.change, self.call, self.extra = kernel[1], change, call, extra or {}
         self.orig, self.states = getattr(self.mod, self.name), []
 
     def __enter__(self):
@@ -97,7 +100,7 @@ class _Patched:
         def patched(*args, **kw):
             if self.change is not None and len(self.states) == self.call:
                 args, kw = self.change(args, kw)
-            out = orig(*args, **kw)
+            out = orig(*args, **kw, **self.extra)
             self.states.append(out[1] if isinstance(out, tuple) else None)
             return out
 
@@ -125,7 +128,7 @@ def test_traced_last_state_is_the_librarys_state(fam, ids):
     if "state" in spec:
         states = spec["state"](host, ids)
     else:  # the model's own forward: the final state its recurrence function returns
-        with _Patched(spec["kernel"]) as p, torch.no_grad():
+        with _Patched(spec["kernel"], extra=spec.get("final_state")) as p, torch.no_grad():
             host.model(input_ids=ids)
         states = dict(zip(host.recurrent_layers, p.states))
     for c in host.cells:
@@ -322,7 +325,7 @@ def test_qwen35_hub_layout_loads_from_a_directory(tmp_path):
     assert (host.trace(ids).logits - ref).abs().max() < TOL
 
 
-@pytest.mark.parametrize("family", ["delta_net"])
+@pytest.mark.parametrize("family", ["delta_net", "gla", "rwkv7"])
 def test_fla_checkpoint_directory_loads_strictly(tmp_path, family):
     """A checkpoint saved by the family's class (fla's layout: same model_type and parameter names) loads
     from a directory into a host, with its weights."""

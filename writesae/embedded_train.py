@@ -233,8 +233,10 @@ ZOO = {
                      intermediate_size=576, use_gate=False, use_short_conv=True, conv_size=4, use_beta=True,
                      qk_activation="silu", qk_norm="l2", norm_eps=1e-6, tie_word_embeddings=True,
                      bos_token_id=0, eos_token_id=0, pad_token_id=0),
-    "gla": None,
-    "rwkv7": None,
+    "gla": dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=8, num_heads=4, expand_k=0.5, expand_v=1.0,
+                intermediate_size=576, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0),
+    "rwkv7": dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=6, head_dim=64, tie_word_embeddings=True,
+                  bos_token_id=0, eos_token_id=0, pad_token_id=0),
 }
 ZOO_TYPES = {"gdn": "qwen3_5_text", "mamba2": "mamba2", "deltanet": "delta_net", "gla": "gla", "rwkv7": "rwkv7"}
 

@@ -83,12 +83,16 @@ def tiny_config(family="qwen3_5", n_k_heads=2, n_v_heads=4, layers=4, vocab_size
     from ..models import classes
 
     cfg = classes(mt)[0]
+    # fla's init (std 0.02) leaves a tiny random model's writes almost without effect on the logits: the
+    # tests' "an edit did something" checks need the larger weights of initializer_range 0.1
     if mt == "delta_net":
         return cfg(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, num_heads=n_v_heads, expand_k=0.5,
-                   expand_v=1.0, use_gate=True, use_short_conv=True, conv_size=4, intermediate_size=96)
+                   expand_v=1.0, use_gate=True, use_short_conv=True, conv_size=4, intermediate_size=96,
+                   initializer_range=0.1)
     if mt == "gla":
         return cfg(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, num_heads=n_v_heads, expand_k=0.5,
-                   expand_v=1.0, num_kv_heads=n_k_heads, use_short_conv=True, conv_size=4, intermediate_size=96)
+                   expand_v=1.0, num_kv_heads=n_k_heads, use_short_conv=True, conv_size=4, intermediate_size=96,
+                   initializer_range=0.1)
     return cfg(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=3, head_dim=16, intermediate_size=128,
                decay_low_rank_dim=8, gate_low_rank_dim=16, a_low_rank_dim=8, v_low_rank_dim=8)
 
@@ -167,7 +171,12 @@ def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=
         raise TypeError(f"load_host takes a name, a directory, a config or a model, got {type(source).__name__}")
     elif source == "tiny" or source.startswith("tiny:"):
         torch.manual_seed(0)
-        model = _model_from_config(tiny_config(*source.split(":")[1:2]))
+        cfg = tiny_config(*source.split(":")[1:2])
+        model = _model_from_config(cfg)
+        if cfg.model_type == "rwkv7":  # fla's init zeroes o_proj and the LoRA outputs: no state would reach the logits
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p) * 0.1)
         name = source
     else:
         path = _resolve(source)
