@@ -556,15 +556,16 @@ def memory_table(host, ids) -> list[dict]:
     return rows
 
 
-def export_zoo(family):
-    """Export a zoo member to writesae/embedded/<family>/: bf16 weights, config, model card, metrics."""
+def export_zoo(family, root=OUT):
+    """Export a zoo member to ``root/<family>/`` (default writesae/embedded/<family>/): bf16 weights, config,
+    model card, metrics (the tokenizer is the shared one in writesae/embedded/)."""
     import torch
     from transformers import AutoTokenizer
 
     from .hosts import load_host
 
     torch.set_num_threads(1)
-    ckpt, out = run_dir(family) / "ckpt", OUT / family
+    ckpt, out = run_dir(family) / "ckpt", Path(root) / family
     state = json.loads((ckpt / "state.json").read_text())
     model = build_model(family)
     load_ckpt_weights(model, ckpt)
@@ -573,7 +574,7 @@ def export_zoo(family):
     cfg = json.loads((out / "config.json").read_text())
     cfg["dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    host = load_host(f"embedded:{family}", device="cpu")
+    host = load_host(str(out), device="cpu", tokenizer=False)
     tok = AutoTokenizer.from_pretrained(OUT)
     val = np.load(WORK / "val.npy")
     win = eval_windows(val, n=64, seq=ZOO_SEQ)
@@ -655,7 +656,7 @@ def main():
     if args.family is None:
         export(args.out)
     else:
-        export_zoo(args.family)
+        export_zoo(args.family, args.out)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ FAMILIES = {"gdn": "qwen3_5", "gated_deltanet": "qwen3_5", "qwen3_5": "qwen3_5",
             "qwen3_5_moe": "qwen3_5_moe", "mamba2": "mamba2", "deltanet": "delta_net", "delta_net": "delta_net",
             "gla": "gla", "rwkv7": "rwkv7"}
 ZOO = ("gdn", "mamba2", "deltanet", "gla", "rwkv7")  # one embedded model per family
+ZOO_DIRS = {"qwen3_5": "gdn", "delta_net": "deltanet"}  # model_type -> folder of writesae/embedded/, where it differs
 
 
 def host_class(config_or_type):
@@ -124,7 +125,7 @@ def _resolve(source):
     if source == "embedded" or source.startswith("embedded:"):
         fam = source.split(":", 1)[1] if ":" in source else "gdn"
         _family(fam)
-        path = EMBEDDED_DIR if fam in ("gdn", "gated_deltanet", "qwen3_5") else EMBEDDED_DIR / fam
+        path = EMBEDDED_DIR if ":" not in source else EMBEDDED_DIR / ZOO_DIRS.get(FAMILIES[fam], fam)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"the embedded {fam} model is missing from {path}: train it with "
                                     f"`python -m writesae.embedded_train --family {fam}`")
