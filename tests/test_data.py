@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from writesae.data import ShardWriter, StateDataset, TensorStates, cell_key, parse_cell
+from writesae.errors import CorruptFileError
 
 CELLS = [(1, 2), (3, 0)]
 D_K, D_V = 4, 3
@@ -136,22 +137,29 @@ def test_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json.*writesae extract"):
         StateDataset(tmp_path / "empty", "L1H2")
     write_dataset(tmp_path / "d")
-    with pytest.raises(KeyError, match="L5H5.*L1H2, L3H0"):
+    with pytest.raises(ValueError, match="L5H5.*L1H2, L3H0"):
         StateDataset(tmp_path / "d", (5, 5))
     bad = make_shard(9)
     bad["L1H2.state"][3, 0, 0] = float("nan")
     w = ShardWriter(tmp_path / "d", {"params": PARAMS, "model": "tiny"}, CELLS, D_K, D_V)
-    with pytest.raises(ValueError, match="NaN in L1H2.state"):
+    with pytest.raises(ValueError, match="NaN/Inf in L1H2.state"):
         w.write(9, bad)
     w.finish()
-    # a NaN that reached disk anyway is caught on read
+    # a NaN that reached disk anyway: the recorded SHA-256 names the shard on open; in a dataset written
+    # without SHA-256s (older manifests) the read itself catches it
     path = tmp_path / "d" / "shard_00001.safetensors"
     tensors = make_shard(1)
     tensors["L1H2.state"][0, 1, 1] = float("nan")
     tensors = {k: (v.to(torch.bfloat16) if v.ndim == 3 else v.float() if k.endswith((".a", ".b")) else v) for k, v in tensors.items()}
     save_file(tensors, str(path))
+    with pytest.raises(CorruptFileError, match="shard_00001.safetensors is corrupt: .*bytes.*writesae extract. again"):
+        StateDataset(tmp_path / "d", "L1H2", "all")
+    man = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    for s in man["shards"]:
+        del s["sha256"], s["bytes"]
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps(man))
     ds = StateDataset(tmp_path / "d", "L1H2", "all")
-    with pytest.raises(ValueError, match="NaN in L1H2.state of shard_00001"):
+    with pytest.raises(ValueError, match="NaN/Inf in L1H2.state of shard_00001"):
         ds.states(np.arange(len(ds)))
 
 

@@ -8,9 +8,12 @@ notebook can run alone and a rebuild recomputes only what changed.
 
 ``root`` defaults to ``$WRITESAE_CACHE`` or ``./artifacts``.
 
-Writes are atomic: files are written to a temporary name in the same folder
-and renamed into place (``os.replace``), so an interrupted run never leaves a
-half-written artifact; at worst a stray ``.tmp-*`` file.
+Writes are atomic: files are written to a temporary name in the same folder,
+fsynced and renamed into place (``os.replace``), so an interrupted run never
+leaves a half-written artifact; at worst a stray ``.tmp-*`` file. Files that are
+read back later (state shards, SAEs, checkpoints) have their size and SHA-256
+recorded at write time (:func:`file_record`) and checked on open
+(:func:`check_file`).
 
 Tables are stored as CSV (readable by anything; pandas needs no extra
 package for it). A non-default index is stored as ordinary column(s). The
@@ -28,9 +31,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pandas as pd
+from safetensors.torch import save_file
+
+from .errors import CorruptFileError
 
 __all__ = ["canonical_json", "params_key", "cache_root", "artifact_dir",
-           "atomic_write", "cached_table", "cached_json"]
+           "atomic_write", "write_text", "save_tensors", "file_record", "check_file", "cached_table",
+           "cached_json"]
 
 
 def _default(o):
@@ -72,14 +79,57 @@ def atomic_write(path) -> Iterator[Path]:
     tmp.chmod(0o644)  # mkstemp makes 0600; artifacts are ordinary files
     try:
         yield tmp
+        with open(tmp, "rb") as f:  # the bytes are on disk before the name points at them
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _write_text(path: Path, text: str) -> None:
+def file_record(path) -> dict:
+    """``{"bytes": size, "sha256": hex digest}`` of a file, stored with it at write time (manifest, cfg.json)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": Path(path).stat().st_size, "sha256": h.hexdigest()}
+
+
+_VERIFIED: set = set()  # (path, inode, size, mtime, sha256) of files already hashed in this process
+
+
+def check_file(path, record: dict | None, fix: str) -> None:
+    """Raise ``FileNotFoundError`` if ``path`` is missing, :class:`CorruptFileError` if its size or SHA-256
+    differs from ``record`` (from :func:`file_record` at write time; no record: only existence is checked).
+    ``fix`` ends both messages. A file is hashed once per process while its inode, size and mtime stay."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; {fix}")
+    if not record:
+        return
+    st = path.stat()
+    if st.st_size != record["bytes"]:
+        raise CorruptFileError(path, f"it has {st.st_size} bytes, {record['bytes']} were written (truncated or "
+                                     "overwritten)", fix)
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, record["sha256"])
+    if key not in _VERIFIED:
+        if file_record(path)["sha256"] != record["sha256"]:
+            raise CorruptFileError(path, "its SHA-256 differs from the one recorded when it was written", fix)
+        _VERIFIED.add(key)
+
+
+def write_text(path, text: str) -> None:
+    """Write a text file atomically."""
     with atomic_write(path) as tmp:
         tmp.write_text(text)
+
+
+def save_tensors(tensors: dict, path, metadata: dict | None = None) -> dict:
+    """Write a safetensors file atomically; return its :func:`file_record`."""
+    with atomic_write(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+        record = file_record(tmp)
+    return record
 
 
 def artifact_dir(kind: str, params: dict, root=None) -> Path:
@@ -95,7 +145,7 @@ def artifact_dir(kind: str, params: dict, root=None) -> Path:
         if json.loads(pj.read_text()) != canon:
             raise RuntimeError(f"{pj} holds other parameters than {canon}")
     else:
-        _write_text(pj, json.dumps(canon, indent=2, sort_keys=True) + "\n")
+        write_text(pj, json.dumps(canon, indent=2, sort_keys=True) + "\n")
     return d
 
 
@@ -137,5 +187,5 @@ def cached_json(kind: str, params: dict, compute: Callable[[], Any], root=None,
     """
     path = artifact_dir(kind, params, root) / name
     if not path.exists():
-        _write_text(path, json.dumps(compute(), indent=1, default=_default) + "\n")
+        write_text(path, json.dumps(compute(), indent=1, default=_default) + "\n")
     return json.loads(path.read_text())

@@ -7,22 +7,26 @@ import sys
 
 def _cells(spec, host):
     """"L1H4,L9H4" | "all" -> [(1, 4), (9, 4)]."""
+    from .data import cell_tuple
+
     if spec == "all":
         return [(c.layer, c.head) for c in host.cells]
-    out = []
-    for part in spec.split(","):
-        part = part.strip().upper()
-        if not (part.startswith("L") and "H" in part):
-            raise SystemExit(f"bad cell {part!r}: write cells as L<layer>H<head>, e.g. L1H4,L9H4")
-        l, h = part[1:].split("H")
-        out.append((int(l), int(h)))
-    return out
+    return [cell_tuple(part) for part in spec.split(",")]
+
+
+def _device(name):
+    """``--device``, refused at once if it names an accelerator this machine lacks."""
+    import torch
+
+    if name and name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; leave --device out (CPU)")
+    return name
 
 
 def cmd_cells(a):
     from .hosts import load_host
 
-    host = load_host(a.model, device=a.device, tokenizer=False)
+    host = load_host(a.model, device=_device(a.device), tokenizer=False)
     print(f"{host.name}: recurrent layers {host.recurrent_layers}, {host.n_heads} value heads of "
           f"d_k={host.d_k} x d_v={host.d_v}; attention layers "
           f"{[i for i, t in enumerate(host.layer_types) if t != 'linear_attention']}")
@@ -34,7 +38,7 @@ def cmd_extract(a):
     from . import pipeline
     from .extract import extract
 
-    host = pipeline.host(a.model, a.device)
+    host = pipeline.host(a.model, _device(a.device))
     ids = pipeline.windows(host, a.text, a.window, a.n_windows, a.seed)
     out = extract(host, ids, _cells(a.cells, host), a.out, positions_per_seq=a.positions_per_seq,
                   batch_size=a.batch_size, seed=a.seed, dtype=getattr(torch, a.dtype), source=a.text)
@@ -42,18 +46,15 @@ def cmd_extract(a):
 
 
 def cmd_train_sae(a):
+    from .data import StateDataset
     from .sae import SAEConfig
     from .train import train_sae
 
-    import json
-    from pathlib import Path
-
-    man = json.loads((Path(a.data) / "manifest.json").read_text())
-    cfg = SAEConfig(variant=a.variant, d_k=man["d_k"], d_v=man["d_v"], n_feat=a.n_feat, k=a.k,
+    data = StateDataset(a.data, a.cell, "all")  # checks the directory, the cell and every shard first
+    cfg = SAEConfig(variant=a.variant, d_k=data.d_k, d_v=data.d_v, n_feat=a.n_feat, k=a.k,
                     activation=a.activation, rank=a.rank)
-    cell = a.cell.upper()
-    res = train_sae(a.data, cell, cfg, a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                    device=a.device or "cpu")
+    res = train_sae(a.data, data.cell, cfg, a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+                    device=_device(a.device) or "cpu")
     print(f"best SAE in {a.out}/best: {res.metrics}")
 
 
@@ -113,9 +114,12 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         a.fn(a)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, RuntimeError) as err:  # ValueError includes writesae's CorruptFileError
         print(f"writesae {a.cmd}: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"writesae {a.cmd}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     return 0
 
 

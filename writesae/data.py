@@ -3,10 +3,14 @@
 Layout of a dataset directory::
 
     manifest.json               what was extracted (params, cells, dims, dtype, shards, counts)
-    shard_00000.safetensors     one file per shard, written atomically (tmp file + rename)
+    shard_00000.safetensors     one file per shard, written atomically (tmp file + fsync + rename)
     shard_00001.safetensors
     ...
     mean.safetensors            per-cell mean state M (float32), written by ShardWriter.finish()
+
+The manifest records each file's size and SHA-256; a shard is checked against it and against the header
+it must have (keys, dtypes, shapes) before it is read, so a truncated or altered file is named, never
+half-read, and a resumed extraction writes it again.
 
 Tensor keys inside a shard, for every cell key ``"L{layer}H{head}"``:
 
@@ -25,18 +29,23 @@ same reading interface over an in-memory tensor (tests, small experiments).
 from __future__ import annotations
 
 import json
-import os
+import operator
+import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from .cache import check_file, save_tensors, write_text
+from .errors import CorruptFileError
 
 __all__ = [
     "cell_key",
+    "cell_tuple",
     "parse_cell",
     "ShardWriter",
     "StateDataset",
@@ -69,12 +78,26 @@ def cell_key(layer: int, head: int) -> str:
     return f"L{int(layer)}H{int(head)}"
 
 
+_CELL = re.compile(r"L(\d+)H(\d+)", re.IGNORECASE)
+
+
+def cell_tuple(cell) -> tuple[int, int]:
+    """``(layer, head)`` of ``(layer, head)``, a host ``Cell`` or ``"L9H4"`` (any case); ValueError otherwise."""
+    if hasattr(cell, "layer"):
+        cell = (cell.layer, cell.head)
+    m = _CELL.fullmatch(cell.strip()) if isinstance(cell, str) else None
+    try:
+        layer, head = (int(x) for x in m.groups()) if m else (operator.index(x) for x in cell)
+    except (TypeError, ValueError):
+        layer = head = -1
+    if min(layer, head) < 0:
+        raise ValueError(f"bad cell {cell!r}: write a cell as 'L<layer>H<head>' (e.g. 'L9H4') or (layer, head)")
+    return layer, head
+
+
 def parse_cell(cell) -> str:
-    """Accept ``(layer, head)`` or ``"L9H4"`` and return the key string."""
-    if isinstance(cell, str):
-        return cell
-    layer, head = cell
-    return cell_key(layer, head)
+    """Accept ``(layer, head)``, a host ``Cell`` or ``"L9H4"`` (any case) and return the key string."""
+    return cell_key(*cell_tuple(cell))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -84,19 +107,47 @@ def _dtype_name(dtype: torch.dtype) -> str:
     raise ValueError(f"unsupported state dtype {dtype}; use one of {list(_DTYPES)}")
 
 
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _read_manifest(path: Path) -> dict:
+    """The manifest at ``path``, checked to be one (CorruptFileError naming it otherwise)."""
+    fix = f"delete {path.parent} and run `writesae extract` again"
+    try:
+        man = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptFileError(path, f"it is not valid JSON ({err})", fix) from None
+    keys = ("format", "cells", "d_k", "d_v", "dtype", "shards")
+    if not isinstance(man, dict) or man.get("format") != FORMAT or not all(k in man for k in keys):
+        raise CorruptFileError(path, f"it is not a {FORMAT} manifest (one holds {', '.join(keys)})", fix)
+    return man
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+def _open_shard(dir: Path, entry: dict, man: dict) -> tuple[int, dict]:
+    """Check shard ``entry`` of manifest ``man`` (size and SHA-256 as recorded, then the header: every key with
+    its dtype and shape, data inside the file) and return (data start, header). Raises FileNotFoundError or
+    CorruptFileError naming the file."""
+    path = dir / entry["file"]
+    fix = f"run `writesae extract` again with the same parameters: it writes shard {entry['idx']} anew"
+    check_file(path, entry if "sha256" in entry else None, fix)  # older manifests recorded no size / SHA-256
+    size = path.stat().st_size
+    try:
+        base, header = _read_header(path)
+    except (struct.error, ValueError) as err:  # short file, bad JSON or UTF-8
+        raise CorruptFileError(path, f"its safetensors header cannot be read ({err})", fix) from None
+    n, dk, dv = entry["n"], man["d_k"], man["d_v"]
+    tag = next(t for t, (_, dt) in _ST_DTYPES.items() if dt == _DTYPES[man["dtype"]])
+    want = {key: ("I64", [n]) for key in SHARED_KEYS}
+    for c in man["cells"]:
+        want.update({f"{c}.state": (tag, [n, dk, dv]), f"{c}.write": (tag, [n, dk, dv]), f"{c}.a": ("F32", [n]),
+                     f"{c}.b": ("F32", [n])})
+    for key, (dtype, shape) in want.items():
+        info = header.get(key) if isinstance(header, dict) else None
+        if not isinstance(info, dict):
+            raise CorruptFileError(path, f"{key} is absent from its header", fix)
+        if (info.get("dtype"), info.get("shape")) != (dtype, shape):
+            raise CorruptFileError(path, f"{key} is {info.get('dtype')} {info.get('shape')}, expected {dtype} {shape}", fix)
+        if base + info["data_offsets"][1] > size:
+            raise CorruptFileError(path, f"{key} ends at byte {base + info['data_offsets'][1]} but the file has "
+                                         f"{size} bytes (truncated)", fix)
+    return base, header
 
 
 def _shard_name(idx: int) -> str:
@@ -130,7 +181,7 @@ class ShardWriter:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / MANIFEST
         if path.exists():
-            old = json.loads(path.read_text())
+            old = _read_manifest(path)
             diff = _manifest_diff(old, new)
             if diff:
                 lines = "\n".join(f"  {k}: existing {a!r} != new {b!r}" for k, a, b in diff)
@@ -144,11 +195,20 @@ class ShardWriter:
         new["n_states"] = sum(s["n"] for s in new["shards"])
         new["complete"] = False
         self.manifest = new
-        _atomic_write_json(path, self.manifest)
+        write_text(path, json.dumps(self.manifest, indent=1))
 
     def done_shards(self) -> set[int]:
-        """Indices of shards already written (listed in the manifest and present on disk)."""
-        return {s["idx"] for s in self.manifest["shards"] if (self.dir / s["file"]).exists()}
+        """Indices of shards already written and intact (listed in the manifest, present, and matching their
+        recorded size, SHA-256 and header); a missing or corrupt one is left out, with a warning, so that the
+        extraction writes it again."""
+        done = set()
+        for s in self.manifest["shards"]:
+            try:
+                _open_shard(self.dir, s, self.manifest)
+                done.add(s["idx"])
+            except (FileNotFoundError, CorruptFileError) as err:
+                warnings.warn(f"shard {s['idx']} will be extracted again: {err}", stacklevel=2)
+        return done
 
     def write(self, shard_idx: int, tensors: dict[str, torch.Tensor]) -> None:
         """Write one shard atomically and record it in the manifest. See the module doc for keys."""
@@ -177,16 +237,17 @@ class ShardWriter:
                     raise ValueError(f"shard {shard_idx}: {c}.{f} has shape {tuple(t.shape)}, expected ({n},)")
                 out[f"{c}.{f}"] = t.detach().to("cpu", torch.float32).contiguous()
         for name, t in out.items():
-            if t.is_floating_point() and torch.isnan(t).any():
-                raise ValueError(f"shard {shard_idx}: NaN in {name}; refusing to write it")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"shard {shard_idx}: NaN/Inf in {name}; refusing to write it (the host produced "
+                                 "non-finite states: run it in float32, or on shorter windows)")
         name = _shard_name(shard_idx)
-        _atomic_save(out, self.dir / name, metadata={"shard": str(shard_idx)})
+        record = save_tensors(out, self.dir / name, metadata={"shard": str(shard_idx)})
         shards = [s for s in self.manifest["shards"] if s["idx"] != shard_idx]
-        shards.append({"idx": int(shard_idx), "file": name, "n": n})
+        shards.append({"idx": int(shard_idx), "file": name, "n": n, **record})
         self.manifest["shards"] = sorted(shards, key=lambda s: s["idx"])
         self.manifest["n_states"] = sum(s["n"] for s in self.manifest["shards"])
         self.manifest["complete"] = False
-        _atomic_write_json(self.dir / MANIFEST, self.manifest)
+        write_text(self.dir / MANIFEST, json.dumps(self.manifest, indent=1))
 
     def finish(self) -> dict[str, torch.Tensor]:
         """Stream over all shards, write the per-cell mean state, mark the dataset complete."""
@@ -195,14 +256,15 @@ class ShardWriter:
         sums = {c: torch.zeros(self.d_k, self.d_v, dtype=torch.float64) for c in self.cells}
         count = 0
         for s in self.manifest["shards"]:
+            _open_shard(self.dir, s, self.manifest)
             with safe_open(str(self.dir / s["file"]), framework="pt") as f:
                 for c in self.cells:
                     sums[c] += f.get_tensor(f"{c}.state").to(torch.float64).sum(0)
             count += s["n"]
         means = {c: (sums[c] / count).to(torch.float32) for c in self.cells}
-        _atomic_save(means, self.dir / MEAN_FILE)
+        self.manifest["mean_file"] = save_tensors(means, self.dir / MEAN_FILE)
         self.manifest["complete"] = True
-        _atomic_write_json(self.dir / MANIFEST, self.manifest)
+        write_text(self.dir / MANIFEST, json.dumps(self.manifest, indent=1))
         return means
 
 
@@ -222,6 +284,8 @@ def _manifest_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
 def _read_header(path: Path) -> tuple[int, dict]:
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
+        if 8 + n > path.stat().st_size:
+            raise ValueError(f"a header of {n} bytes does not fit in the file")
         return 8 + n, json.loads(f.read(n))
 
 
@@ -234,6 +298,8 @@ def split_indices(n: int, groups: np.ndarray | None, split: str, seed: int, val_
     """
     if split not in ("train", "val", "all"):
         raise ValueError(f"split must be 'train', 'val' or 'all', not {split!r}")
+    if not 0 <= val_frac < 1:
+        raise ValueError(f"val_frac={val_frac} must be in [0, 1): the fraction of sequences kept for validation")
     if split == "all":
         return np.arange(n, dtype=np.int64)
     if groups is None:
@@ -275,13 +341,15 @@ class StateDataset:
         mpath = self.dir / MANIFEST
         if not mpath.exists():
             raise FileNotFoundError(f"{self.dir} has no {MANIFEST}; run `writesae extract` first")
-        self.manifest = json.loads(mpath.read_text())
+        self.manifest = _read_manifest(mpath)
         if self.cell not in self.manifest["cells"]:
-            raise KeyError(f"cell {self.cell} is not in {self.dir}; cells present: {', '.join(self.manifest['cells'])}")
+            raise ValueError(f"cell {self.cell} is not in {self.dir}; cells present: {', '.join(self.manifest['cells'])} "
+                             f"(extract {self.cell} with `writesae extract --cells {self.cell}` into another directory)")
         if not self.manifest.get("complete") or not (self.dir / MEAN_FILE).exists():
             raise ValueError(f"{self.dir} is incomplete (extraction did not finish); rerun `writesae extract` to resume it")
         self.d_k, self.d_v = int(self.manifest["d_k"]), int(self.manifest["d_v"])
-        self._files = [self.dir / s["file"] for s in self.manifest["shards"]]
+        self._entries = self.manifest["shards"]
+        self._files = [self.dir / s["file"] for s in self._entries]
         sizes = np.array([s["n"] for s in self.manifest["shards"]], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(sizes)])
         self._maps: dict[int, tuple[np.memmap, int, dict]] = {}
@@ -291,15 +359,12 @@ class StateDataset:
 
     # -- low level ---------------------------------------------------------------------------
     def _file_map(self, shard: int) -> tuple[np.memmap, int, dict]:
-        """Memory map of a whole shard file (one open file per shard, at most 64 kept)."""
+        """Memory map of a whole shard file, checked first (one open file per shard, at most 64 kept)."""
         if shard in self._maps:
             self._maps[shard] = self._maps.pop(shard)  # most recently used last
         else:
-            path = self._files[shard]
-            if not path.exists():
-                raise FileNotFoundError(f"{path} is listed in the manifest but missing")
-            base, header = _read_header(path)
-            self._maps[shard] = (np.memmap(path, dtype=np.uint8, mode="r"), base, header)
+            base, header = _open_shard(self.dir, self._entries[shard], self.manifest)
+            self._maps[shard] = (np.memmap(self._files[shard], dtype=np.uint8, mode="r"), base, header)
             if len(self._maps) > 64:
                 self._maps.pop(next(iter(self._maps)))
         return self._maps[shard]
@@ -328,8 +393,9 @@ class StateDataset:
             order = np.argsort(rows)
             arr, tdt = self._map(int(s), key)
             block = torch.from_numpy(np.ascontiguousarray(arr[rows[order]])).view(tdt).float()
-            if torch.isnan(block).any():
-                raise ValueError(f"NaN in {key} of {self._files[s].name}; re-extract that shard")
+            if not torch.isfinite(block).all():  # only a shard without a recorded SHA-256 can get here
+                raise ValueError(f"NaN/Inf in {key} of {self._files[s].name}; delete that shard and run `writesae "
+                                 "extract` again with the same parameters")
             out[torch.from_numpy(sel[order])] = block
         return out
 
@@ -341,6 +407,8 @@ class StateDataset:
     def mean(self) -> torch.Tensor:
         """(d_k, d_v) float32 mean state of this cell over the whole dataset (from mean.safetensors)."""
         if self._mean is None:
+            check_file(self.dir / MEAN_FILE, self.manifest.get("mean_file"),
+                       "run `writesae extract` again with the same parameters to recompute it")
             with safe_open(str(self.dir / MEAN_FILE), framework="pt") as f:
                 self._mean = f.get_tensor(self.cell).float()
         return self._mean
@@ -392,10 +460,7 @@ class StateDataset:
         The order is a permutation of the split seeded by ``epoch_seed`` (or the stored order
         without ``shuffle``). ``start_batch`` skips the first batches without reading them (resume).
         """
-        order = np.random.default_rng(epoch_seed).permutation(len(self)) if shuffle else np.arange(len(self))
-        n_batches = len(self) // batch_size if drop_last else -(-len(self) // batch_size)
-        for b in range(start_batch, n_batches):
-            pos = order[b * batch_size : (b + 1) * batch_size]
+        for pos in _batch_positions(len(self), batch_size, shuffle, epoch_seed, drop_last, start_batch):
             glob = self.indices[pos]
             x = self._gather("state", glob)
             yield Batch(x, self._gather("write", glob), pos) if with_meta else x
@@ -404,16 +469,35 @@ class StateDataset:
         return f"StateDataset({str(self.dir)!r}, cell={self.cell!r}, split={self.split!r}, n={len(self)}, d_k={self.d_k}, d_v={self.d_v})"
 
 
+def _batch_positions(n: int, batch_size: int, shuffle: bool, epoch_seed: int, drop_last: bool, start_batch: int):
+    """Positions of each batch of one epoch over ``n`` items (see ``StateDataset.iter_batches``)."""
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    order = np.random.default_rng(epoch_seed).permutation(n) if shuffle else np.arange(n)
+    n_batches = n // batch_size if drop_last else -(-n // batch_size)
+    for b in range(start_batch, n_batches):
+        yield order[b * batch_size : (b + 1) * batch_size]
+
+
 class TensorStates:
     """In-memory stand-in for ``StateDataset`` (same ``len``, ``mean``, ``states``,
-    ``iter_batches``): ``states`` is (N, d_k, d_v); ``mean`` defaults to its mean."""
+    ``iter_batches``): ``states`` is (N, d_k, d_v), finite; ``mean`` defaults to its mean.
+    ``cell`` ("L9H4"), if given, is checked where an SAE meets these states."""
 
-    def __init__(self, states: torch.Tensor, mean: torch.Tensor | None = None, cell: str = "tensor"):
-        if states.ndim != 3:
-            raise ValueError(f"states must be (N, d_k, d_v), got {tuple(states.shape)}")
+    def __init__(self, states: torch.Tensor, mean: torch.Tensor | None = None, cell=None):
+        states = torch.as_tensor(states)
+        if states.ndim != 3 or not states.is_floating_point():
+            raise ValueError(f"states must be a float (N, d_k, d_v) tensor, got {states.dtype} of shape "
+                             f"{tuple(states.shape)}; stack one cell's (d_k, d_v) states along dim 0")
+        if not torch.isfinite(states).all():
+            bad = (~torch.isfinite(states)).flatten(1).any(1).nonzero().flatten()
+            raise ValueError(f"states hold NaN/Inf in {len(bad)} of {len(states)} rows (first: row {int(bad[0])}); "
+                             "drop those rows (states[torch.isfinite(states).flatten(1).all(1)]) or fix their source")
+        if mean is not None and tuple(mean.shape) != tuple(states.shape[1:]):
+            raise ValueError(f"mean has shape {tuple(mean.shape)}, the states are {tuple(states.shape[1:])}")
         self.data = states
         self.d_k, self.d_v = states.shape[1], states.shape[2]
-        self.cell = cell
+        self.cell = parse_cell(cell) if cell is not None else None
         self._mean = mean
 
     def split(self, split: str, seed: int = 0, val_frac: float = 0.2) -> "TensorStates":
@@ -437,7 +521,5 @@ class TensorStates:
         return self.data[idx].float()
 
     def iter_batches(self, batch_size, shuffle=True, epoch_seed=0, *, drop_last=False, start_batch=0):
-        order = np.random.default_rng(epoch_seed).permutation(len(self)) if shuffle else np.arange(len(self))
-        n_batches = len(self) // batch_size if drop_last else -(-len(self) // batch_size)
-        for b in range(start_batch, n_batches):
-            yield self.data[torch.from_numpy(order[b * batch_size : (b + 1) * batch_size])].float()
+        for pos in _batch_positions(len(self), batch_size, shuffle, epoch_seed, drop_last, start_batch):
+            yield self.data[torch.from_numpy(pos)].float()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import ShardWriter, cell_key
+from .data import ShardWriter, cell_key, cell_tuple
 from .hosts import EMBEDDED_DIR
 
 
@@ -27,27 +27,39 @@ def embedded_text(name="heldout"):
 
 def token_windows(tokenizer, text, window=128, n_windows=None, stride=None):
     """Tokenise ``text`` once and cut it into ``(N, window)`` non-overlapping windows (in order)."""
+    if n_windows is not None and n_windows < 1:
+        raise ValueError(f"n_windows={n_windows} must be >= 1 (or None for every window of the text)")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     stride = stride or window
     n = (len(ids) - window) // stride + 1
     if n < 1:
         raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {window}")
     out = ids.unfold(0, window, stride)
-    return out[:n_windows] if n_windows else out
+    return out[:n_windows] if n_windows is not None else out
 
 
 def extract(host, windows, cells, out_dir, *, positions_per_seq=32, min_pos=8, batch_size=16, seed=0,
             dtype=torch.bfloat16, source="", progress=True):
     """Write the states (plus writes, gates, token/sequence ids, positions) of sampled positions.
 
-    windows: (N, T) token ids. cells: list of (layer, head). Each shard holds ``batch_size`` windows x
+    windows: (N, T) token ids. cells: list of (layer, head) or "L9H4". Each shard holds ``batch_size`` windows x
     ``positions_per_seq`` positions drawn (seeded per shard) from ``min_pos..T-1``. Re-running with the
     same parameters resumes; other parameters in the same directory are refused. Returns the directory."""
     windows = torch.as_tensor(windows)
-    cells = [host.cell(l, h) for l, h in cells]
+    if windows.ndim != 2 or windows.is_floating_point() or windows.is_complex() or not windows.numel():
+        raise ValueError(f"windows must be a non-empty (N, T) tensor of token ids, got {windows.dtype} of shape "
+                         f"{tuple(windows.shape)} (one window: ids[None])")
+    if int(windows.min()) < 0 or int(windows.max()) >= host.vocab_size:
+        raise ValueError(f"token ids span {int(windows.min())}..{int(windows.max())}, but {host.name} has a vocabulary "
+                         f"of {host.vocab_size}: tokenise with this model's tokenizer")
+    cells = [host.cell(*cell_tuple(c)) for c in cells]
     N, T = windows.shape
+    if batch_size < 1 or positions_per_seq < 1 or min_pos < 0:
+        raise ValueError(f"batch_size={batch_size} and positions_per_seq={positions_per_seq} must be >= 1, "
+                         f"min_pos={min_pos} >= 0")
     if positions_per_seq > T - min_pos:
-        raise ValueError(f"positions_per_seq={positions_per_seq} > {T - min_pos} available positions per window")
+        raise ValueError(f"positions_per_seq={positions_per_seq} > {T - min_pos} available positions per window "
+                         f"(window {T} - min_pos {min_pos}): lower positions_per_seq or use longer windows")
     digest = hashlib.sha1(windows.numpy().tobytes()).hexdigest()[:16]
     params = dict(model=host.name, cells=[[c.layer, c.head] for c in cells], n_windows=N, window=T,
                   tokens_sha1=digest, positions_per_seq=positions_per_seq, min_pos=min_pos,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import artifact_dir
+from .cache import artifact_dir, atomic_write, write_text
 from .extract import embedded_text, extract, token_windows
 from .hosts import load_host
 from .sae import SAEConfig, WriteSAE
@@ -35,9 +35,14 @@ def windows(h, text="train", window=128, n_windows=None, seed=0):
     ``"heldout"``); for a tokenizer-less tiny model, seeded random tokens."""
     if h.tokenizer is None:
         g = torch.Generator().manual_seed(seed + (1 if text == "heldout" else 0))
-        return torch.randint(0, h.config.vocab_size, (n_windows or 64, window), generator=g)
-    path = Path(text)
-    body = path.read_text() if path.suffix == ".txt" and path.exists() else embedded_text(text)
+        return torch.randint(0, h.config.vocab_size, (64 if n_windows is None else n_windows, window), generator=g)
+    if text in ("train", "heldout"):
+        body = embedded_text(text)
+    elif Path(text).suffix == ".txt" and Path(text).is_file():
+        body = Path(text).read_text()
+    else:
+        raise FileNotFoundError(f"text {text!r} is neither 'train' / 'heldout' (the shipped text) nor an existing "
+                                ".txt file; pass one of those")
     return token_windows(h.tokenizer, body, window, n_windows)
 
 
@@ -70,7 +75,7 @@ def sae(h, cell, *, variant="bilinear", n_feat=2048, k=32, activation="topk", ra
         cfg = SAEConfig(variant=variant, d_k=h.d_k, d_v=h.d_v, n_feat=n_feat, k=k, activation=activation, rank=rank)
         train_sae(d_states, (layer, head), cfg, d, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                   progress=progress)
-        (d / "done").write_text("ok\n")
+        write_text(d / "done", "ok\n")
     return WriteSAE.load(best, expect_cell=(layer, head), expect_dims=(h.d_k, h.d_v))
 
 
@@ -80,8 +85,8 @@ def savefig(fig, name, root=None, dpi=120):
     from .cache import cache_root
 
     path = cache_root(root) / "figures" / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
 
 
 def data_spec(h, cells, *, heads_layer=None, window=128, n_windows=256, positions_per_seq=32, seed=0):

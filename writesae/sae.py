@@ -34,11 +34,14 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from . import __version__
+from .cache import check_file, save_tensors, write_text
 from .data import parse_cell
+from .errors import CorruptFileError
 
 __all__ = [
     "SAEConfig",
@@ -183,6 +186,7 @@ class WriteSAE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.info: dict = {}  # cell, model, train params, metrics: saved into cfg.json
+        self.path: Path | None = None  # the directory it was loaded from
         n, dk, dv, r = cfg.n_feat, cfg.d_k, cfg.d_v, cfg.rank
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         kw = dict(dtype=dtype)
@@ -230,12 +234,43 @@ class WriteSAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.mean.dtype
 
+    def _label(self) -> str:
+        """"SAE at <dir> (cell L9H4, model m)": what error messages call it."""
+        known = ", ".join(f"{k} {self.info[k]}" for k in ("cell", "model") if self.info.get(k))
+        return "SAE" + (f" at {self.path}" if self.path else "") + (f" ({known})" if known else "")
+
     def _check(self, S: Tensor) -> Tensor:
         if S.ndim != 3 or S.shape[1:] != (self.cfg.d_k, self.cfg.d_v):
+            hint = " (transposed: the state is d_k x d_v)" if S.shape[-2:] == (self.cfg.d_v, self.cfg.d_k) else ""
             raise ValueError(
-                f"expected states of shape (B, d_k, d_v) = (B, {self.cfg.d_k}, {self.cfg.d_v}), got {tuple(S.shape)}"
+                f"{self._label()} takes states of shape (B, d_k, d_v) = (B, {self.cfg.d_k}, {self.cfg.d_v}), got "
+                f"{tuple(S.shape)}{hint}; pass states of the cell it was trained on (a single state: S[None])"
             )
         return S.to(device=self.device, dtype=self.dtype)
+
+    def check_cell(self, cell=None, dims=None) -> None:
+        """Raise ValueError unless this SAE fits ``cell`` ("L9H4", (layer, head), or a host ``Cell``, whose
+        (d_k, d_v) is checked too) and states of ``dims`` = (d_k, d_v). The cell is compared when the SAE knows
+        its own (``info["cell"]``: set when trained on a state dataset, saved in cfg.json). Call it where an SAE
+        meets a cell that its states do not show (atoms written into a host's cache, same-shaped cells)."""
+        if hasattr(cell, "d_k"):
+            dims = (cell.d_k, cell.d_v)
+        problems = []
+        if dims is not None and tuple(int(d) for d in dims) != (self.cfg.d_k, self.cfg.d_v):
+            problems.append(f"state shape: the SAE takes (d_k, d_v) = ({self.cfg.d_k}, {self.cfg.d_v}), "
+                            f"the cell has {tuple(dims)}")
+        key = parse_cell(cell) if cell is not None else None
+        if key is not None and self.info.get("cell") is not None and key != self.info["cell"]:
+            problems.append(f"cell: the SAE was trained on {self.info['cell']}, used on {key}")
+        if problems:
+            raise ValueError(f"{self._label()} does not match: {'; '.join(problems)}. Use the SAE trained on that cell "
+                             "(`writesae train-sae --cell ...` trains one)")
+
+    def _check_indices(self, idx: Tensor) -> Tensor:
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.cfg.n_feat):
+            raise IndexError(f"atom index {int(idx.min()) if int(idx.min()) < 0 else int(idx.max())} out of range: "
+                             f"{self._label()} has n_feat={self.cfg.n_feat} atoms, 0..{self.cfg.n_feat - 1}")
+        return idx
 
     def _enc_factors(self) -> tuple[Tensor, Tensor]:
         if self.cfg.variant == "tied":
@@ -260,7 +295,10 @@ class WriteSAE(nn.Module):
 
     def atoms(self, indices=None) -> Tensor:
         """Decoder atoms A_i as (len(indices), d_k, d_v) matrices (all atoms without indices)."""
-        sel = slice(None) if indices is None else torch.as_tensor(indices, device=self.device, dtype=torch.long)
+        if indices is None:
+            sel = slice(None)
+        else:
+            sel = self._check_indices(torch.as_tensor(indices, device=self.device, dtype=torch.long))
         if self.W_dec is not None:
             return self.W_dec[sel].reshape(-1, self.cfg.d_k, self.cfg.d_v)
         return self.dec_v[sel].mT @ self.dec_w[sel]
@@ -354,7 +392,10 @@ class WriteSAE(nn.Module):
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
         """Reconstructed states S_hat = M + c b_dec + sum_j a_j A_j, (B, d_k, d_v); a_j in state units."""
-        out = self._combine(top_acts, top_indices) + self.mean
+        if top_acts.ndim != 2 or top_acts.shape != top_indices.shape:
+            raise ValueError(f"decode takes (B, k) top_acts and top_indices of one shape (from encode), got "
+                             f"{tuple(top_acts.shape)} and {tuple(top_indices.shape)}")
+        out = self._combine(top_acts, self._check_indices(top_indices)) + self.mean
         return out + self.scale * self.b_dec if self.b_dec is not None else out
 
     # -- forward -----------------------------------------------------------------------------
@@ -394,13 +435,17 @@ class WriteSAE(nn.Module):
     @torch.no_grad()
     def set_mean(self, mean: Tensor) -> None:
         """Set the mean state M (d_k, d_v)."""
+        if tuple(mean.shape) != tuple(self.mean.shape):
+            raise ValueError(f"mean has shape {tuple(mean.shape)}; {self._label()} takes (d_k, d_v) = "
+                             f"{tuple(self.mean.shape)}")
         self.mean.copy_(mean.to(self.mean))
 
     @torch.no_grad()
     def set_scale(self, scale: float) -> None:
         """Set the input scale c (RMS of the centred training states); see ``__init__``."""
-        if not scale > 0:
-            raise ValueError(f"input scale must be positive, got {scale}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"input scale c (RMS of the centred training states) must be finite and positive, got "
+                             f"{scale}: the training states hold NaN/Inf or are all equal")
         self.scale.fill_(float(scale))
 
     @torch.no_grad()
@@ -457,48 +502,65 @@ class WriteSAE(nn.Module):
 
     # -- save / load -------------------------------------------------------------------------
     def save(self, path, *, cell=None, model=None, train: dict | None = None, metrics: dict | None = None) -> Path:
-        """Write ``sae.safetensors`` and ``cfg.json`` into directory ``path``.
+        """Write ``sae.safetensors`` and ``cfg.json`` into directory ``path`` (each atomically).
 
         cfg.json holds the config, the cell and host model the SAE was trained on, the training
-        parameters, metrics and the writesae version (kept in ``self.info`` and restored on load).
+        parameters, metrics and the writesae version (kept in ``self.info`` and restored on load), and
+        the size and SHA-256 of sae.safetensors (checked on load).
         """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        for key, val in (("cell", cell), ("model", model), ("train", train), ("metrics", metrics)):
+        for key, val in (("cell", parse_cell(cell) if cell is not None else None), ("model", model), ("train", train),
+                         ("metrics", metrics)):
             if val is not None:
                 self.info[key] = val
         state = {k: t.detach().to("cpu").contiguous() for k, t in self.state_dict().items()}
-        save_file(state, str(path / "sae.safetensors"), metadata={"format": "writesae-sae"})
-        doc = {**asdict(self.cfg), **self.info, "writesae_version": __version__}
-        (path / "cfg.json").write_text(json.dumps(doc, indent=1, default=_json_default))
+        record = save_tensors(state, path / "sae.safetensors", metadata={"format": "writesae-sae"})
+        doc = {**asdict(self.cfg), **self.info, "writesae_version": __version__, "sae_file": record}
+        write_text(path / "cfg.json", json.dumps(doc, indent=1, default=_json_default))
         return path
 
     @classmethod
     def load(cls, path, expect_cell=None, expect_dims=None, device="cpu") -> "WriteSAE":
-        """Load an SAE saved by ``save``. ``expect_cell`` ("L9H4" or (9, 4)) and ``expect_dims``
-        ((d_k, d_v) of the states it will see) are checked; a mismatch raises ValueError that
-        says what differs. Never unpickles anything."""
+        """Load an SAE saved by ``save``. ``expect_cell`` ("L9H4", (9, 4) or a host ``Cell``) and
+        ``expect_dims`` ((d_k, d_v) of the states it will see) are checked (``check_cell``); a mismatch
+        raises ValueError that says what differs. Both files are checked before use: a file that does
+        not parse, does not match its recorded SHA-256 or disagrees with the other raises
+        CorruptFileError naming it. Never unpickles anything."""
         path = Path(path)
         if not (path / "cfg.json").exists() or not (path / "sae.safetensors").exists():
             raise FileNotFoundError(
                 f"{path} has no cfg.json + sae.safetensors; a reference-release best.pt must be converted "
                 "first with writesae.sae.convert_reference_checkpoint"
             )
-        doc = json.loads((path / "cfg.json").read_text())
+        fix = "save the SAE again or retrain it (pipeline: delete its artifact folder)"
+        try:
+            doc = json.loads((path / "cfg.json").read_text())
+        except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+            raise CorruptFileError(path / "cfg.json", f"it is not valid JSON ({err})", fix) from None
         names = {f.name for f in fields(SAEConfig)}
-        cfg = SAEConfig(**{k: v for k, v in doc.items() if k in names})
-        problems = []
-        if expect_dims is not None and tuple(int(d) for d in expect_dims) != (cfg.d_k, cfg.d_v):
-            problems.append(f"state shape: SAE takes (d_k, d_v) = ({cfg.d_k}, {cfg.d_v}), the cell has {tuple(expect_dims)}")
-        if expect_cell is not None and doc.get("cell") is not None:
-            if parse_cell(expect_cell) != doc["cell"]:
-                problems.append(f"cell: SAE was trained on {doc['cell']}, used on {parse_cell(expect_cell)}")
-        if problems:
-            where = f" (model {doc['model']})" if doc.get("model") else ""
-            raise ValueError(f"SAE at {path}{where} does not match: " + "; ".join(problems))
+        try:
+            cfg = SAEConfig(**{k: v for k, v in doc.items() if k in names})
+        except (TypeError, ValueError, AttributeError) as err:  # not a dict, a field missing or out of range
+            raise CorruptFileError(path / "cfg.json", f"it does not hold an SAE config ({err})", fix) from None
+        check_file(path / "sae.safetensors", doc.get("sae_file"), fix)
+        try:
+            tensors = load_file(str(path / "sae.safetensors"), device=str(device))
+        except SafetensorError as err:
+            raise CorruptFileError(path / "sae.safetensors", f"it is not a safetensors file ({err})", fix) from None
         sae = cls(cfg, device=device)
-        sae.load_state_dict(load_file(str(path / "sae.safetensors"), device=str(device)))
-        sae.info = {k: v for k, v in doc.items() if k not in names and k != "writesae_version"}
+        sae.path = path
+        sae.info = {k: v for k, v in doc.items() if k not in names and k not in ("writesae_version", "sae_file")}
+        want = {k: tuple(t.shape) for k, t in sae.state_dict().items()}
+        got = {k: tuple(t.shape) for k, t in tensors.items()}
+        if want != got:
+            diff = [f"{k}: {got.get(k, 'absent')} != {want.get(k, 'absent')}" for k in sorted(set(want) | set(got))
+                    if got.get(k) != want.get(k)]
+            raise CorruptFileError(path / "sae.safetensors", f"its tensors do not fit cfg.json ({cfg.variant}, "
+                                   f"n_feat={cfg.n_feat}, d_k={cfg.d_k}, d_v={cfg.d_v}, rank={cfg.rank}, "
+                                   f"{cfg.activation}): {'; '.join(diff)} (file != cfg)", "restore the cfg.json "
+                                   "saved with it, or retrain")
+        sae.load_state_dict(tensors)
+        sae.check_cell(expect_cell, expect_dims)
         return sae
 
     @classmethod

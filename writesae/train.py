@@ -10,6 +10,8 @@ in-memory (N, d_k, d_v) tensor; both run ``fit``. Output directory::
 Calling again with the same ``out_dir`` and parameters resumes from ``last/`` and ends with
 the same weights as an uninterrupted run: batch order, resampling draws and the initialisation
 are all derived from ``seed``, and the optimizer, dead-atom counters and RNG are checkpointed.
+``best/`` and ``last/`` are replaced whole (written beside, then renamed); ``last/state.json``
+records the size and SHA-256 of its tensor files, checked before resuming.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from .cache import check_file, save_tensors, write_text
 from .data import StateDataset, TensorStates, parse_cell
+from .errors import CorruptFileError
 from .sae import SAEConfig, WriteSAE
 
 __all__ = ["TrainResult", "train_sae", "train_on_tensors", "fit", "evaluate_sae", "lr_at"]
@@ -78,6 +82,7 @@ def evaluate_sae(sae: WriteSAE, dataset, batch_size: int = 1024) -> dict:
     active atoms), alive / dead (atoms firing at least once / never), n_states and fire_rates
     ((n_feat,) numpy array: fraction of states on which each atom fires).
     """
+    sae.check_cell(getattr(dataset, "cell", None))
     was_training = sae.training
     sae.eval()
     n = sae.cfg.n_feat
@@ -128,6 +133,13 @@ def _swap_in(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def _restore(final: Path) -> None:
+    """Undo a ``_swap_in`` interrupted between its two renames (``final`` gone, ``final.old`` kept)."""
+    old = final.with_name(final.name + ".old")
+    if old.exists() and not final.exists():
+        old.rename(final)
+
+
 def _per_atom_params(sae: WriteSAE):
     return [p for p in (sae.enc_v, sae.enc_w, sae.W_enc, sae.dec_v, sae.dec_w, sae.W_dec, sae.b_enc, sae.log_threshold) if p is not None]
 
@@ -136,22 +148,33 @@ def _save_last(out_dir: Path, sae, opt, since_active, state: dict) -> None:
     tmp = out_dir / "last.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(tmp / "model.safetensors"))
+    files = {"model.safetensors": save_tensors({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()},
+                                               tmp / "model.safetensors")}
     osd = opt.state_dict()
     tensors = {"since_active": since_active.cpu(), "rng_torch": torch.get_rng_state()}
     for pid, st in osd["state"].items():
         for name, t in st.items():
             tensors[f"opt.{pid}.{name}"] = torch.as_tensor(t).detach().cpu().contiguous()
-    save_file(tensors, str(tmp / "optim.safetensors"))
-    doc = {**state, "param_groups": osd["param_groups"]}
-    (tmp / "state.json").write_text(json.dumps(doc, indent=1))
+    files["optim.safetensors"] = save_tensors(tensors, tmp / "optim.safetensors")
+    doc = {**state, "param_groups": osd["param_groups"], "files": files}
+    write_text(tmp / "state.json", json.dumps(doc, indent=1))
     _swap_in(tmp, out_dir / "last")
+
+
+def _read_state(last: Path) -> dict:
+    """``last/state.json`` (CorruptFileError naming it if it does not parse)."""
+    try:
+        return json.loads((last / "state.json").read_text())
+    except ValueError as err:
+        raise CorruptFileError(last / "state.json", f"it is not valid JSON ({err})",
+                               f"delete {last} to train from the start") from None
 
 
 def _load_last(out_dir: Path, sae, opt, device) -> tuple[torch.Tensor, dict]:
     last = out_dir / "last"
-    doc = json.loads((last / "state.json").read_text())
+    doc = _read_state(last)
+    for name, record in doc.pop("files", {}).items():
+        check_file(last / name, record, f"delete {last} to train from the start")
     sae.load_state_dict(load_file(str(last / "model.safetensors"), device=str(device)))
     t = load_file(str(last / "optim.safetensors"))
     state: dict = {}
@@ -170,7 +193,7 @@ def _save_best(out_dir: Path, sae: WriteSAE, metrics: dict, info: dict) -> None:
         shutil.rmtree(tmp)
     sae.save(tmp, cell=info.get("cell"), model=info.get("model"), train=info.get("train"), metrics=_jsonable(metrics))
     if "fire_rates" in metrics:
-        save_file({"fire_rates": torch.as_tensor(metrics["fire_rates"], dtype=torch.float32)}, str(tmp / "fire_rates.safetensors"))
+        save_tensors({"fire_rates": torch.as_tensor(metrics["fire_rates"], dtype=torch.float32)}, tmp / "fire_rates.safetensors")
     _swap_in(tmp, out_dir / "best")
 
 
@@ -209,6 +232,20 @@ def fit(
     """
     out_dir = Path(out_dir) if out_dir is not None else None
     info = dict(info or {})
+    bad = [f"{name}={v} (must be {want})" for name, v, ok, want in (
+        ("batch_size", batch_size, batch_size >= 1, ">= 1"), ("epochs", epochs, epochs >= 1, ">= 1"),
+        ("lr", lr, lr > 0, "> 0"), ("min_lr", min_lr, 0 <= min_lr <= lr, "in [0, lr]"), ("warmup", warmup, warmup >= 0, ">= 0"),
+        ("ckpt_every", ckpt_every, ckpt_every >= 1, ">= 1"), ("renorm_every", renorm_every, renorm_every >= 1, ">= 1"),
+        ("resample_every", resample_every, resample_every >= 1, ">= 1")) if not ok]  # fmt: skip
+    if bad:
+        raise ValueError(f"bad training parameters: {', '.join(bad)}")
+    for split, ds in (("train", train), ("val", val)):
+        if ds is not None and (ds.d_k, ds.d_v) != (sae.cfg.d_k, sae.cfg.d_v):
+            where = f" of {info['data_dir']} cell {info['cell']}" if "data_dir" in info else ""
+            raise ValueError(f"the {split} states{where} are (d_k, d_v) = ({ds.d_k}, {ds.d_v}) but the SAE config has "
+                             f"({sae.cfg.d_k}, {sae.cfg.d_v}); build SAEConfig with the states' d_k, d_v")
+    if len(train) == 0:
+        raise ValueError("the training split is empty: give more states (or a smaller val_frac)")
     sae.to(device).train()
     n = sae.cfg.n_feat
     drop_last = len(train) >= batch_size
@@ -229,8 +266,10 @@ def fit(
     state = {"step": 0, "best_val": None, "best_step": -1, "params": params}
     best_mem = None  # best weights when there is no out_dir
 
+    for name in ("last", "best") if out_dir is not None else ():
+        _restore(out_dir / name)
     if out_dir is not None and (out_dir / "last" / "state.json").exists():
-        saved = json.loads((out_dir / "last" / "state.json").read_text())["params"]
+        saved = _read_state(out_dir / "last").get("params", {})
         diff = [k for k in sorted(set(saved) | set(params)) if saved.get(k) != params.get(k)]
         if diff:
             lines = "\n".join(f"  {k}: checkpoint {saved.get(k)!r} != now {params.get(k)!r}" for k in diff)
@@ -264,6 +303,10 @@ def fit(
             S = S.to(device)
             dead_mask = since_active >= dead_after
             out = sae(S, dead_mask=dead_mask)
+            if not torch.isfinite(out.loss):
+                raise ValueError(f"training diverged at step {step}: the loss is {out.loss.item()} (lr {lr}); lower lr"
+                                 + (f" and delete {out_dir / 'last'} (its checkpoint may be past the divergence)"
+                                    if out_dir is not None else ""))
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
@@ -317,10 +360,10 @@ def fit(
     if out_dir is not None and finished:
         if state["best_step"] < 0:
             _save_best(out_dir, best, metrics, info)
-        (out_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1))
+        write_text(out_dir / "metrics.json", json.dumps(_jsonable(metrics), indent=1))
         best.info["metrics"] = _jsonable(metrics)
         best.save(out_dir / "best")
-        save_file({"fire_rates": torch.as_tensor(rates, dtype=torch.float32)}, str(out_dir / "best" / "fire_rates.safetensors"))
+        save_tensors({"fire_rates": torch.as_tensor(rates, dtype=torch.float32)}, out_dir / "best" / "fire_rates.safetensors")
     return TrainResult(best, _jsonable(metrics), rates, state["step"], state["best_step"], finished, out_dir)
 
 
@@ -330,7 +373,7 @@ def train_on_tensors(states: torch.Tensor, cfg: SAEConfig, out_dir=None, *, val_
     train = ds.split("train", seed, val_frac)
     val = ds.split("val", seed, val_frac) if val_frac > 0 else None
     sae = WriteSAE(cfg, device=kw.get("device", "cpu"), seed=seed)
-    return fit(sae, train, val, out_dir=out_dir, seed=seed, info={"cell": "tensor", "val_frac": val_frac}, **kw)
+    return fit(sae, train, val, out_dir=out_dir, seed=seed, info={"val_frac": val_frac}, **kw)
 
 
 def train_sae(
@@ -364,8 +407,6 @@ def train_sae(
     key = parse_cell(cell)
     train = StateDataset(data_dir, key, "train", seed=seed, val_frac=val_frac)
     val = StateDataset(data_dir, key, "val", seed=seed, val_frac=val_frac)
-    if (train.d_k, train.d_v) != (cfg.d_k, cfg.d_v):
-        raise ValueError(f"cfg has (d_k, d_v) = ({cfg.d_k}, {cfg.d_v}) but {data_dir} cell {key} has ({train.d_k}, {train.d_v})")
     man = train.manifest
     model = man.get("model") or (man.get("params") or {}).get("model")
     info = {"cell": key, "model": model, "data_dir": str(Path(data_dir).resolve()), "val_frac": val_frac}
