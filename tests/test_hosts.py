@@ -374,3 +374,20 @@ def test_scaled_edits_use_the_write_norm():
     out = recurrence.apply_edits(S1, Sd, r, [(0, 0, "replace", unit, "additive", "write")])
     W = recurrence.native_write(k[0, 0], v[0, 0], b[0, 0])
     assert torch.allclose(out[0, 0], unit * W.norm(), atol=1e-6)
+
+
+def test_no_module_outside_the_hosts_names_a_model_attribute():
+    """Experiments, widgets, plots, notebooks and benchmarks reach a model only through the host API
+    (the hosts and the model classes themselves, and the trainer that builds models, are exempt)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    internal = re.compile(r"\.(linear_attn|lm_head|decoder|backbone|mixer|out_proj|o_proj|embed_tokens|embeddings)\b"
+                          r"|\.layers\[|\bhost\.model\b")
+    exempt = ("writesae/hosts/", "writesae/models/", "writesae/embedded_train.py")
+    files = [p for d in ("writesae", "notebooks", "benchmarks") for p in (root / d).rglob("*")
+             if p.suffix in (".py", ".ipynb") and not str(p.relative_to(root)).startswith(exempt)]
+    assert len(files) > 20
+    hits = [f"{p.relative_to(root)}: {m.group(0)}" for p in files for m in internal.finditer(p.read_text())]
+    assert hits == []
