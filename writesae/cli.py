@@ -29,7 +29,7 @@ def cmd_cells(a):
     host = load_host(a.model, device=_device(a.device), tokenizer=False)
     print(f"{host.name}: recurrent layers {host.recurrent_layers}, {host.n_heads} value heads of "
           f"d_k={host.d_k} x d_v={host.d_v}; attention layers "
-          f"{[i for i, t in enumerate(host.layer_types) if t != 'linear_attention']}")
+          f"{[i for i in range(len(host.layers)) if i not in host.recurrent_layers]}")
 
 
 def cmd_extract(a):
