@@ -1,0 +1,74 @@
+"""Notebook parameters as users type them with papermill: checked by name, type and range in the first
+code cell of every section (writesae.notebook.check_parameters)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from writesae.notebook import ParameterError, check_parameters, defaults
+
+NB = "04_closed_form"
+
+
+def _ns(**given):
+    ns = dict(defaults(NB))
+    ns.update(given)
+    return ns
+
+
+@pytest.mark.parametrize("given,expect", [
+    (dict(cell="[4, 3]"), dict(cell=[4, 3])),
+    (dict(cell="L4H3"), dict(cell=[4, 3])),
+    (dict(cell="4,3"), dict(cell=[4, 3])),
+    (dict(cell=(4, 3)), dict(cell=[4, 3])),
+    (dict(cells="L1H2,L4H3"), dict(cells=[[1, 2], [4, 3]])),
+    (dict(cells="[[1, 2], [6, 0]]"), dict(cells=[[1, 2], [6, 0]])),
+    (dict(n_atoms="4"), dict(n_atoms=4)),
+    (dict(eps="[0.1, 1.0]"), dict(eps=[0.1, 1.0])),
+    (dict(n_feat=64.0), dict(n_feat=64)),
+    (dict(max_firings=10), dict()),  # another section's parameter (a shared params file): passes
+])
+def test_accepted_forms(given, expect):
+    ns = _ns(**given)
+    check_parameters(ns, NB)
+    for k, v in expect.items():
+        assert ns[k] == v
+
+
+@pytest.mark.parametrize("given,words", [
+    (dict(n_atom=4), "unknown parameter n_atom for 04_closed_form; valid names: model, device"),
+    (dict(n_atoms="four"), "parameter n_atoms: expected an integer (default"),
+    (dict(n_atoms=2.5), "parameter n_atoms: expected an integer"),
+    (dict(cell="L4-H3"), "parameter cell: expected a cell as [layer, head], 'L4H3' or '4,3'"),
+    (dict(cell=[4]), "parameter cell: expected a cell"),
+    (dict(cells=[]), "parameter cells: expected a non-empty list of cells"),
+    (dict(eps="0.1, x"), "parameter eps: expected a list like"),
+    (dict(k=100, n_feat=64), "k = 100 exceeds n_feat = 64"),
+    (dict(epochs=0), "parameter epochs: must be at least 1, got 0"),
+    (dict(model=3), "parameter model: expected str like the default 'embedded'"),
+])
+def test_rejected_with_one_line_naming_the_fix(given, words):
+    with pytest.raises(ParameterError) as e:
+        check_parameters(_ns(**given), NB)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_section_checks_its_parameters_first():
+    import json
+
+    root = Path(__file__).resolve().parent.parent / "notebooks"
+    for p in sorted(root.glob("[0-9]*.ipynb")):
+        cells = json.loads(p.read_text())["cells"]
+        i = next(j for j, c in enumerate(cells) if "parameters" in c.get("metadata", {}).get("tags", []))
+        first = next(c for c in cells[i + 1:] if c["cell_type"] == "code")
+        assert f'check_parameters(globals(), "{p.stem}")' in "".join(first["source"][:2]), p.name
+
+
+def test_papermill_typo_fails_at_once(tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "papermill", str(root / "notebooks" / f"{NB}.ipynb"),
+                        str(tmp_path / "out.ipynb"), "-f", str(root / "params" / "tiny.yaml"), "-p", "n_atom", "4"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "unknown parameter n_atom for 04_closed_form; valid names:" in r.stdout + r.stderr
