@@ -121,7 +121,14 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
     seqs = sorted(sites["seq"].unique())
     for b0 in range(0, len(seqs), trace_batch):
         batch = seqs[b0:b0 + trace_batch]
-        ct = host.trace(ids[torch.as_tensor(batch)], cells=[(layer, head)])[(layer, head)]
+        ids_b = ids[torch.as_tensor(batch)]
+        mine = sites[sites["seq"].isin(batch)]
+        # one unedited pass per batch of sequences: the states every edited run starts from, and the trace
+        # of the cell at the firings (the writes the conditions replace)
+        pre = host.prefix(ids_b, sorted(mine["pos"].unique()), cells=[(layer, head)]) if reuse_prefix else None
+        ct = (pre.trace if reuse_prefix else host.trace(ids_b, cells=[(layer, head)], positions=sorted(mine["pos"].unique())))
+        col = {int(p): i for i, p in enumerate(ct.positions.tolist())}
+        ct = ct[(layer, head)]
         for r, s in enumerate(batch):
             idx = sites.index[sites["seq"] == s].tolist()
             for c0 in range(0, len(idx), chunk):
@@ -129,7 +136,7 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
                 for j in idx[c0:c0 + chunk]:
                     site = sites.loc[j]
                     p, f = int(site["pos"]), int(site["feature"])
-                    N = _native(ct, r, p, write)
+                    N = _native(ct, r, col[p], write)
                     A = sae.atom(f).float()
                     mats = condition_matrices(A, float(site["coef"]), N, scaling, _generator(seed, s, p, f))
                     am = mats["atom"][1]
@@ -138,14 +145,19 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
                                          resid_atom=float((am - N).norm() / N.norm())))
                     for cond in conditions:
                         kind, m = mats[cond]
-                        rows.append(Edit(0, layer, head, p, kind, m, write=write))
+                        rows.append(Edit(r, layer, head, p, kind, m, write=write))
                         keys.append((j, cond, p))
-                run = host.run_edits(ids[s:s + 1], rows, reuse_prefix=reuse_prefix)
-                lb = F.log_softmax(run.base[0].double(), -1)
+                first = min(k[2] for k in keys)
+                if reuse_prefix:
+                    run = host.run_edits(ids_b, rows, positions=range(first, ids.shape[1]), prefix=pre)
+                else:
+                    run = host.run_edits(ids_b[r:r + 1], [e._replace(seq=0) for e in rows],
+                                         positions=range(first, ids.shape[1]), reuse_prefix=False)
+                lb = F.log_softmax(run.base[0 if not reuse_prefix else r].double(), -1)
                 for n, (j, cond, p) in enumerate(keys):
-                    lp = F.log_softmax(run.logits[n, p:].double(), -1)
+                    lp = F.log_softmax(run.logits[n, p - first:].double(), -1)
                     for d in directions:
-                        kl = _kl(lp, lb[p:], d)
+                        kl = _kl(lp, lb[p - first:], d)
                         kls[(j, d, cond)] = dict(next=float(kl[0]), final=float(kl[-1]), mean=float(kl.mean()))
             if progress:
                 print(f"substitution: sequence {s} done ({len(per_site)}/{len(sites)} firings)")

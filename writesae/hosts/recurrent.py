@@ -239,18 +239,25 @@ class RecurrentHost:
         return [e._replace(pos=e.pos % T) if e.pos < 0 else e for e in edits]
 
     @torch.no_grad()
-    def prefix(self, input_ids, positions):
+    def prefix(self, input_ids, positions, cells=()):
         """Run each sequence once, unedited, and keep what an edited run from any of ``positions`` needs:
-        every layer's input and windows, and the matrix state before each position."""
+        every layer's input and windows, and the matrix state before each position. Pass the result to
+        :meth:`run_edits` (``prefix=``) to reuse it across calls. ``cells``: also trace these cells at
+        ``positions`` (``prefix.trace``, a :class:`Trace`), from the same pass."""
         input_ids = self._ids(input_ids).to(self.device)
         positions = self._positions(positions, input_ids.shape[1])
+        cells = [self.cell(int(c[0]), int(c[1])) for c in cells]
         record = {l: [p - 1 for p in positions if p > 0] for l in self.recurrent_layers}
+        for c in cells:
+            record[c.layer] = sorted(set(record[c.layer]) | set(positions))
         logits, states, inputs, rec, _ = self._run(self._embed(input_ids), 0, 0, {}, record=record, keep_inputs=True)
         kept = {l: rec[l].kept if l in rec else {} for l in self.recurrent_layers}
-        return _Prefix(self, input_ids, logits, inputs, states, kept)
+        trace = Trace({(c.layer, c.head): self._cell_trace(rec[c.layer], c.head, positions) for c in cells},
+                      torch.tensor(positions, dtype=torch.long), logits)
+        return _Prefix(self, input_ids, logits, inputs, states, kept, positions, trace)
 
     @torch.no_grad()
-    def run_edits(self, input_ids, edits, positions=None, reuse_prefix=True, progress=False) -> EditRun:
+    def run_edits(self, input_ids, edits, positions=None, reuse_prefix=True, prefix=None, progress=False) -> EditRun:
         """Run R edit rows as batched forwards; returns one output distribution per row.
 
         input_ids: (N, T). edits: a list whose items are an :class:`Edit` (a row of its own) or a list of
@@ -258,7 +265,8 @@ class RecurrentHost:
         run as one batch that starts at that position and at the first edited layer, from the cached
         unedited prefix (``reuse_prefix=False`` recomputes everything from position 0, row by row: the
         naive reference). positions: which absolute positions' logits to return (default all; negative
-        ones count from the end)."""
+        ones count from the end). prefix: a :meth:`prefix` of the same ``input_ids`` holding every row's first
+        edited position, computed once and shared by several calls."""
         input_ids = self._ids(input_ids)
         N, T = input_ids.shape
         rows = [[e] if isinstance(e, Edit) else list(e) for e in edits]
@@ -281,9 +289,15 @@ class RecurrentHost:
                                edits=self._edits_by_layer([(0, e) for e in r]))[0]
                 outs.append(lg[0, positions].cpu())
             return EditRun(torch.stack(outs) if outs else base[:0], starts, positions, base, seqs)
-        pre = self.prefix(input_ids, starts.tolist())
+        pre = self.prefix(input_ids, starts.tolist()) if prefix is None else prefix
+        if prefix is not None:
+            missing = sorted(set(starts.tolist()) - set(pre.positions))
+            if pre.input_ids.shape != input_ids.shape or not torch.equal(pre.input_ids.cpu(), input_ids.cpu()):
+                raise ValueError("prefix= was computed for other input_ids: build it with host.prefix(input_ids, ...)")
+            if missing:
+                raise ValueError(f"prefix= holds no state before positions {missing}: include them in host.prefix(...)")
         base = pre.logits[:, positions].cpu()
-        out = base[seqs].clone()
+        out = base[seqs]  # (advanced indexing copies)
         groups = defaultdict(list)
         for j, r in enumerate(rows):
             groups[(r[0].seq, int(starts[j]))].append(j)
@@ -292,8 +306,8 @@ class RecurrentHost:
             stream, states = pre.start(s, p, l0, len(idx))
             ed = self._edits_by_layer([(n, e) for n, j in enumerate(idx) for e in rows[j]], offset=p)
             lg = self._run(stream, p, l0, states, edits=ed)[0]
-            sel = positions >= p
-            out[torch.tensor(idx)[:, None], sel.nonzero()[:, 0][None]] = lg[:, positions[sel] - p].cpu()
+            k0 = int(torch.searchsorted(positions, p))  # positions are sorted: those from p on
+            out[torch.tensor(idx), k0:] = lg[:, positions[k0:] - p].cpu()
         return EditRun(out, starts, positions, base, seqs)
 
     @torch.no_grad()
@@ -323,9 +337,10 @@ class RecurrentHost:
 class _Prefix:
     """Cached unedited run of a batch of sequences; builds batched start states for edited runs."""
 
-    def __init__(self, host, input_ids, logits, inputs, states, kept):
+    def __init__(self, host, input_ids, logits, inputs, states, kept, positions, trace):
         self.host, self.input_ids, self.logits = host, input_ids, logits
         self.inputs, self.final, self.kept = inputs, states, kept
+        self.positions, self.trace = positions, trace
 
     def start(self, seq, pos, first_layer, n):
         """(stream (n, T-pos, D), states) to run layers first_layer.. from position pos, n copies."""

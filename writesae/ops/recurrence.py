@@ -70,9 +70,10 @@ class Rule(NamedTuple):
         return Rule(*(None if x is None else x[:, t0:t1] for x in self))
 
 
-def decay(S, g):
-    """``D * S`` with ``D = exp(g)``: g ``(...)`` scalar per matrix or ``(..., d_k)`` per key row."""
-    D = g.exp()
+def decay(S, g, D=None):
+    """``D * S`` with ``D = exp(g)`` (pass ``D`` when it is already known): g ``(...)`` scalar per matrix or
+    ``(..., d_k)`` per key row."""
+    D = g.exp() if D is None else D
     return S * (D[..., None, None] if D.ndim == S.ndim - 2 else D[..., :, None])
 
 
@@ -81,11 +82,12 @@ def native_write(k, v, b):
     return b[..., None, None] * k[..., :, None] * v[..., None, :]
 
 
-def step(S, r):
-    """One native step. S: ``(B, H, d_k, d_v)``; r: :class:`Rule` of one step (``(B, H, ...)``).
+def step(S, r, D=None):
+    """One native step. S: ``(B, H, d_k, d_v)``; r: :class:`Rule` of one step (``(B, H, ...)``); D: its
+    ``exp(g)`` if already computed.
 
     Returns ``(S_t, D_t * S_{t-1})``."""
-    Sd = decay(S, r.g)
+    Sd = decay(S, r.g, D)
     Sn = Sd + native_write(r.k, r.v, r.b)
     if r.e is not None:
         Sn = Sn + r.e[..., :, None] * torch.einsum("bhkv,bhk->bhv", S, r.f)[..., None, :]
@@ -143,6 +145,7 @@ def run(S, rule: Rule, edits=None, record=(), chunk: Callable | None = None, min
     edits = edits or {}
     special = sorted(set(edits) | set(record))
     kept, outs, t = {}, [], 0
+    D = rule.g.exp()  # once for every step
     for stop in special + [T]:
         if stop > t:  # a plain stretch [t, stop)
             if chunk is not None and stop - t >= min_chunk:
@@ -151,12 +154,12 @@ def run(S, rule: Rule, edits=None, record=(), chunk: Callable | None = None, min
             else:
                 for s in range(t, stop):
                     r = rule.at(s)
-                    S, _ = step(S, r)
+                    S, _ = step(S, r, D[:, s])
                     outs.append(read(S, r.q)[:, None])
         if stop == T:
             break
         S_prev, r = S, rule.at(stop)
-        S, Sd = step(S, r)
+        S, Sd = step(S, r, D[:, stop])
         if stop in edits:
             S = apply_edits(S, Sd, r, edits[stop])
         if stop in record:

@@ -22,7 +22,8 @@ def cache_overview(ct, seq=0, pos=-1, title=""):
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     _heat(axes[0], ct.write[seq, pos], "native write $W_t = b_t k_t v_t^T$")
     _heat(axes[1], ct.state[seq, pos], "state $S_t$")
-    axes[2].plot(ct.a[seq].cpu(), label="forget gate $a_t$")
+    a = ct.a[seq] if ct.a.ndim == 2 else ct.a[seq].mean(-1)  # a per-key-row decay (B, P, d_k): its mean
+    axes[2].plot(a.cpu(), label="forget gate $a_t$")
     axes[2].plot(ct.b[seq].cpu(), label="write gate $b_t$")
     axes[2].set_xlabel("position")
     axes[2].legend(fontsize=8)
