@@ -35,7 +35,7 @@ def windows(h, text="train", window=128, n_windows=None, seed=0):
     ``"heldout"``); for a tokenizer-less tiny model, seeded random tokens."""
     if h.tokenizer is None:
         g = torch.Generator().manual_seed(seed + (1 if text == "heldout" else 0))
-        return torch.randint(0, h.config.vocab_size, (64 if n_windows is None else n_windows, window), generator=g)
+        return torch.randint(0, h.vocab_size, (64 if n_windows is None else n_windows, window), generator=g)
     if text in ("train", "heldout"):
         body = embedded_text(text)
     elif Path(text).suffix == ".txt" and Path(text).is_file():

@@ -144,6 +144,7 @@ def closed_form(host, sae, ids, sites, *, eps=(0.1, 0.3, 1.0, 3.0), relative_to=
     sites = sites[sites["pos"] + max(lags) < T].reset_index(drop=True)
     split = _site_split(sites, fit_frac, seed)
     cell = host.cell(layer, head)
+    sae.check_cell(cell)
     U_tok = host.head_unembed(cell)  # (V, d_v): the paper's token read-out W_U W_O[head] of the head output
     rows = []
     seqs = sorted(sites["seq"].unique())
@@ -202,7 +203,8 @@ def r2(df, by=("feature",)) -> pd.DataFrame:
     by = list(by)
     fit = df[df["split"] == "fit"]
     c = {pred: fit.groupby("feature").apply(lambda g, pr=pred: (g["measured"] * g[pr]).sum() / (g[pr] ** 2).sum(),
-                                            include_groups=False) for pred in PREDICTORS}
+                                            include_groups=False) if len(fit) else pd.Series(dtype=float)
+         for pred in PREDICTORS}  # no fit rows: the fitted R^2 is NaN
     ev = df[df["split"] == "eval"]
     rows = []
     for key, g in ev.groupby(by, sort=True):
@@ -232,9 +234,10 @@ def r2_summary(table) -> pd.DataFrame:
 def edited_layer(host, sae, ids, sites, *, eps=(1e-3, 1e-2, 0.1, 1.0, 3.0), lags=(0, 2)) -> pd.DataFrame:
     """The closed form at the edited layer itself: per (site, eps, lag), R^2 (over vector components) of
     the exact prediction ``do_t = eps A^T P^T q_t`` against the measured head output change, and of the
-    first-order (JVP) prediction of the layer output change ``W_O,h norm(o, z)`` against the measured one
-    (-> 1 as eps -> 0; the gap at large eps is the gated RMSNorm's nonlinearity)."""
+    first-order (JVP) prediction of the layer output change ``host.head_out(o)`` against the measured one
+    (-> 1 as eps -> 0; the gap at large eps is the output norm's nonlinearity)."""
     layer, head = (int(x) for x in sites[["layer", "head"]].drop_duplicates().iloc[0])
+    sae.check_cell(host.cell(layer, head))
     ids = torch.as_tensor(ids)
     T = ids.shape[1]
     rows = []
@@ -277,6 +280,7 @@ def selectivity(host, sae, ids, sites, *, eps=1.0, top=10, seed=0) -> pd.DataFra
     edited position when ``eps A / ||A||`` is added to the state) and those of matched-norm controls:
     a random rank-1 matrix and a rank-1 matrix orthogonal to the atom's factors. One row per (site, control)."""
     layer, head = (int(x) for x in sites[["layer", "head"]].drop_duplicates().iloc[0])
+    sae.check_cell(host.cell(layer, head))
     ids = torch.as_tensor(ids)
     items, meta = [], []
     for s, p, f in zip(sites["seq"], sites["pos"], sites["feature"]):

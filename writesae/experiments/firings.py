@@ -6,14 +6,13 @@ over windows and returns every firing as one row, with the signed Frobenius cosi
 and the write at that position — the quantity that decides the substitution results and that every
 table carries. :func:`select` picks the *pool* an experiment runs on and writes its name into the table.
 
-Cosines, for an atom ``A`` and the rank-1 write ``k_t u_t^T`` (``u_t = b_t v_t`` for the paper's additive
-write ``W_t = b_t k_t v_t^T``; ``u_t = b_t (v_t - a_t S_{t-1}^T k_t)`` for the full delta-rule update
-``U_t = S_t - a_t S_{t-1}``)::
+Cosines, for an atom ``A`` and the rank-1 additive write ``W_t = b_t k_t v_t^T = k_t u_t^T`` (``u_t = b_t v_t``)::
 
     cos(A, k u^T) = k^T A u / (||A||_F ||k|| ||u||)
 
 and for a rank-1 atom ``A = v_i w_i^T`` this is ``cos(v_i, k_t) * cos(w_i, u_t)``; the paper's ``cos_v`` =
 ``cos(v_i, k_t)`` (k-side factor) and ``cos_w`` = ``cos(w_i, v_t)`` (v-side factor) are reported too.
+``cos_update`` is the Frobenius cosine with the full update ``U_t = S_t - D_t * S_{t-1}`` (rank 2 for RWKV-7).
 """
 from __future__ import annotations
 
@@ -58,6 +57,7 @@ def collect(host, sae, cell, ids, *, min_pos=8, batch_size=16, chunk=8192, progr
     """
     ids = torch.as_tensor(ids)
     layer, head = host.cell(*cell)[:2]
+    sae.check_cell(host.cell(layer, head))
     N, T = ids.shape
     factors = _rank1_factors(sae)
     parts = []

@@ -11,18 +11,18 @@
   generation; count newlines against the baseline and a dose-matched random-feature control.
 
 **The direction of a target token.** The head output ``o_t = S_t^T q_t`` (``S`` is ``d_k x d_v``) reaches
-the logits through the gated RMSNorm ``g(o, z) = γ ⊙ o / rms(o) ⊙ silu(z)``, the head's slice ``W_O[h]``
-of ``out_proj``, the residual stream, the final RMSNorm ``f`` and ``W_U``. :func:`token_readout` takes the
-*direct path* (the later layers are left out) and linearises it exactly at the run's own values:
-``u_T = J_g(o_t, z_t)^T W_O[h]^T J_f(r_t)^T W_U[T]``, the gradient of ``W_U[T] · f(r_t + W_O[h] g(o_t, z_t))``
-with respect to ``o_t`` (``r_t``: the final residual). It reduces to the paper's ``W_O[h]^T W_U[T]``
-when both norms are frozen and unweighted. The read side is ``q`` (at the read position, or the mean of
-the last ``window`` q's up to the install position), so the unit direction is
-``D_T = k̂ û_T^T`` and a state change ``dS`` at the read position changes the target logit by
+the logits through ``g = host.head_out`` (for Gated DeltaNet the gated RMSNorm ``γ ⊙ o / rms(o) ⊙ silu(z)``
+and the head's slice ``W_O[h]`` of ``out_proj``; each family documents its own), the residual stream and
+``f = host.unembed`` (final norm and ``W_U``). :func:`token_readout` takes the *direct path* (the later
+layers are left out) and linearises it exactly at the run's own values: ``u_T``, the gradient of
+``f(r_t + g(o_t))[T]`` with respect to ``o_t`` (``r_t``: the final residual). It reduces to the paper's
+``W_O[h]^T W_U[T]`` (``host.head_unembed``) when the norms are frozen and unweighted. The read side is ``q``
+(at the read position, or the mean of the last ``window`` q's up to the install position), so the unit
+direction is ``D_T = k̂ û_T^T`` and a state change ``dS`` at the read position changes the target logit by
 ``q_t^T dS u_T`` to first order. A change made ``n`` steps earlier is carried exactly by the layer's own
-recurrence ``dS_s = a_s (I - b_s k_s k_s^T) dS_{s-1}`` (``closed_form.propagate``): the only approximations
-of the prediction are the direct path and first order. The norm inputs are read with
-``closed_form.readout`` (forward hooks on the two norms).
+transport ``dS_s = D_s * dS_{s-1} + e_s (f_s^T dS_{s-1})`` (``closed_form.propagate``): the only
+approximations of the prediction are the direct path and first order. What the read-out needs comes from
+``host.readout``.
 """
 from __future__ import annotations
 
@@ -193,6 +193,7 @@ def erasure(host, sae, cell, ids, *, firings=None, features=None, n_features=8, 
     (module docstring)."""
     ids = _as_batch(ids)
     layer, head = host.cell(*cell)[:2]
+    sae.check_cell(host.cell(layer, head))
     N, T = ids.shape
     if firings is None:
         firings = _firings.collect(host, sae, (layer, head), ids, min_pos=min_pos)
@@ -230,6 +231,8 @@ def erasure(host, sae, cell, ids, *, firings=None, features=None, n_features=8, 
         parts.append(pd.DataFrame(dict(feature=int(f), token=token, seq=sel["seq"].to_numpy(), pos=sel["pos"].to_numpy(),
                                        coef=sel["coef"].to_numpy(), where="firing", split="select", dose=1.0,
                                        dlogit=l_sel[:, token].numpy(), dlogp=d_sel[:, token].numpy(), predicted=predicted(sel, token, 1.0, A))))
+        if ev.empty:  # the feature fires at every position of its evaluation windows: no matched control
+            continue
         for where, sites in (("firing", ev), ("non-firing", ctrl)):
             for dose in doses:
                 dl, d = _delta(host, ids, rows_of(sites, dose), sites["pos"].tolist())

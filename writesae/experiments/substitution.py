@@ -115,6 +115,7 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
     if len(cells) != 1:
         raise ValueError(f"sites must hold one cell, got {len(cells)}")
     layer, head = (int(x) for x in cells.iloc[0])
+    sae.check_cell(host.cell(layer, head))
     ids = torch.as_tensor(ids)
     sites = sites.reset_index(drop=True)
     per_site, kls = [], {}
