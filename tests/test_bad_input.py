@@ -7,6 +7,7 @@ import shutil
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -15,6 +16,8 @@ from writesae import pipeline
 from writesae.cli import main
 from writesae.data import ShardWriter, StateDataset
 from writesae.errors import CorruptFileError
+from writesae.experiments import closed_form as CF
+from writesae.experiments import substitution as SUB
 from writesae.extract import extract
 from writesae.hosts import Edit, load_host
 from writesae.sae import SAEConfig, WriteSAE
@@ -125,6 +128,16 @@ CASES = [
     ("40x24 SAE meets a 24x40 host cell (substitute / closed_form)",
      lambda c: _transposed_sae().check_cell(c.host.cell(0, 1)),
      ValueError, r"the SAE takes \(d_k, d_v\) = \(8, 16\), the cell has \(16, 8\)"),
+    ("transposed SAE handed to substitute",
+     lambda c: SUB.substitute(
+         c.host, _transposed_sae(), torch.zeros(1, 20, dtype=torch.long),
+         pd.DataFrame(dict(seq=[0], pos=[10], layer=[0], head=[1], feature=[0], coef=[1.0]))),
+     ValueError, r"the SAE takes \(d_k, d_v\) = \(8, 16\), the cell has \(16, 8\)"),
+    ("SAE of L0H1 handed to closed_form on L1H2",
+     lambda c: CF.closed_form(
+         c.host, WriteSAE.load(c.sae), torch.zeros(1, 20, dtype=torch.long),
+         pd.DataFrame(dict(seq=[0], pos=[10], layer=[1], head=[2], feature=[0], coef=[1.0]))),
+     ValueError, r"trained on L0H1, used on L1H2"),
     ("load() without expect_cell, then another cell's states",
      lambda c: evaluate_sae(WriteSAE.load(c.sae), StateDataset(c.states, "L1H2", "all")),
      ValueError, r"trained on L0H1, used on L1H2"),
