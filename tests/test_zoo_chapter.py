@@ -1,0 +1,212 @@
+"""The across-architectures chapter: writesae.experiments.zoo's functions, and the notebook end to end under
+nbval with the tiny parameters (the mechanism of tests/test_notebooks.py, for this notebook alone)."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from writesae import book, pipeline
+from writesae.experiments import zoo
+from writesae.hosts import EMBEDDED_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "08_across_architectures.ipynb"
+
+
+# ------------------------------------------------------------------------------ cells that keep a state
+def test_memory_table_is_the_zoo_exports_formula():
+    """One formula: the per-layer measurement equals writesae.embedded_train.memory_table (what metrics.json holds)."""
+    from writesae.embedded_train import memory_table as exported
+
+    host = pipeline.host("tiny:gla", "cpu")
+    ids = pipeline.windows(host, "heldout", 24, 2, 0)
+    mine = zoo.memory_table(host, ids)
+    assert mine.to_dict("records") == exported(host, ids)
+    assert len(mine) == len(host.cells) and (mine["write_share"] > 0).all()
+
+
+def test_choose_cells_takes_the_lowest_write_share():
+    mem = pd.DataFrame(dict(cell=["L0H0", "L0H1", "L1H0", "L1H1"], layer=[0, 0, 1, 1], head=[0, 1, 0, 1],
+                            write_share=[0.9, 0.2, 0.2, 0.05]))
+    assert zoo.choose_cells(mem, 1) == [(1, 1)]
+    assert zoo.choose_cells(mem, 3) == [(1, 1), (0, 1), (1, 0)]  # tie broken by (layer, head)
+    assert zoo.choose_cells(mem, 2, fixed=[[3, 2], "L0H0"]) == [(3, 2), (0, 0)]
+    # a floor skips nearly frozen states, which come back only when too few cells are above it
+    assert zoo.choose_cells(mem, 1, min_write_share=0.1) == [(0, 1)]
+    assert zoo.choose_cells(mem, 3, min_write_share=0.5) == [(0, 0), (0, 1), (1, 0)]
+
+
+def test_metrics_path_finds_the_zoo_folders(tmp_path):
+    assert zoo.metrics_path("embedded:gdn") == EMBEDDED_DIR / "gdn" / "metrics.json"
+    assert zoo.metrics_path("embedded:delta_net") == EMBEDDED_DIR / "deltanet" / "metrics.json"
+    assert zoo.metrics_path("embedded") == EMBEDDED_DIR / "metrics.json"
+    assert zoo.metrics_path(str(tmp_path)) == tmp_path / "metrics.json"
+    assert zoo.metrics_path("tiny:gla") is None and zoo.metrics_path("org/name") is None
+
+
+def test_memory_reads_metrics_json_else_measures(tmp_path, monkeypatch):
+    monkeypatch.setenv("WRITESAE_CACHE", str(tmp_path / "artifacts"))
+    host = pipeline.host("tiny:mamba2", "cpu")
+    measured = zoo.memory(host, window=16, n_windows=1)
+    assert measured["source"].str.startswith("measured").all()
+    assert list(zip(measured["layer"], measured["head"])) == [(c.layer, c.head) for c in host.cells]
+
+    class Named:  # a host whose source is a model folder with a metrics.json memory table
+        name = str(tmp_path / "model")
+    (tmp_path / "model").mkdir()
+    table = [dict(cell="L3H1", decay=0.9, write_share=0.1), dict(cell="L0H2", decay=0.5, write_share=0.7)]
+    (tmp_path / "model" / "metrics.json").write_text(json.dumps(dict(params=1, memory=table)))
+    read = zoo.memory(Named())
+    assert read[["cell", "layer", "head", "write_share"]].values.tolist() == [["L3H1", 3, 1, 0.1], ["L0H2", 0, 2, 0.7]]
+    assert read["source"].str.startswith("metrics.json").all()
+    assert zoo.choose_cells(read, 1) == [(3, 1)]
+
+
+# ------------------------------------------------------------------------------------------- pieces
+def test_atoms_for_matches_the_update_rank():
+    assert [a.name for a in zoo.atoms_for("rwkv7")] == ["rank-1 write", "rank-2 update"]
+    assert zoo.RANK2_UPDATE.rank == 2 and zoo.RANK2_UPDATE.write == "update" and zoo.RANK2_UPDATE.cos == "cos_update"
+    for fam in ("gdn", "mamba2", "deltanet", "gla"):
+        assert zoo.atoms_for(fam) == (zoo.RANK1,)
+
+
+def test_truncated_atoms_are_the_best_rank_r_approximation():
+    torch.manual_seed(0)
+    dense = torch.randn(5, 6, 7)
+
+    class Dense:  # the part of a dense-decoder WriteSAE that TruncatedAtoms reads
+        cfg = "cfg"
+
+        def atoms(self, indices=None):
+            return dense if indices is None else dense[torch.as_tensor(indices)]
+
+    for r in (1, 2):
+        A, T = dense[3], zoo.TruncatedAtoms(Dense(), rank=r).atom(3)
+        s = torch.linalg.svdvals(A)
+        assert torch.linalg.matrix_rank(T) == r
+        assert torch.allclose((A - T).norm(), s[r:].norm(), atol=1e-5)  # Eckart-Young: the residual is the tail
+    u, v = torch.randn(6), torch.randn(7)
+    dense[0] = torch.outer(u, v)
+    assert torch.allclose(zoo.TruncatedAtoms(Dense()).atom(0), dense[0], atol=1e-5)  # rank 1 stays itself
+    batch = zoo.TruncatedAtoms(Dense(), rank=2).atoms([1, 3])
+    assert torch.allclose(batch[1], zoo.TruncatedAtoms(Dense(), rank=2).atom(3), atol=1e-6)
+    assert zoo.TruncatedAtoms(Dense()).cfg == "cfg"  # everything but the atoms is the wrapped SAE's
+
+
+def test_ordering_says_which_pairs_hold():
+    paper = zoo.PAPER["register_cos"]  # GDN > RWKV-7 > Mamba-2
+    ok = zoo.ordering({"GDN": 0.3, "RWKV-7": 0.2, "Mamba-2": 0.1}, paper)
+    assert ok["holds"] is True and "holds in this run" in ok["sentence"]
+    bad = zoo.ordering({"GDN": 0.3, "RWKV-7": 0.05, "Mamba-2": 0.1}, paper)
+    assert bad["holds"] is False
+    assert bad["measured"].startswith("GDN (0.300) > Mamba-2 (0.100) > RWKV-7")
+    assert "GDN > RWKV-7, GDN > Mamba-2 hold and RWKV-7 > Mamba-2 does not" in bad["sentence"]
+    tie = zoo.ordering({"GDN": 0.1, "Mamba-2": 0.1}, {"gdn": 2, "mamba2": 1})
+    assert tie["holds"] is False and "=" in tie["measured"]
+    assert zoo.ordering({"GDN": 0.3, "RWKV-7": np.nan}, paper)["holds"] is None
+
+
+def _summary(rows):
+    base = dict(atom="rank-1 write", decoder="WriteSAE", scaling="coef", read="mean", direction="patched||base")
+    return pd.DataFrame([dict(base, **r) for r in rows])
+
+
+def test_claims_verdicts_follow_the_numbers():
+    summary = _summary([dict(family="GDN", n=10, win_rate=0.9, median_kl_atom=1.0, median_kl_delete=2.0, median_kl_random=3.0),
+                        dict(family="Mamba-2", n=10, win_rate=0.95, median_kl_atom=1.0, median_kl_delete=2.0,
+                             median_kl_random=3.0)])
+    flat = _summary([dict(family=f, decoder=d, scaling="norm", n=10, win_rate=w) for f, d, w in (
+        ("GDN", "WriteSAE", 0.8), ("GDN", "FlatSAE + top-1 SVD", 0.8),
+        ("Mamba-2", "WriteSAE", 0.9), ("Mamba-2", "FlatSAE + top-1 SVD", 0.7))])
+    cf = pd.DataFrame(dict(family=["GDN", "Mamba-2"], r2_pred_paper_fit=[0.9, -0.4]))
+    sweep = pd.DataFrame(dict(k=[16, 32, 64, 128], n_register=[0, 0, 3, 5], dbic=[5.0, 4.0, -3.0, -9.0],
+                              register_cos=[np.nan, np.nan, 0.5, 0.9]))
+    reg = {"GDN": 0.3, "RWKV-7": 0.2, "Mamba-2": 0.1}
+    table = zoo.claims(reg, summary, flat, cf, sweep)
+    assert table["verdict"].tolist() == ["holds", "does not hold", "holds", "holds", "holds", "holds"]
+    values = zoo.glue_values(reg_cos=reg, summary=summary, flat_summary=flat, cf_by_family=cf, sweep=sweep,
+                             claims_table=table)
+    assert values["flat_matched_mamba2"] == 0.9 and values["flat_svd_mamba2"] == 0.7
+    assert values["sub_win_rate_gdn"] == 0.9 and np.isnan(values["sub_win_rate_gla"])  # every family has a key
+    assert values["k_reg_cos_128"] == 0.9 and np.isnan(values["reg_cos_gla"])
+    assert values["claims_summary"].startswith("Of the paper's 6 cross-architecture statements, 6 can be tested")
+    assert "5 hold" in values["claims_summary"] and "1 does not" in values["claims_summary"]
+    # nothing measured: every statement is untestable, and the text still renders
+    empty = zoo.claims({}, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(columns=["family"]), zoo.k_sweep(None))
+    assert set(empty["verdict"]) == {"not testable here"}
+    assert "0 can be tested" in zoo.glue_values(claims_table=empty)["claims_summary"]
+
+
+# ----------------------------------------------------------------------- one family through the chapter
+@pytest.fixture(scope="module")
+def rwkv7(tmp_path_factory):
+    """The tiny RWKV-7 (rank-2 update: two atom rows) through every step, tiny sizes, in a fresh cache."""
+    cache = tmp_path_factory.mktemp("artifacts")
+    old = os.environ.get("WRITESAE_CACHE")
+    os.environ["WRITESAE_CACHE"] = str(cache)
+    try:
+        fams = zoo.setup({"rwkv7": "tiny:rwkv7"}, device="cpu", window=24, n_windows=16, positions_per_seq=8,
+                         eval_windows=4, n_feat=32, k=4, epochs=2, batch_size=64, min_firings=2, max_firings=4,
+                         cf_atoms=1, cf_sites=3, memory_window=24, memory_windows=1)
+        cells, atoms = zoo.partitions(fams)
+        sub = zoo.substitutions(fams)
+        flat = zoo.flat_comparison(fams)
+        yield fams, cells, atoms, sub, flat
+    finally:
+        os.environ.pop("WRITESAE_CACHE") if old is None else os.environ.__setitem__("WRITESAE_CACHE", old)
+
+
+def test_family_setup_and_partitions(rwkv7):
+    fams, cells, atoms, _, _ = rwkv7
+    f = fams["rwkv7"]
+    assert f.name == "RWKV-7" and len(f.cells) == 1
+    assert f.cells == zoo.choose_cells(f.memory, 1) and f.memory["chosen"].sum() == 1
+    assert cells["atom"].tolist() == ["rank-1 write", "rank-2 update"]
+    assert (cells["n_alive"] == cells["n_register"] + cells["n_bundle"]).all()
+    reg = atoms[atoms["class"] == "register"]
+    for _, row in cells.iterrows():  # the register median cosine is the median over that row's register atoms
+        mine = reg[reg["atom"] == row["atom"]]["cos"]
+        assert (np.isnan(row["register_cos"]) and mine.empty) or np.isclose(row["register_cos"], mine.median())
+    assert f.sae(f.cells[0], zoo.RANK2_UPDATE).cfg.rank == 2
+
+
+def test_substitution_rows(rwkv7):
+    fams, _, _, sub, _ = rwkv7
+    assert set(sub["scaling"]) == {"coef", "norm"} and set(sub["direction"]) == {"patched||base", "base||patched"}
+    assert set(sub["read"]) == {"next", "final", "mean"} and set(sub["pool"]) == {"top1"}
+    assert {"kl_atom", "kl_delete", "kl_random"} <= set(sub.columns)
+    assert set(sub.loc[sub["atom"] == "rank-2 update", "write"]) == {"update"}
+    assert set(sub.loc[sub["atom"] == "rank-1 write", "write"]) == {"additive"}
+    n = sub[(sub["read"] == "mean") & (sub["direction"] == "patched||base")].groupby(["atom", "scaling"]).size()
+    assert (n == 4).all()  # max_firings per cell, atom and scaling
+    s = zoo.summarize(sub)
+    assert np.allclose(s["win_rate"], s["wins"] / s["n"])
+
+
+def test_flat_comparison_uses_the_same_firings(rwkv7):
+    _, _, _, sub, flat = rwkv7
+    assert set(flat["decoder"]) == {"WriteSAE", "FlatSAE + top-1 SVD", "FlatSAE + top-2 SVD"}
+    assert set(flat["scaling"]) == {"norm"}
+    for atom, g in flat.groupby("atom"):
+        sites = {d: set(zip(x["seq"], x["pos"])) for d, x in g.groupby("decoder")}
+        assert len(sites) == 2 and len(set(map(frozenset, sites.values()))) == 1
+        # matched norm: each substituted atom has the native write's norm
+        assert np.allclose(g["atom_scale"], g["native_norm"], rtol=1e-4)
+    rows, paper = zoo.win_rate_rows(zoo.summarize(sub), zoo.summarize(flat))
+    assert set(rows["decoder"]) == {"WriteSAE, coef", "WriteSAE, norm", "FlatSAE + top-1 SVD, norm"}
+    assert paper[("Mamba-2", "FlatSAE + top-1 SVD, norm")] == 0.7630
+
+
+# ------------------------------------------------------------------------------ the notebook, end to end
+def test_chapter_is_in_the_book_and_its_params_apply():
+    assert Path("notebooks/08_across_architectures") in [p.with_suffix("") for p in book.toc_documents(REPO)]
+    for name in ("tiny.yaml", "embedded_cpu.yaml", "mamba2_370m_gpu.yaml", "rwkv7_1p5b_gpu.yaml",
+                 "deltanet_1p3b_gpu.yaml", "gla_1p3b_gpu.yaml"):
+        params = book._notebook_params(NOTEBOOK, book.load_params(REPO / "params" / name))  # raises on unknown names
+        assert set(params["models"]) <= set(zoo.FAMILIES), name
+    tiny = book._notebook_params(NOTEBOOK, book.load_params(REPO / "params" / "tiny.yaml"))
+    assert all(v.startswith("tiny:") for v in tiny["models"].values()) and len(tiny["models"]) == 5
