@@ -15,35 +15,16 @@ Layer state: windows ``(q, k, v projections before their short convs)`` each ``(
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
 from ..ops import delta_net as ops_delta_net
 from ..ops import recurrence
 from .base import LayerOut, LayerState
-from .recurrent import RecurrentHost, grow, tail
+from .fla import FlaHost, fla_kernel, short_conv
 
 
-def short_conv(conv, state, i, x):
-    """fla's ShortConvolution over ``x`` (B, T, C) continuing window ``i`` of ``state``: (output, new window)."""
-    K = conv.weight.shape[-1]
-    prev = tail(state.windows[i], K - 1).to(x) if state else x.new_zeros(x.shape[0], K - 1, x.shape[-1])
-    y = F.conv1d(torch.cat([prev, x], 1).transpose(1, 2), conv.weight, conv.bias, groups=x.shape[-1]).transpose(1, 2)
-    if getattr(conv, "activation", None) in ("silu", "swish"):
-        y = F.silu(y)
-    return y, grow(state, i, x)
-
-
-def fla_kernel(module, name, device):
-    """fla's kernel ``fla.ops.<module>.<name>`` on CUDA when fla is installed, else None."""
-    if device.type != "cuda" or importlib.util.find_spec("fla") is None:
-        return None
-    return getattr(importlib.import_module(f"fla.ops.{module}"), name)
-
-
-class DeltaNetHost(RecurrentHost):
+class DeltaNetHost(FlaHost):
     """A DeltaNet model as cells (every layer, every head) of ``d_k x d_v`` states."""
 
     family = "delta_net"
@@ -51,13 +32,6 @@ class DeltaNetHost(RecurrentHost):
 
     def __init__(self, model, tokenizer=None, name=None):
         super().__init__(model, tokenizer, name)
-        self.backbone, self.lm_head = model.model, model.lm_head
-        self.config = model.config
-        if getattr(self.config, "attn", None):
-            raise ValueError(f"{self.name} has hybrid attention layers (config.attn); this host supports pure DeltaNet")
-        self.layers = list(self.backbone.layers)
-        self.layer_types = ["delta_net"] * len(self.layers)
-        self.recurrent_layers = list(range(len(self.layers)))
         at = self.layers[0].attn
         self.n_heads, self.d_k, self.d_v = at.num_heads, at.head_k_dim, at.head_v_dim
         self._chunk = self._chunk_kernel()
@@ -74,12 +48,6 @@ class DeltaNetHost(RecurrentHost):
             return o.float(), S.float()
 
         return chunk
-
-    def _embed(self, input_ids):
-        return self.backbone.embeddings(input_ids.to(self.device))
-
-    def unembed(self, residual):
-        return self.lm_head(self.backbone.norm(residual))
 
     def _rule(self, at, x, state):
         B, T, _ = x.shape
@@ -129,13 +97,7 @@ class DeltaNetHost(RecurrentHost):
         return at.o_norm(o, gate) if gate is not None else at.o_norm(o)
 
     # ------------------------------------------------------------- the read-out
-    def _out_weight(self, cell):
-        return self.layers[cell[0]].attn.o_proj.weight[:, cell[1] * self.d_v:(cell[1] + 1) * self.d_v]
-
     def head_out(self, cell, o, *gate):
         """``W_O[head] norm(o)`` (gated by ``silu(W_g x)`` with ``use_gate``): the norm acts per head."""
         at = self.layers[cell[0]].attn
         return F.linear(self._norm(at, o, gate[0] if gate else None), self._out_weight(cell))
-
-    def head_unembed(self, cell):
-        return self.lm_head.weight.float() @ self._out_weight(cell).float()

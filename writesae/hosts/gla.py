@@ -22,11 +22,10 @@ import torch.nn.functional as F
 from ..ops import gla as ops_gla
 from ..ops import recurrence
 from .base import LayerOut, LayerState
-from .delta_net import fla_kernel, short_conv
-from .recurrent import RecurrentHost
+from .fla import FlaHost, fla_kernel, short_conv
 
 
-class GLAHost(RecurrentHost):
+class GLAHost(FlaHost):
     """A GLA model as cells (every layer, every head) of ``d_k x d_v`` states."""
 
     family = "gla"
@@ -34,13 +33,6 @@ class GLAHost(RecurrentHost):
 
     def __init__(self, model, tokenizer=None, name=None):
         super().__init__(model, tokenizer, name)
-        self.backbone, self.lm_head = model.model, model.lm_head
-        self.config = model.config
-        if getattr(self.config, "attn", None):
-            raise ValueError(f"{self.name} has hybrid attention layers (config.attn); this host supports pure GLA")
-        self.layers = list(self.backbone.layers)
-        self.layer_types = ["gla"] * len(self.layers)
-        self.recurrent_layers = list(range(len(self.layers)))
         at = self.layers[0].attn
         self.n_heads, self.d_k, self.d_v = at.num_heads, at.head_k_dim, at.head_v_dim
         self._chunk = self._chunk_kernel()
@@ -57,12 +49,6 @@ class GLAHost(RecurrentHost):
             return o.float(), S.float()
 
         return chunk
-
-    def _embed(self, input_ids):
-        return self.backbone.embeddings(input_ids.to(self.device))
-
-    def unembed(self, residual):
-        return self.lm_head(self.backbone.norm(residual))
 
     def _heads(self, at, x, d):
         """(B, T, n*d) -> (B, T, H, d), each kv head repeated for its group (fla's ``(h g) d``)."""
@@ -107,12 +93,6 @@ class GLAHost(RecurrentHost):
         return at.g_norm(o) * F.silu(gate)
 
     # ------------------------------------------------------------- the read-out
-    def _out_weight(self, cell):
-        return self.layers[cell[0]].attn.o_proj.weight[:, cell[1] * self.d_v:(cell[1] + 1) * self.d_v]
-
     def head_out(self, cell, o, *gate):
         """``W_O[head] (norm(o) * swish(gate))``: the norm acts per head, so the rest of the layer drops out."""
         return F.linear(self._norm(self.layers[cell[0]].attn, o, gate[0] if gate else None), self._out_weight(cell))
-
-    def head_unembed(self, cell):
-        return self.lm_head.weight.float() @ self._out_weight(cell).float()

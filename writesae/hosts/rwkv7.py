@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from ..ops import recurrence
 from ..ops import rwkv7 as ops_rwkv7
 from .base import LayerOut, LayerState
-from .delta_net import fla_kernel
-from .recurrent import RecurrentHost, grow, tail
+from .fla import FlaHost, fla_kernel
+from .recurrent import grow, tail
 
 LOG_DECAY_BOUND = 0.6065306597126334  # e^{-1/2}: w = -e^{-1/2} sigmoid(.)
 
@@ -38,7 +38,7 @@ def token_shift(state, i, x):
     return torch.cat([prev, x[:, :-1]], 1) - x, grow(state, i, x)
 
 
-class RWKV7Host(RecurrentHost):
+class RWKV7Host(FlaHost):
     """An RWKV-7 model as cells (every layer, every head) of ``head_dim x head_dim`` states."""
 
     family = "rwkv7"
@@ -46,13 +46,6 @@ class RWKV7Host(RecurrentHost):
 
     def __init__(self, model, tokenizer=None, name=None):
         super().__init__(model, tokenizer, name)
-        self.backbone, self.lm_head = model.model, model.lm_head
-        self.config = model.config
-        if getattr(self.config, "attn", None):
-            raise ValueError(f"{self.name} has hybrid attention layers (config.attn); this host supports pure RWKV-7")
-        self.layers = list(self.backbone.layers)
-        self.layer_types = ["rwkv7"] * len(self.layers)
-        self.recurrent_layers = list(range(len(self.layers)))
         at = self.layers[0].attn
         self.n_heads, self.d_k = at.num_heads, at.head_dim
         self.d_v = at.value_dim // at.num_heads
@@ -74,14 +67,11 @@ class RWKV7Host(RecurrentHost):
         return chunk
 
     def _embed(self, input_ids):
-        x = self.backbone.embeddings(input_ids.to(self.device))
+        x = super()._embed(input_ids)
         return torch.cat([x, x.new_zeros(*x.shape[:2], self.n_heads * self.d_v)], -1)
 
     def _residual(self, stream):
         return stream[..., :self.hidden]
-
-    def unembed(self, residual):
-        return self.lm_head(self.backbone.norm(residual))
 
     def _block(self, i, stream, ctx, state, edits, record):
         blk = self.layers[i]
@@ -130,9 +120,6 @@ class RWKV7Host(RecurrentHost):
         return at.g_norm(o.reshape(-1, shape[-2] * shape[-1])).view(shape)
 
     # ------------------------------------------------------------- the read-out
-    def _out_weight(self, cell):
-        return self.layers[cell[0]].attn.o_proj.weight[:, cell[1] * self.d_v:(cell[1] + 1) * self.d_v]
-
     def head_out(self, cell, o, bonus, gate):
         """``W_O[head] ((groupnorm(o) + bonus) * gate)``: the group norm acts per head, so the rest of the
         layer drops out."""
@@ -142,6 +129,3 @@ class RWKV7Host(RecurrentHost):
         if gn.bias is not None:
             normed = normed + gn.bias.view(self.n_heads, -1)[h]
         return F.linear((normed + bonus) * gate, self._out_weight(cell))
-
-    def head_unembed(self, cell):
-        return self.lm_head.weight.float() @ self._out_weight(cell).float()

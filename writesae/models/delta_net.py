@@ -35,6 +35,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from ..ops.delta_net import delta_rule_chunked, delta_rule_recurrent, l2norm
+from .modules import FusedRMSNormGated, GatedMLP, NoCacheGeneration, RMSNorm, ShortConvolution
 
 
 class DeltaNetConfig(PretrainedConfig):
@@ -85,92 +86,6 @@ class DeltaNetConfig(PretrainedConfig):
 
 
 # ------------------------------------------------------------------ fla.modules, in torch
-class ShortConvolution(nn.Conv1d):
-    """fla's ``ShortConvolution``: causal depthwise conv over time (weight ``(D, 1, W)``), optional silu."""
-
-    def __init__(self, hidden_size, kernel_size, bias=False, activation="silu", **kwargs):
-        super().__init__(hidden_size, hidden_size, kernel_size, padding=kernel_size - 1, groups=hidden_size,
-                         bias=bias)
-        self.hidden_size = hidden_size
-        self.activation = activation
-
-    def forward(self, x):
-        """x: (B, T, D) -> (B, T, D)."""
-        y = F.conv1d(x.transpose(1, 2), self.weight, self.bias, padding=self.kernel_size[0] - 1,
-                     groups=self.hidden_size)[..., :x.shape[1]].transpose(1, 2)
-        return F.silu(y) if self.activation in ("silu", "swish") else y
-
-
-def _rms(x, weight, eps):
-    xf = x.float()
-    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-
-
-class RMSNorm(nn.Module):
-    """fla's ``RMSNorm`` (float32 math, output in x's dtype). ``prenorm=True`` adds ``residual`` first and
-    returns ``(norm(x + residual), x + residual)``, like fla's fused residual path."""
-
-    def __init__(self, hidden_size, eps=1e-5, dtype=None):
-        super().__init__()
-        self.hidden_size, self.eps = hidden_size, eps
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype))
-
-    def extra_repr(self):
-        return f"{self.hidden_size}, eps={self.eps}"
-
-    def forward(self, x, residual=None, prenorm=False):
-        if residual is not None:
-            x = x + residual
-        out = _rms(x, self.weight, self.eps).to(x.dtype)
-        return (out, x) if prenorm else out
-
-
-class FusedRMSNormGated(nn.Module):
-    """fla's ``FusedRMSNormGated``: ``RMSNorm(x) * silu(g)``."""
-
-    def __init__(self, hidden_size, eps=1e-5, activation="swish"):
-        super().__init__()
-        self.hidden_size, self.eps, self.activation = hidden_size, eps, activation
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-
-    def extra_repr(self):
-        return f"{self.hidden_size}, eps={self.eps}, activation={self.activation}"
-
-    def forward(self, x, g):
-        return (_rms(x, self.weight, self.eps) * F.silu(g.float())).to(x.dtype)
-
-
-class SwiGLULinear(nn.Module):
-    """fla's parameter-free ``SwiGLULinear``: ``linear(silu(x) * y, weight, bias)``."""
-
-    def forward(self, x, y, weight, bias):
-        return F.linear(F.silu(x) * y, weight, bias)
-
-
-class GatedMLP(nn.Module):
-    """fla's ``GatedMLP`` with ``hidden_act='swish'``: ``down(silu(gate(x)) * up(x))``."""
-
-    def __init__(self, hidden_size, hidden_ratio=None, intermediate_size=None, hidden_act="swish",
-                 fuse_swiglu=True):
-        super().__init__()
-        if hidden_act != "swish":
-            raise NotImplementedError(f"hidden_act={hidden_act!r}: only 'swish' is implemented")
-        hidden_ratio = 4 if hidden_ratio is None else hidden_ratio
-        if intermediate_size is None:  # fla: 2/3 * hidden_ratio * hidden_size, rounded up to a multiple of 256
-            intermediate_size = int(hidden_size * hidden_ratio * 2 / 3)
-            intermediate_size = 256 * ((intermediate_size + 256 - 1) // 256)
-        self.hidden_size, self.hidden_ratio, self.intermediate_size = hidden_size, hidden_ratio, intermediate_size
-        self.hidden_act, self.fuse_swiglu = hidden_act, fuse_swiglu
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        if fuse_swiglu:
-            self.swiglu_linear = SwiGLULinear()
-
-    def forward(self, x, **kwargs):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 # ------------------------------------------------------------------ the DeltaNet layer
 class DeltaNet(nn.Module):
     """fla's ``fla.layers.delta_net.DeltaNet`` token mixer (see the module docstring for the math).
@@ -347,7 +262,7 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
                                else None)
 
 
-class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
+class DeltaNetForCausalLM(NoCacheGeneration, DeltaNetPreTrainedModel, GenerationMixin):
     """fla's ``DeltaNetForCausalLM`` (logits = lm_head(model(...))). No cache: ``generate`` re-runs the prefix."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
@@ -362,15 +277,6 @@ class DeltaNetForCausalLM(DeltaNetPreTrainedModel, GenerationMixin):
 
     def get_decoder(self):
         return self.model
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls):
-        return False
-
-    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, attention_mask=None, **kwargs):
-        if inputs_embeds is not None and input_ids.shape[1] == 0:  # first step from embeddings only
-            return {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def forward(self, input_ids=None, inputs_embeds=None, labels=None, attention_mask=None,
                 output_hidden_states=False, **kwargs):

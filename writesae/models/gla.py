@@ -37,6 +37,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from writesae.ops.gla import chunk_gla, recurrent_gla
 
+from .modules import FusedRMSNormGated, GatedMLP, NoCacheGeneration, RMSNorm, ShortConvolution
+
 
 class GLAConfig(PretrainedConfig):
     """fla's ``GLAConfig`` (same fields and defaults)."""
@@ -95,74 +97,6 @@ FEATURE_MAPS = {"relu": F.relu, "sigmoid": torch.sigmoid, "logsigmoid": F.logsig
                 "swish": F.silu, "sqrelu": lambda x: F.relu(x) ** 2, "gelu": _gelu_tanh}
 
 
-class RMSNorm(nn.Module):
-    """fla's ``RMSNorm`` (and, called with a gate ``g``, ``FusedRMSNormGated``: ``norm(x) * g * sigmoid(g)``).
-
-    Computed in fp32 and cast back, like fla's kernels."""
-
-    def __init__(self, hidden_size, elementwise_affine=True, eps=1e-5, dtype=None):
-        super().__init__()
-        self.hidden_size, self.elementwise_affine, self.eps = hidden_size, elementwise_affine, eps
-        self.register_parameter("weight", nn.Parameter(torch.ones(hidden_size, dtype=dtype))
-                                if elementwise_affine else None)
-        self.register_parameter("bias", None)
-
-    def forward(self, x, g=None):
-        y = x.float()
-        y = y * torch.rsqrt(y.square().mean(-1, keepdim=True) + self.eps)
-        if self.weight is not None:
-            y = y * self.weight.float()
-        if g is not None:
-            y = y * F.silu(g.float())
-        return y.to(x.dtype)
-
-    def extra_repr(self):
-        return f"{self.hidden_size}, eps={self.eps}"
-
-
-class ShortConvolution(nn.Conv1d):
-    """fla's ``ShortConvolution``: depthwise causal conv over time, then SiLU. x: (B, T, D)."""
-
-    def __init__(self, hidden_size, kernel_size, bias=False, activation="silu"):
-        super().__init__(hidden_size, hidden_size, kernel_size, padding=kernel_size - 1, groups=hidden_size,
-                         bias=bias)
-        self.hidden_size, self.activation = hidden_size, activation
-
-    def forward(self, x):
-        y = super().forward(x.transpose(1, 2))[..., :x.shape[1]].transpose(1, 2)
-        return F.silu(y) if self.activation is not None else y
-
-
-class SwiGLULinear(nn.Module):
-    """fla's parameter-free ``SwiGLULinear``: ``linear(silu(x) * y)``."""
-
-    def forward(self, x, y, weight, bias):
-        return F.linear(F.silu(x) * y, weight, bias)
-
-
-class GatedMLP(nn.Module):
-    """fla's ``GatedMLP`` (SwiGLU): ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
-
-    def __init__(self, hidden_size, hidden_ratio=None, intermediate_size=None, hidden_act="swish",
-                 fuse_swiglu=True):
-        super().__init__()
-        if hidden_act != "swish":
-            raise NotImplementedError(f"hidden_act={hidden_act!r} (only 'swish')")
-        hidden_ratio = 4 if hidden_ratio is None else hidden_ratio
-        if intermediate_size is None:  # 2/3 * hidden * ratio, rounded up to a multiple of 256
-            intermediate_size = 256 * ((int(hidden_size * hidden_ratio * 2 / 3) + 255) // 256)
-        self.hidden_size, self.hidden_ratio, self.intermediate_size = hidden_size, hidden_ratio, intermediate_size
-        self.hidden_act, self.fuse_swiglu = hidden_act, fuse_swiglu
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        if fuse_swiglu:
-            self.swiglu_linear = SwiGLULinear()
-
-    def forward(self, x):
-        return F.linear(F.silu(self.gate_proj(x)) * self.up_proj(x), self.down_proj.weight, self.down_proj.bias)
-
-
 class GatedLinearAttention(nn.Module):
     """fla's ``GatedLinearAttention`` layer (same arguments, attributes and submodules)."""
 
@@ -211,7 +145,7 @@ class GatedLinearAttention(nn.Module):
         # the two names fla uses for the same per-head norm; the gate is applied in forward either way
         self.fuse_norm_and_gate = fuse_norm and use_output_gate
         if self.fuse_norm_and_gate:
-            self.g_norm_swish_gate = RMSNorm(self.head_v_dim, elementwise_affine, norm_eps)
+            self.g_norm_swish_gate = FusedRMSNormGated(self.head_v_dim, elementwise_affine, norm_eps)
         else:
             self.g_norm = RMSNorm(self.head_v_dim, elementwise_affine, norm_eps, dtype=torch.float32)
         self.gate_logit_normalizer = gate_logit_normalizer
@@ -240,8 +174,7 @@ class GatedLinearAttention(nn.Module):
         o, _ = gla(q, k, v, gk)                       # (B, T, H, d_v), scale d_k**-0.5
         if self.use_output_gate:
             g = self.g_proj(hidden_states).unflatten(-1, (-1, self.head_v_dim))
-            norm = self.g_norm_swish_gate if self.fuse_norm_and_gate else self.g_norm
-            o = norm(o, g)
+            o = self.g_norm_swish_gate(o, g) if self.fuse_norm_and_gate else self.g_norm(o) * F.silu(g)
         else:
             o = self.g_norm(o)
         return self.o_proj(o.flatten(-2).to(hidden_states.dtype))
@@ -331,7 +264,7 @@ class GLAModel(GLAPreTrainedModel):
                                        hidden_states=all_hidden if output_hidden_states else None)
 
 
-class GLAForCausalLM(GLAPreTrainedModel, GenerationMixin):
+class GLAForCausalLM(NoCacheGeneration, GLAPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
 
     def __init__(self, config):
@@ -353,16 +286,6 @@ class GLAForCausalLM(GLAPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls):
-        return False
-
-    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, attention_mask=None, **kwargs):
-        """No cache: every step re-reads the whole prefix."""
-        if inputs_embeds is not None and input_ids.shape[1] == 0:
-            return {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def forward(self, input_ids=None, inputs_embeds=None, labels=None, attention_mask=None,
                 output_hidden_states=None, **kwargs):

@@ -42,6 +42,8 @@ from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
 
 from writesae.ops import rwkv7 as rule
 
+from .modules import NoCacheGeneration
+
 LOG_DECAY_BOUND = math.exp(-0.5)  # w = -LOG_DECAY_BOUND * sigmoid(.) in [-0.6065, 0)
 
 
@@ -345,7 +347,7 @@ class L2Wrap(torch.autograd.Function):
         return dloss, maxx.new_zeros(ctx.shape).scatter_(-1, ids, maxx * dloss)
 
 
-class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
+class RWKV7ForCausalLM(NoCacheGeneration, RWKV7PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
 
     def __init__(self, config: RWKV7Config):
@@ -354,16 +356,6 @@ class RWKV7ForCausalLM(RWKV7PreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls):
-        return False
-
-    def prepare_inputs_for_generation(self, input_ids, inputs_embeds=None, attention_mask=None, **kwargs):
-        """No cache: every step re-reads the whole prefix."""
-        if inputs_embeds is not None and input_ids.shape[1] == 0:
-            return {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask}
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def forward(self, input_ids=None, inputs_embeds=None, labels=None, attention_mask=None,
                 output_hidden_states=None, **kwargs) -> CausalLMOutput:
