@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+from transformers.modeling_outputs import BaseModelOutput
 
 from ..ops.delta_net import delta_rule_chunked, delta_rule_recurrent, l2norm
-from .modules import FusedRMSNormGated, GatedMLP, NoCacheGeneration, RMSNorm, ShortConvolution
+from .modules import FusedRMSNormGated, GatedMLP, FlaCausalLM, RMSNorm, ShortConvolution
 
 
 class DeltaNetConfig(PretrainedConfig):
@@ -262,7 +262,7 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
                                else None)
 
 
-class DeltaNetForCausalLM(NoCacheGeneration, DeltaNetPreTrainedModel, GenerationMixin):
+class DeltaNetForCausalLM(FlaCausalLM, DeltaNetPreTrainedModel, GenerationMixin):
     """fla's ``DeltaNetForCausalLM`` (logits = lm_head(model(...))). No cache: ``generate`` re-runs the prefix."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
@@ -277,16 +277,3 @@ class DeltaNetForCausalLM(NoCacheGeneration, DeltaNetPreTrainedModel, Generation
 
     def get_decoder(self):
         return self.model
-
-    def forward(self, input_ids=None, inputs_embeds=None, labels=None, attention_mask=None,
-                output_hidden_states=False, **kwargs):
-        """Logits (B, T, vocab); with ``labels``, mean next-token cross-entropy (labels shifted left inside,
-        -100 ignored), as HF causal LMs."""
-        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         output_hidden_states=output_hidden_states)
-        logits = self.lm_head(out.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
-        return CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)

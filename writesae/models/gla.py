@@ -33,11 +33,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from writesae.ops.gla import chunk_gla, recurrent_gla
 
-from .modules import FusedRMSNormGated, GatedMLP, NoCacheGeneration, RMSNorm, ShortConvolution
+from .modules import FusedRMSNormGated, GatedMLP, FlaCausalLM, RMSNorm, ShortConvolution
 
 
 class GLAConfig(PretrainedConfig):
@@ -264,7 +264,7 @@ class GLAModel(GLAPreTrainedModel):
                                        hidden_states=all_hidden if output_hidden_states else None)
 
 
-class GLAForCausalLM(NoCacheGeneration, GLAPreTrainedModel, GenerationMixin):
+class GLAForCausalLM(FlaCausalLM, GLAPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
 
     def __init__(self, config):
@@ -286,15 +286,3 @@ class GLAForCausalLM(NoCacheGeneration, GLAPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
-
-    def forward(self, input_ids=None, inputs_embeds=None, labels=None, attention_mask=None,
-                output_hidden_states=None, **kwargs):
-        """logits (B, T, vocab); loss = mean next-token cross-entropy (labels shifted left, -100 ignored)."""
-        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         output_hidden_states=output_hidden_states)
-        logits = self.lm_head(out.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device),
-                                   ignore_index=-100)
-        return CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutput
 
 
 def _rms(x, weight, eps):
@@ -95,8 +96,24 @@ class GatedMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class NoCacheGeneration:
-    """For ``GenerationMixin`` on a model without a cache: every step re-reads the whole prefix."""
+class FlaCausalLM:
+    """What fla's ``*ForCausalLM`` classes share here: logits = ``lm_head(model(...))``, the HF loss, and
+    ``GenerationMixin`` without a cache (every step re-reads the whole prefix). Put it first in the bases."""
+
+    def forward(self, input_ids=None, inputs_embeds=None, labels=None, attention_mask=None,
+                output_hidden_states=None, **kwargs) -> CausalLMOutput:
+        """Logits (B, T, vocab); with ``labels``, the mean next-token cross-entropy (labels shifted left
+        inside, -100 ignored), as HF causal LMs."""
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                         output_hidden_states=output_hidden_states)
+        logits = self.lm_head(out.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels.to(logits.device))
+        return CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+    def _loss(self, logits, labels):
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
     @classmethod
     def _supports_default_dynamic_cache(cls):

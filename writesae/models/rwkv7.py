@@ -38,11 +38,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutput, CausalLMOutput
+from transformers.modeling_outputs import BaseModelOutput
 
 from writesae.ops import rwkv7 as rule
 
-from .modules import NoCacheGeneration
+from .modules import FlaCausalLM
 
 LOG_DECAY_BOUND = math.exp(-0.5)  # w = -LOG_DECAY_BOUND * sigmoid(.) in [-0.6065, 0)
 
@@ -347,7 +347,7 @@ class L2Wrap(torch.autograd.Function):
         return dloss, maxx.new_zeros(ctx.shape).scatter_(-1, ids, maxx * dloss)
 
 
-class RWKV7ForCausalLM(NoCacheGeneration, RWKV7PreTrainedModel, GenerationMixin):
+class RWKV7ForCausalLM(FlaCausalLM, RWKV7PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
 
     def __init__(self, config: RWKV7Config):
@@ -357,17 +357,8 @@ class RWKV7ForCausalLM(NoCacheGeneration, RWKV7PreTrainedModel, GenerationMixin)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, inputs_embeds=None, labels=None, attention_mask=None,
-                output_hidden_states=None, **kwargs) -> CausalLMOutput:
-        """Logits (B, T, vocab); with labels, the mean next-token cross-entropy (labels shifted left
-        inside, -100 ignored), through L2Wrap when ``config.use_l2warp`` (as fla)."""
-        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                         output_hidden_states=output_hidden_states)
-        logits = self.lm_head(out.last_hidden_state)
-        loss = None
-        if labels is not None:
-            shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], 1)
-            loss = F.cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=-100)
-            if self.config.use_l2warp:
-                loss = L2Wrap.apply(loss, logits)
-        return CausalLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+    def _loss(self, logits, labels):
+        """The HF next-token loss, through L2Wrap when ``config.use_l2warp`` (as fla)."""
+        shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], 1)
+        loss = F.cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=-100)
+        return L2Wrap.apply(loss, logits) if self.config.use_l2warp else loss
