@@ -291,3 +291,27 @@ def test_divergence_plot_of_the_last_recurrent_layer():
     fig = divergence_curves(pd.DataFrame(rows))
     assert fig.axes[1].get_yscale() == "log" and fig.axes[2].get_yscale() == "linear"
     assert fig.axes[2].texts[0].get_text() == "nothing to show"
+
+
+def test_interrupted_substitution_resumes_without_redoing_or_losing_work(host, sae, ids, sites, tmp_path, monkeypatch):
+    straight = S.substitute(host, sae, ids, sites, trace_batch=2)
+    assert sites["seq"].nunique() > 2  # two batches at least
+    calls = []
+    orig = host.prefix
+
+    def dies_on_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(host, "prefix", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        S.substitute(host, sae, ids, sites, trace_batch=2, resume=tmp_path)
+    assert len(list(tmp_path.glob("batch_*.json"))) == 1  # the finished batch is kept, nothing half-written
+    calls.clear()
+    monkeypatch.setattr(host, "prefix", lambda *a, **kw: (calls.append(1), orig(*a, **kw))[1])
+    resumed = S.substitute(host, sae, ids, sites, trace_batch=2, resume=tmp_path)
+    n_batches = -(-sites["seq"].nunique() // 2)
+    assert len(calls) == n_batches - 1  # only the unfinished batches ran
+    pd.testing.assert_frame_equal(resumed, straight)

@@ -178,6 +178,12 @@ def cached_table(kind: str, params: dict, compute: Callable[[], pd.DataFrame], r
     return _read_csv(path)
 
 
+def parts_dir(kind: str, params: dict, root=None) -> Path:
+    """Where a long computation cached as ``kind`` / ``params`` keeps its finished parts, so that an
+    interrupted run resumes (e.g. ``substitute(..., resume=parts_dir(...))``)."""
+    return artifact_dir(kind, params, root) / "parts"
+
+
 def cached_json(kind: str, params: dict, compute: Callable[[], Any], root=None,
                 name: str = "result.json") -> Any:
     """Like :func:`cached_table` for a JSON-serialisable result (numpy values allowed).

@@ -25,7 +25,9 @@ The geometric null model (PAPER.md §4): the atom leaves a smaller state residua
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import stats
+from ..cache import write_text
 from ..hosts import Edit
 from . import firings as _firings
 from . import partition as _partition
@@ -91,7 +94,7 @@ def _native(ct, r, p, write):
 @torch.no_grad()
 def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random"), scaling="coef", write="additive",
                direction="patched||base", reads=READS, chunk=8, trace_batch=16, reuse_prefix=True, seed=0,
-               progress=False) -> pd.DataFrame:
+               resume=None, progress=False) -> pd.DataFrame:
     """Substitution test at each firing of ``sites`` (rows of :func:`writesae.experiments.firings.select`:
     seq, pos, layer, head, feature, coef, ...; one cell) on the windows ``ids``.
 
@@ -101,6 +104,8 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
     ``kl_<condition>`` for each condition, win (kl_atom < kl_delete) and chain (kl_atom < kl_delete < kl_random).
     ``direction`` may be a tuple (e.g. ``DIRECTIONS``) to store both from the same runs.
     ``reuse_prefix=False`` runs every condition as a full forward from position 0 (the naive reference).
+    ``resume``: a folder (inside the cached table's artifact folder, so keyed by the same parameters) where
+    each batch of ``trace_batch`` sequences is stored when done; an interrupted run picks up there.
     """
     directions = (direction,) if isinstance(direction, str) else tuple(direction)
     for r in reads:
@@ -121,6 +126,13 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
     per_site, kls = [], {}
     seqs = sorted(sites["seq"].unique())
     for b0 in range(0, len(seqs), trace_batch):
+        part = None if resume is None else Path(resume) / f"batch_{b0:06d}.json"
+        if part is not None and part.exists():  # done before an interruption
+            got = json.loads(part.read_text())
+            per_site += got["sites"]
+            kls.update({(j, d, c): v for j, d, c, v in got["kls"]})
+            continue
+        n0, done = len(per_site), {}
         batch = seqs[b0:b0 + trace_batch]
         ids_b = ids[torch.as_tensor(batch)]
         mine = sites[sites["seq"].isin(batch)]
@@ -159,9 +171,12 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
                     lp = F.log_softmax(run.logits[n, p - first:].double(), -1)
                     for d in directions:
                         kl = _kl(lp, lb[p - first:], d)
-                        kls[(j, d, cond)] = dict(next=float(kl[0]), final=float(kl[-1]), mean=float(kl.mean()))
+                        done[(j, d, cond)] = dict(next=float(kl[0]), final=float(kl[-1]), mean=float(kl.mean()))
             if progress:
                 print(f"substitution: sequence {s} done ({len(per_site)}/{len(sites)} firings)")
+        kls.update(done)
+        if part is not None:
+            write_text(part, json.dumps(dict(sites=per_site[n0:], kls=[[j, d, c, v] for (j, d, c), v in done.items()])))
     geo = pd.DataFrame(per_site).set_index("firing").sort_index()
     geo["geom_win"] = geo["resid_atom"] < 1
     base = sites.assign(firing=sites.index, scaling=scaling, write=write).join(geo, on="firing")

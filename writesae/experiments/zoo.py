@@ -330,7 +330,8 @@ def _substitution(f, cell, atom, scaling):
                  min_firings=f.s.min_firings, scaling=scaling)
     sae = f.sae(cell, atom)
     return cache.cached_table("zoo_substitution", key, lambda: _sub.substitute(
-        f.host, sae, f.eval_ids, sites, scaling=scaling, write=atom.write, direction=_sub.DIRECTIONS, seed=f.s.seed))
+        f.host, sae, f.eval_ids, sites, scaling=scaling, write=atom.write, direction=_sub.DIRECTIONS, seed=f.s.seed,
+        resume=cache.parts_dir("zoo_substitution", key)))
 
 
 def substitutions(fams, scalings=_sub.SCALINGS) -> pd.DataFrame:
@@ -422,7 +423,7 @@ def flat_comparison(fams) -> pd.DataFrame:
                              min_firings=f.s.min_firings, scaling="norm", decoder=f"flat+svd{atom.rank}")
                 theirs = cache.cached_table("zoo_flat_substitution", key, lambda: _sub.substitute(
                     f.host, flat, f.eval_ids, sites, scaling="norm", write=atom.write, direction=_sub.DIRECTIONS,
-                    seed=f.s.seed))
+                    seed=f.s.seed, resume=cache.parts_dir("zoo_flat_substitution", key)))
                 both = set(zip(theirs["seq"], theirs["pos"]))
                 mine = mine[[(s, p) in both for s, p in zip(mine["seq"], mine["pos"])]]
                 name = f"FlatSAE + top-{atom.rank} SVD"
