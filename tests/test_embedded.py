@@ -58,3 +58,31 @@ def test_heldout_perplexity_pinned(model_tok):
     assert 87.0 < ppl < 107.0  # measured 96.87 on the shipped weights (first 1,024 held-out tokens)
     assert ppl < math.exp(m["unigram_loss"])  # better than the unigram baseline
     assert m["heldout_loss"] < m["unigram_loss"]
+
+
+ZOO = sorted(p.name for p in EMB.iterdir() if (p / "metrics.json").exists())
+
+
+@pytest.mark.parametrize("family", ZOO)
+def test_zoo_member_loads_and_scores_its_card(family):
+    """Each shipped zoo model loads offline through its host with the shared tokenizer, has a parameter
+    count within 10% of the default model's, and reproduces the held-out loss of its model card."""
+    import numpy as np
+    import torch
+
+    from writesae import load_host
+    from writesae.embedded_train import VOCAB
+
+    metrics = json.loads((EMB / family / "metrics.json").read_text())
+    host = load_host(f"embedded:{family}", device="cpu")
+    assert host.tokenizer is not None and len(host.tokenizer) == VOCAB
+    n = sum(p.numel() for p in host.model.parameters())
+    base = json.loads((EMB / "metrics.json").read_text())["params"]
+    assert n == metrics["params"] and abs(n / base - 1) < 0.1
+    assert metrics["train_tokens"] >= 2_000_000 * 0.99 and metrics["context"] == 512
+    assert metrics["heldout_loss"] < metrics["unigram_loss"] - 1.0
+    ids = host.tokenizer((EMB / "heldout.txt").read_text(encoding="utf-8")[:8000], return_tensors="pt").input_ids[:, :257]
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(host.logits(ids[:, :-1])[0], ids[0, 1:]).item()
+    assert abs(loss - metrics["heldout_loss"]) < 0.5  # one window vs the card's 64: same model, same scale
+    assert len(metrics["memory"]) == len(host.cells) and np.isfinite([m["write_share"] for m in metrics["memory"]]).all()
