@@ -84,7 +84,8 @@ def main():
     if device.type == "cpu":
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    host = load_host(config(a.small), device=device, dtype=dtype)
+    cfg = config(a.small)
+    host = load_host(cfg, device=device, dtype=dtype)
     T = 128 if a.small else PAPER["window"]
     L = len(host.layers)
     cells = [(1, 1), (2, 1)] if a.small else [(1, 4), (9, 4), (17, 4)]
@@ -92,8 +93,8 @@ def main():
     ids = torch.randint(0, host.vocab_size, (n_pass, T), generator=torch.Generator().manual_seed(0))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    print(f"model: hidden {host.model.config.hidden_size}, {L} layers, {host.n_heads} value heads of {host.d_k} x "
-          f"{host.d_v}, {sum(x.numel() for x in host.model.parameters()) / 1e6:.0f}M params, {dtype}, {device}")
+    print(f"model: hidden {cfg.hidden_size}, {L} layers, {host.n_heads} value heads of {host.d_k} x {host.d_v}, "
+          f"vocab {cfg.vocab_size}, {dtype}, {device}")
 
     # 1. extraction (every position from 8 on, of each cell)
     P = T - 8
@@ -104,11 +105,11 @@ def main():
     print(f"extraction: {n_pass * P * len(cells)} states in {dt:.1f} s = {states_per_s:,.0f} states/s")
 
     # 2. SAE training at n_feat 2048, k 32 on d_k x d_v states (bench_sae's step and FLOP count)
-    cfg, B = SAEConfig("bilinear", host.d_k, host.d_v, n_feat=2048, k=32), 256
-    sec = bench_sae.time_steps(cfg, torch.randn(B, host.d_k, host.d_v, device=device), a.steps, device)
+    sae_cfg, B = SAEConfig("bilinear", host.d_k, host.d_v, n_feat=2048, k=32), 256
+    sec = bench_sae.time_steps(sae_cfg, torch.randn(B, host.d_k, host.d_v, device=device), a.steps, device)
     samples_per_s = B / sec
-    flops = bench_sae.step_flops("bilinear", True, B, cfg.n_feat, cfg.k, host.d_k * host.d_v) / sec
-    peaks = {"fp32": bench_sae.matmul_peak(B, cfg.n_feat, host.d_k * host.d_v, device)}
+    flops = bench_sae.step_flops("bilinear", True, B, sae_cfg.n_feat, sae_cfg.k, host.d_k * host.d_v) / sec
+    peaks = {"fp32": bench_sae.matmul_peak(B, sae_cfg.n_feat, host.d_k * host.d_v, device)}
     if device.type == "cuda":
         peaks["bf16"] = matmul_peak(device, torch.bfloat16)
     frac = ", ".join(f"{flops / v:.0%} of the {k_} matmul peak ({v / 1e12:.2f} TFLOP/s)" for k_, v in peaks.items())
