@@ -117,3 +117,11 @@ def check_parameters(namespace, notebook):
     if {"k", "n_feat"} <= set(want) and namespace["k"] > namespace["n_feat"]:
         raise ParameterError(f"parameter k = {namespace['k']} exceeds n_feat = {namespace['n_feat']}: an SAE keeps "
                              "k of its n_feat atoms; lower k or raise n_feat")
+
+
+def glue_all(values: dict) -> None:
+    """Glue every ``name: value`` for the page's prose (``{glue:text}`name```), showing nothing."""
+    from myst_nb import glue
+
+    for name, value in values.items():
+        glue(name, value, display=False)
