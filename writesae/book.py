@@ -167,6 +167,10 @@ def _execute(nb: Path, out: Path, params: dict, key: str, root: Path, failed_dir
         if work.exists():
             os.replace(work, failed)
         raise RuntimeError(f"{nb} failed: {exc}\nexecuted copy with the traceback: {failed}") from exc
+    for c in result.cells:  # papermill's injected parameters: folded away in the HTML like the parameters cell
+        tags = c.metadata.setdefault("tags", [])
+        if "injected-parameters" in tags and "hide-cell" not in tags:
+            tags.append("hide-cell")
     result.metadata[NB_META] = {"build_key": key, "params": params,
                                 "params_file": str(params_file) if params_file else None}
     nbformat.write(result, str(work))

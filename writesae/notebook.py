@@ -125,3 +125,106 @@ def glue_all(values: dict) -> None:
 
     for name, value in values.items():
         glue(name, value, display=False)
+
+
+def setup(namespace):
+    """The section of a chapter notebook (a :class:`writesae.experiments.section.Section`) from its parameters
+    (its ``globals()`` after :func:`check_parameters`): seeds torch, sets its CPU threads, loads the host and
+    prints one line saying what the page runs on."""
+    import torch
+
+    from . import pipeline
+    from .experiments.section import Section
+
+    p = namespace
+    torch.manual_seed(p["seed"])
+    if p.get("threads"):
+        torch.set_num_threads(p["threads"])
+    host = pipeline.host(p["model"], p["device"])
+    sec = Section(host, p["cell"], p["cells"], heads_layer=p.get("heads_layer"), window=p["window"],
+                  n_windows=p["n_windows"], positions_per_seq=p["positions_per_seq"],
+                  eval_windows=p.get("eval_windows", 64), n_feat=p["n_feat"], k=p["k"], epochs=p["epochs"],
+                  seed=p["seed"], min_firings=p.get("min_firings", 5), max_firings=p.get("max_firings"))
+    print(sec.describe())
+    return sec
+
+
+_P_COLUMNS = re.compile(r"(^p$|^p_|_p$|pvalue)")
+
+
+def number(x) -> str:
+    """A number at the digits that mean something here: integers whole, 0.01-10 with three decimals, larger
+    values with fewer, tiny ones in scientific notation; NaN as an en dash."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) and not hasattr(x, "__float__"):
+        return str(x)
+    if isinstance(x, int) or (float(x).is_integer() and abs(float(x)) < 1e15):
+        return f"{int(x):,}"
+    x = float(x)
+    if x != x:
+        return "–"
+    a = abs(x)
+    return (f"{x:,.0f}" if a >= 1000 else f"{x:.1f}" if a >= 100 else f"{x:.2f}" if a >= 10
+            else f"{x:.3f}" if a >= 0.01 else f"{x:.2e}")
+
+
+def _p_value(x) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    return "–" if x != x else f"{x:.2g}"
+
+
+def _column_format(col):
+    """One format for a whole column of numbers (so its digits line up): whole numbers as integers, others
+    with three significant digits at the column's typical size; other columns by :func:`number`."""
+    import numpy as np
+    import pandas as pd
+
+    if not pd.api.types.is_float_dtype(col):
+        return number
+    v = np.abs(col.to_numpy(float))
+    v = v[np.isfinite(v) & (v > 0)]
+    if not len(v) or np.all(v == np.round(v)):
+        return lambda x: number(x)
+    if np.all(v == np.round(v, 2)) and v.min() >= 0.01:  # set values such as doses 0.5, 1, 2: as given
+        return lambda x: "–" if x != x else f"{x:g}"
+    m = float(np.median(v))
+    if m < 0.01:
+        return lambda x: "–" if x != x else f"{x:.2e}"
+    decimals = 0 if m >= 1000 else 1 if m >= 100 else 2 if m >= 10 else 3
+    return lambda x: "–" if x != x else f"{x:,.{decimals}f}"
+
+
+def table(df, columns=None, *, rename=None, caption=None):
+    """A table for the page: ``columns`` of ``df`` (all by default; a dict is read as {name: value}), no
+    index, numbers rounded by :func:`number` (p-values to two significant digits). Returns a pandas Styler."""
+    import pandas as pd
+
+    if isinstance(df, dict):
+        df = pd.DataFrame({"quantity": list(df), "value": list(df.values())})
+    elif isinstance(df, pd.Series):
+        df = df.rename("value").rename_axis("quantity").reset_index()
+    df = df if columns is None else df[list(columns)]
+    df = df.reset_index(drop=True)
+    if rename:
+        df = df.rename(columns=rename)
+    fmt = {c: (_p_value if _P_COLUMNS.search(str(c)) else _column_format(df[c])) for c in df.columns}
+    if "quantity" in df.columns and "value" in df.columns:  # a dict: p-values by their row's name
+        fmt["value"] = number
+        ps = [i for i, q in enumerate(df["quantity"]) if _P_COLUMNS.search(str(q))]
+        df["value"] = [(_p_value(v) if i in ps else v) for i, v in enumerate(df["value"])]
+    st = df.style.hide(axis="index").format(fmt, na_rep="–")
+    # headers with spaces, so a narrow page wraps them instead of cutting the table at its right edge
+    st = st.relabel_index([str(c).replace("_", " ") for c in df.columns], axis="columns")
+    if caption:
+        st = st.set_caption(caption)
+    return st
+
+
+def report(values: dict) -> None:
+    """Glue every number of the page for its prose and print them rounded, one per line (the executed notebook
+    states its key numbers without the book around it)."""
+    glue_all(values)
+    width = max(map(len, values), default=0)
+    print("\n".join(f"{k:<{width}}  {number(v)}" for k, v in values.items()))

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["collect", "select", "write_cosine", "POOLS"]
+__all__ = ["collect", "select", "top1_at", "write_cosine", "POOLS"]
 
 POOLS = ("top1", "registers")
 
@@ -143,3 +143,14 @@ def select(firings, pool="top1", *, classes=None, min_per_atom=1, max_per_atom=N
                               min_per_atom=min_per_atom, max_per_atom=max_per_atom, max_firings=max_firings,
                               select_seed=seed)
     return df
+
+
+def top1_at(firings, sites) -> pd.DataFrame:
+    """The positions (seq, pos) of ``sites``, each with the top-1 atom of another SAE's ``firings`` there
+    (its feature, coef, cos, cos_update); positions where that SAE has no active atom are dropped. Used to
+    run a second decoder (e.g. a FlatSAE, App. F.4) on the same firings as the first."""
+    top = firings[firings["rank"] == 0][["seq", "pos", "feature", "coef", "cos", "cos_update"]]
+    out = sites.drop(columns=["feature", "coef", "cos", "cos_update", "cos_v", "cos_w"], errors="ignore").merge(
+        top, on=["seq", "pos"], how="inner")
+    out.attrs["params"] = dict(sites.attrs.get("params", {}), decoder=firings.attrs.get("params", {}).get("sae"))
+    return out.sort_values(["seq", "pos"]).reset_index(drop=True)

@@ -22,3 +22,27 @@ def cell_memory(host, ids, min_pos=8) -> pd.DataFrame:
         rows.append(dict(layer=c.layer, head=c.head, a=a, b=float(t.b.median()), write_share=float(share),
                          half_life=math.log(0.5) / math.log(a) if 0 < a < 1 else math.inf))
     return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def trace_stats(ct, seq=0) -> dict:
+    """What one traced passage (a cell trace over all positions) says about the cache: the participation ratio
+    (effective rank) of the last state, the median ||W_t||_F / ||S_t||_F, and the mean forget and write gates."""
+    sv = torch.linalg.svdvals(ct.state[seq, -1].float())
+    share = ct.write[seq].flatten(1).norm(dim=1) / ct.state[seq].flatten(1).norm(dim=1).clamp_min(1e-30)
+    return dict(eff_rank=float(sv.sum() ** 2 / (sv ** 2).sum()), write_share=float(share.median()),
+                mean_a=float(ct.a[seq].mean()), mean_b=float(ct.b[seq].mean()))
+
+
+@torch.no_grad()
+def best_aligned(sae, ct, seq=0) -> dict:
+    """The top-1 atom of the state at every traced position and its Frobenius cosine with that position's
+    write; returns the position ``t`` where they align best, its feature, coefficient, atom and write, the
+    cosine there and the median cosine over the passage (the paper's Fig. 1, computed)."""
+    enc = sae.encode(ct.state[seq])
+    feats, coefs = enc.top_indices[:, 0], enc.top_acts[:, 0]
+    atoms = sae.atoms(feats)
+    cos = torch.nn.functional.cosine_similarity(atoms.flatten(1), ct.write[seq].flatten(1), dim=1)
+    t = int(cos.argmax())
+    return dict(t=t, feature=int(feats[t]), coef=float(coefs[t]), atom=atoms[t], write=ct.write[seq, t],
+                cos=float(cos[t]), median_cos=float(cos.median()))

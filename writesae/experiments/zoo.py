@@ -395,12 +395,7 @@ class TruncatedAtoms:
 def _flat_sites(f, cell, atom, sites):
     """The same firings (seq, pos) as ``sites``, each with the FlatSAE's top-1 atom and coefficient there
     (positions where the FlatSAE has no active atom are dropped)."""
-    flat = f.firings(cell, atom, variant="flat")
-    top = flat[flat["rank"] == 0][["seq", "pos", "feature", "coef", "cos", "cos_update"]]
-    out = sites.drop(columns=["feature", "coef", "cos", "cos_update", "cos_v", "cos_w"], errors="ignore").merge(
-        top, on=["seq", "pos"], how="inner")
-    out.attrs["params"] = dict(sites.attrs.get("params", {}), decoder="flat")
-    return out.sort_values(["seq", "pos"]).reset_index(drop=True)
+    return _firings.top1_at(f.firings(cell, atom, variant="flat"), sites)
 
 
 def flat_comparison(fams) -> pd.DataFrame:

@@ -94,7 +94,8 @@ def install_figure(df):
         e = df[df["m"] == m].groupby("stratum")["included_edited"].mean().reindex(strata)
         ax[0].bar(x + (j + 1) * width, e.to_numpy(), width, label=f"m = {m:g}")
     ax[0].set_xticks(x + width * len(ms) / 2, strata)
-    ax[0].set_ylabel("target in the 20 generated tokens")
+    ax[0].set_ylabel("target in the generated tokens")
+    ax[0].set_ylim(0, 1)  # a share: the full range, so a flat line looks flat
     ax[0].legend(fontsize=8)
     pooled = df.groupby("m").agg(edited=("included_edited", "mean"), native=("included_native", "mean"),
                                  lift=("lift", "mean"))
@@ -102,9 +103,12 @@ def install_figure(df):
     ax[1].plot(pooled.index, pooled["native"], "o--", color="0.6", label="native")
     ax[1].set_xlabel("m (x ||k_t v_t^T||)")
     ax[1].set_ylabel("inclusion (pooled)")
+    ax[1].set_ylim(0, 1)
     tw = ax[1].twinx()
     tw.plot(pooled.index, pooled["lift"], "s:", color="C3", label="first-step lift")
     tw.set_ylabel("mean first-step Δ log p", color="C3")
+    lift = pooled["lift"]
+    tw.set_ylim(min(0.0, 1.2 * lift.min()), max(0.1, 1.2 * lift.max()))  # from 0: no magnified wiggle
     ax[1].legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig

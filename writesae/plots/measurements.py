@@ -59,28 +59,41 @@ def substitution_kl(df, read="mean", direction="patched||base"):
 
 def win_rate_strip(summary, chosen=None):
     """Claim 5: per-head win rates (a ``summarize(df, by=("layer", "head", ...))`` table, one read and
-    direction) as a strip plot by layer, with the ``chosen`` (layer, head) drawn in red."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    label = f"L{chosen[0]}H{chosen[1]}" if chosen is not None else ""
-    marked = (summary["layer"] == chosen[0]) & (summary["head"] == chosen[1]) if chosen is not None else False
-    d = summary.assign(head_=np.where(marked, label, "other heads"))
-    sns.stripplot(d, x="layer", y="win_rate", hue="head_", palette={"other heads": "tab:blue", label: "tab:red"},
-                  ax=ax, size=8, jitter=0.15)
+    direction) by layer, each point labelled with its head (``H3``), the ``chosen`` (layer, head) in red,
+    with its Wilson CI when the table has one."""
+    layers = sorted(summary["layer"].unique())
+    fig, ax = plt.subplots(figsize=(max(4.5, 2.2 * len(layers) + 2.5), 3.8))
+    for i, layer in enumerate(layers):
+        g = summary[summary["layer"] == layer].sort_values("head").reset_index(drop=True)
+        xs = i + np.linspace(-0.25, 0.25, len(g)) if len(g) > 1 else np.array([float(i)])
+        for x, (_, r) in zip(xs, g.iterrows()):
+            mine = chosen is not None and (r["layer"], r["head"]) == tuple(chosen)
+            color = "tab:red" if mine else "tab:blue"
+            if "wilson_lo" in r:
+                ax.plot([x, x], [r["wilson_lo"], r["wilson_hi"]], color=color, lw=1, alpha=0.6)
+            ax.plot(x, r["win_rate"], "o", color=color, ms=7)
+            ax.annotate(f"H{int(r['head'])}", (x, r["win_rate"]), textcoords="offset points", xytext=(6, 3),
+                        fontsize=9, color=color)
     ax.axhline(0.5, color="k", lw=0.8, ls=":")
-    ax.legend(frameon=False, title=None)
-    ax.set(ylabel="win rate (KL atom < KL delete)", ylim=(0, 1))
+    ax.set_xticks(range(len(layers)), [f"layer {l}" for l in layers])
+    ax.set(ylabel="win rate (KL atom < KL delete)", ylim=(0, 1), xlim=(-0.6, len(layers) - 0.4))
+    if chosen is not None:
+        ax.set_title(f"red: the headline cell L{chosen[0]}H{chosen[1]}; bars: Wilson 95% CI", fontsize=10)
     fig.tight_layout()
     return fig
 
 
 def closed_form_scatter(df, predictor="pred_direct", split="eval"):
-    """Claim 6: measured against predicted logit shift (``split`` rows), colour = eps, per lag."""
-    d = df[df["split"] == split]
+    """Claim 6: measured against predicted logit shift (``split`` rows), one colour per eps, per lag."""
+    d = df[df["split"] == split].assign(eps=lambda x: x["eps"].map(lambda e: f"{e:g}"))
     lags = sorted(d["lag"].unique())
-    fig, axes = plt.subplots(1, len(lags), figsize=(4.5 * len(lags), 4), squeeze=False)
+    order = sorted(d["eps"].unique(), key=float)
+    palette = dict(zip(order, sns.color_palette("colorblind", len(order))))
+    fig, axes = plt.subplots(1, len(lags), figsize=(4.8 * len(lags), 4.2), squeeze=False)
     for ax, L in zip(axes[0], lags):
         g = d[d["lag"] == L]
-        sns.scatterplot(g, x=predictor, y="measured", hue="eps", palette="viridis", s=10, ax=ax, legend=L == lags[0])
+        sns.scatterplot(g, x=predictor, y="measured", hue="eps", hue_order=order, palette=palette, s=14, ax=ax,
+                        legend=L == lags[0])
         lim = [min(g[predictor].min(), g["measured"].min()), max(g[predictor].max(), g["measured"].max())]
         ax.plot(lim, lim, "k--", lw=1)
         ax.set(title=f"lag {L}", xlabel=f"predicted ({predictor})", ylabel="measured logit shift")
@@ -89,19 +102,19 @@ def closed_form_scatter(df, predictor="pred_direct", split="eval"):
 
 
 def divergence_curves(curves):
-    """§4: median (and quartiles) of the KL and of the relative state change of the edited cell per
-    lag after the edit, one line per condition (a :func:`writesae.experiments.divergence.curves` table)."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, col, label in zip(axes, ("kl", "state_rel", "state_rel_later"),
-                              ("KL(next token)", "relative state change, edited cell", "relative state change, later cells")):
-        if not (curves[f"{col}_median"] > 0).any():  # e.g. no recurrent cell after the edited one
-            ax.text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=ax.transAxes)
-            ax.set(xlabel="positions after the edit", ylabel=label)
-            continue
+    """§4: median (and quartiles) of the KL and of the relative state change of the edited cell and, when a
+    recurrent cell follows it, of the later cells, per lag after the edit, one line per condition (a
+    :func:`writesae.experiments.divergence.curves` table). A panel with nothing to show (no later recurrent
+    cell) is left out."""
+    panels = [(c, label) for c, label in (("kl", "KL(next token)"), ("state_rel", "relative state change, edited cell"),
+                                          ("state_rel_later", "relative state change, later cells"))
+              if f"{c}_median" in curves and (curves[f"{c}_median"] > 0).any()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, (col, label) in zip(axes[0], panels):
         for cond, g in curves.groupby("cond"):
             ax.plot(g["lag"], g[f"{col}_median"], label=cond, color=COLORS.get(cond))
             ax.fill_between(g["lag"], g[f"{col}_q25"], g[f"{col}_q75"], alpha=0.2, color=COLORS.get(cond))
         ax.set(yscale="log", xlabel="positions after the edit", ylabel=label)
-    axes[0].legend(frameon=False)
+    axes[0][0].legend(frameon=False)
     fig.tight_layout()
     return fig

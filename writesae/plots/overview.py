@@ -19,7 +19,8 @@ def _heat(ax, M, title):
 def cache_overview(ct, seq=0, pos=-1, title=""):
     """One traced cell (a CellTrace over all positions): write and state at ``pos``, gates over
     positions, and the singular values of the state (how far from rank 1 the cache is)."""
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7.5))  # 2 x 2: readable at page width
+    axes = axes.ravel()
     _heat(axes[0], ct.write[seq, pos], "native write $W_t = b_t k_t v_t^T$")
     _heat(axes[1], ct.state[seq, pos], "state $S_t$")
     a = ct.a[seq] if ct.a.ndim == 2 else ct.a[seq].mean(-1)  # a per-key-row decay (B, P, d_k): its mean
@@ -43,7 +44,7 @@ def write_vs_atom(W, atom, coef, title=""):
     """The native write, the SAE's coefficient-scaled atom, and what substituting leaves behind."""
     A = coef * torch.as_tensor(atom).detach().float()
     W = torch.as_tensor(W).float()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     _heat(axes[0], W, "native write $W_t$")
     _heat(axes[1], A, "atom $a_i v_i w_i^T$")
     _heat(axes[2], A - W, "substitution residual $a_i v_i w_i^T - W_t$")

@@ -1,0 +1,172 @@
+"""One section of the book on one host: the shared sizes, the state dataset, the SAEs and the cached tables
+every chapter notebook builds on, so a notebook's code is a few short calls.
+
+``writesae.notebook.setup(globals())`` builds a :class:`Section` from a notebook's parameters. Every table
+is cached (``writesae.cache``) under the section's :attr:`Section.spec` plus what the table adds, so two
+notebooks with the same parameters share one firings table, one partition and one substitution run.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from .. import cache, pipeline
+from . import firings as _firings
+from . import partition as _partition
+from . import substitution as _sub
+
+__all__ = ["Section", "VARIANTS", "headline_rows"]
+
+# SAE keywords that are not the section's defaults: they join the cache key of tables built on that SAE
+_SAE_DEFAULTS = dict(variant="bilinear", activation="topk", rank=1)
+
+# The ablation variants of ``writesae.sae`` in the paper's words (PAPER.md §2): name, encoder, decoder atom
+VARIANTS = {
+    "bilinear": ("WriteSAE", "bilinear", "rank 1"),
+    "tied": ("tied bilinear", "bilinear, tied to the decoder", "rank 1, shared factors"),
+    "matrix": ("MatrixSAE", "dense", "rank 1"),
+    "bilinear_flat": ("bilinear-flat", "bilinear", "dense"),
+    "flat": ("FlatSAE", "dense", "dense"),
+    "rank": ("rank-r", "bilinear", "rank r (sum of r outer products)"),
+}
+
+
+@dataclass
+class Section:
+    """The host, headline cell and sizes of one notebook run (see the module docstring)."""
+
+    host: object
+    cell: tuple
+    cells: list
+    heads_layer: int | None = None
+    window: int = 128
+    n_windows: int = 512
+    positions_per_seq: int = 32
+    eval_windows: int = 64
+    n_feat: int = 1024
+    k: int = 16
+    epochs: int = 20
+    seed: int = 0
+    min_firings: int = 5
+    max_firings: int | None = None
+    data: dict = field(init=False)
+
+    def __post_init__(self):
+        self.cell = tuple(int(x) for x in self.cell)
+        self.cells = [tuple(int(x) for x in c) for c in self.cells]
+        self.data = pipeline.data_spec(self.host, self.cells, heads_layer=self.heads_layer, window=self.window,
+                                       n_windows=self.n_windows, positions_per_seq=self.positions_per_seq,
+                                       seed=self.seed)
+
+    # ------------------------------------------------------------------ keys, data, SAEs
+    @property
+    def spec(self) -> dict:
+        """The parameters every cached table of the section is keyed by."""
+        return dict(model=self.host.name, n_feat=self.n_feat, k=self.k, epochs=self.epochs, data=self.data,
+                    eval_windows=self.eval_windows, seed=self.seed)
+
+    def key(self, cell=None, **extra) -> dict:
+        """:attr:`spec` with the cell and ``extra`` (SAE keywords equal to the defaults are left out)."""
+        extra = {k: v for k, v in extra.items() if _SAE_DEFAULTS.get(k, object()) != v}
+        return dict(self.spec, cell=list(cell or self.cell), **extra)
+
+    @functools.cached_property
+    def eval_ids(self):
+        """The held-out passages every measurement runs on (eval_windows x window)."""
+        return pipeline.windows(self.host, "heldout", self.window, self.eval_windows, self.seed)
+
+    def sae(self, cell=None, **kw):
+        """The section's SAE on ``cell`` (default: the headline cell); ``kw``: variant, activation, rank, ..."""
+        return pipeline.sae(self.host, tuple(cell or self.cell), n_feat=self.n_feat, k=self.k, epochs=self.epochs,
+                            seed=self.seed, data=self.data, **kw)
+
+    def describe(self) -> str:
+        return (f"{self.host.name}: cell L{self.cell[0]}H{self.cell[1]}, {self.eval_windows} held-out passages of "
+                f"{self.window} tokens; SAEs with n_feat = {self.n_feat}, k = {self.k}")
+
+    # ------------------------------------------------------------------ firings and partition
+    def firings(self, cell=None, **sae_kw) -> pd.DataFrame:
+        """Every firing of the SAE (``sae_kw``) on ``cell`` over the held-out passages (cached)."""
+        cell = tuple(cell or self.cell)
+        return cache.cached_table("firings", self.key(cell, **sae_kw), lambda: _firings.collect(
+            self.host, self.sae(cell, **sae_kw), cell, self.eval_ids))
+
+    def partition(self, cell=None, **sae_kw):
+        """(classes, summary) of the register / bundle partition (``writesae.experiments.partition``)."""
+        return _partition.partition(_partition.atom_table(self.firings(cell, **sae_kw)),
+                                    min_firings=self.min_firings, seed=self.seed)
+
+    def partition_row(self, cell=None, **sae_kw) -> dict:
+        """One row of a partition table: cell, SAE (the ``sae_kw`` given), its held-out L0, n_alive, n_register,
+        n_bundle, the classes' mean cosines, dBIC and the number of components with the lowest BIC (NaN, with
+        n_alive, when too few atoms are alive for the mixture)."""
+        cell = tuple(cell or self.cell)
+        row = dict(cell=f"L{cell[0]}H{cell[1]}", **sae_kw, l0=self.sae(cell, **sae_kw).info["metrics"]["l0"])
+        try:
+            _, sm = self.partition(cell, **sae_kw)
+        except ValueError:  # too few alive atoms for a 3-component mixture
+            atoms = _partition.atom_table(self.firings(cell, **sae_kw))
+            return dict(row, n_alive=int((atoms["n_firings"] >= self.min_firings).sum()))
+        return dict(row, n_alive=sm["n_alive"], n_register=sm["n_register"], n_bundle=sm["n_bundle"],
+                    cos_register=sm["mean_cos"]["register"], cos_bundle=sm["mean_cos"]["bundle"], dbic=sm["dbic"],
+                    best_k=sm["k"])
+
+    def sae_row(self, cell=None, **sae_kw) -> dict:
+        """One row of an ablation table: the SAE's name, encoder and decoder (:data:`VARIANTS`), parameter
+        count and held-out metrics (validation MSE, FVU, L0, alive, dead fraction)."""
+        cell = tuple(cell or self.cell)
+        s = self.sae(cell, **sae_kw)
+        m = s.info["metrics"]
+        name, enc, dec = VARIANTS.get(s.cfg.variant, (s.cfg.variant, "", ""))
+        if s.cfg.variant == "rank":
+            name, dec = f"rank-{s.cfg.rank}", f"rank {s.cfg.rank} (sum of {s.cfg.rank} outer products)"
+        return dict(cell=f"L{cell[0]}H{cell[1]}", variant=s.cfg.variant, name=name, encoder=enc, decoder=dec,
+                    params=sum(p.numel() for p in s.parameters()), mse=m["mse"], fvu=m["fvu"], l0=m["l0"],
+                    alive=m["alive"], dead_fraction=m["dead"] / s.cfg.n_feat)
+
+    # ------------------------------------------------------------------ substitution
+    def substitution(self, cell=None, pool="registers", *, max_per_atom=None, min_per_atom=1, all_firings=False,
+                     **kw):
+        """(table, classes): the substitution test (``writesae.experiments.substitution.substitute``) on
+        ``pool``'s firings of ``cell`` (at most ``max_firings`` unless ``all_firings``), cached and resumable;
+        ``kw`` go to ``substitute`` (scaling, write, ...) and into the cache key."""
+        cell = tuple(cell or self.cell)
+        classes, _ = self.partition(cell)
+        sites = _firings.select(self.firings(cell), pool, classes=classes, seed=self.seed, max_per_atom=max_per_atom,
+                                max_firings=None if all_firings else self.max_firings, min_per_atom=min_per_atom)
+        key = self.key(cell, pool=pool if isinstance(pool, str) else sorted(map(int, pool)),
+                       max_firings=self.max_firings, max_per_atom=max_per_atom, min_firings=self.min_firings, **kw)
+        df = cache.cached_table("substitution", key, lambda: _sub.substitute(
+            self.host, self.sae(cell), self.eval_ids, sites, direction=_sub.DIRECTIONS, seed=self.seed,
+            resume=cache.parts_dir("substitution", key), **kw))
+        return df, classes
+
+    def flat_svd_substitution(self, cell=None, pool="registers", rank=1):
+        """App. F.4 on ``cell``: at the firings of ``pool`` (as in :meth:`substitution`), the WriteSAE atom
+        against the FlatSAE's top-1 atom at the same position truncated to its top-``rank`` SVD, both rescaled
+        to the native write's norm. One long table (``substitute`` rows, column ``decoder``) restricted to the
+        firings where the FlatSAE has an active atom."""
+        from .zoo import TruncatedAtoms
+
+        cell = tuple(cell or self.cell)
+        mine, classes = self.substitution(cell, pool, scaling="norm")
+        sites = _firings.select(self.firings(cell), pool, classes=classes, seed=self.seed,
+                                max_firings=self.max_firings)
+        flat_sites = _firings.top1_at(self.firings(cell, variant="flat"), sites)
+        key = self.key(cell, pool=pool, max_firings=self.max_firings, min_firings=self.min_firings, scaling="norm",
+                       decoder=f"flat+svd{rank}")
+        theirs = cache.cached_table("flat_substitution", key, lambda: _sub.substitute(
+            self.host, TruncatedAtoms(self.sae(cell, variant="flat"), rank=rank), self.eval_ids, flat_sites,
+            scaling="norm", direction=_sub.DIRECTIONS, seed=self.seed, resume=cache.parts_dir("flat_substitution", key)))
+        both = set(zip(theirs["seq"], theirs["pos"]))
+        mine = mine[[(s, p) in both for s, p in zip(mine["seq"], mine["pos"])]]
+        return pd.concat([mine.assign(decoder="WriteSAE"), theirs.assign(decoder=f"FlatSAE + top-{rank} SVD")],
+                         ignore_index=True)
+
+
+def headline_rows(summary, read="mean", direction="patched||base") -> pd.DataFrame:
+    """The rows of a ``substitution.summarize`` table at the headline read-out and KL direction."""
+    return summary[(summary["read"] == read) & (summary["direction"] == direction)].reset_index(drop=True)
+
