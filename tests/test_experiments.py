@@ -80,6 +80,19 @@ def _kl(p_logits, q_logits):
     return sst.entropy(p, q)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 0.3, 5.0, 60.0])
+def test_kl_both_matches_float64_log_softmax_from_tiny_to_overflowing_differences(scale):
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(6, 4096, generator=g) * 3
+    z = z0 + scale * torch.randn(6, 4096, generator=g) + 0.7  # a constant shift changes nothing
+    lp, lb = F.log_softmax(z.double(), -1), F.log_softmax(z0.double(), -1)
+    ref = {"patched||base": (lp.exp() * (lp - lb)).sum(-1), "base||patched": (lb.exp() * (lb - lp)).sum(-1)}
+    got = S.kl_both(z, z0)
+    for d in S.DIRECTIONS:
+        assert torch.allclose(got[d].double(), ref[d], rtol=2e-3, atol=1e-9), d
+    assert S.kl_by_position(z0, z0).abs().max() == 0
+
+
 def test_substitution_native_is_zero_delete_is_not_and_kl_matches_scipy(host, sae, ids, sites):
     df = S.substitute(host, sae, ids, sites, conditions=S.CONDITIONS, direction=S.DIRECTIONS)
     assert len(df) == len(sites) * 3 * 2

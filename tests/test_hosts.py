@@ -200,6 +200,12 @@ def test_batch_equals_single_runs_and_naive(fam, ids):
     naive = host.run_edits(ids, rows, reuse_prefix=False)
     assert (batch.logits - naive.logits).abs().max() < TOL
     assert batch.start.tolist() == [12, 12, 33, 5, 0, T - 1]
+    # a prefix that keeps states only from the late layer on serves edits there, and refuses earlier ones
+    late = [rows[2], rows[5]]
+    pre = host.prefix(ids, [33, T - 1], from_layer=l2)
+    assert (host.run_edits(ids, late, prefix=pre).logits - naive.logits[[2, 5]]).abs().max() < TOL
+    with pytest.raises(ValueError, match=f"from_layer={l0}"):
+        host.run_edits(ids, [rows[0]], prefix=host.prefix(ids, [12], from_layer=l2))
 
 
 def test_every_row_at_position_zero_and_negative_positions(fam, ids):

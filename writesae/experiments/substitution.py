@@ -40,7 +40,7 @@ from ..hosts import Edit
 from . import firings as _firings
 from . import partition as _partition
 
-__all__ = ["READS", "DIRECTIONS", "CONDITIONS", "SCALINGS", "condition_matrices", "kl_by_position",
+__all__ = ["READS", "DIRECTIONS", "CONDITIONS", "SCALINGS", "condition_matrices", "kl_by_position", "kl_both",
            "substitute", "summarize", "binned", "population", "substitute_cells", "passage_nll",
            "passage_summary"]
 
@@ -74,16 +74,35 @@ def condition_matrices(atom, coef, native, scaling, generator):
 
 def kl_by_position(logits, base, direction="patched||base"):
     """KL per position between ``logits`` (..., T, V) (patched) and ``base`` (T, V) or (..., T, V): (..., T)."""
-    return _kl(F.log_softmax(logits.double(), -1), F.log_softmax(base.double(), -1).expand_as(logits), direction)
-
-
-def _kl(lp, lb, direction):
-    """KL from log-probabilities: patched ``lp``, baseline ``lb``."""
     if direction not in DIRECTIONS:
         raise ValueError(f"direction {direction!r} is not one of {DIRECTIONS}")
-    if direction == "base||patched":
-        lp, lb = lb, lp
-    return (lp.exp() * (lp - lb)).sum(-1)
+    return kl_both(logits, base)[direction]
+
+
+def kl_both(logits, base) -> dict:
+    """Both KL directions per position, ``{"patched||base": (..., T), "base||patched": (..., T)}``.
+
+    Written in the logit difference ``d = z_patched - z_base`` (centred on its mean under the baseline), with
+    ``b = softmax(z_base)`` and ``m = E_b[e^d - 1]``: ``KL(p||b) = E_p[d] - log1p(m)`` and
+    ``KL(b||p) = log1p(m) - E_b[d]``, ``E_p[d] = E_b[e^d d] / (1 + m)``. Every term is a sum of small
+    numbers, so float32 is exact to ~1e-7 of |d| (log-softmax differences in float32 would lose ~1e-6 to the
+    log-normaliser); it is the same math as ``sum p (log p - log b)`` and about twice as fast as it in float64."""
+    z, z0 = logits.float(), base.float()
+    b = z0.softmax(-1)  # broadcast over the leading dimensions of logits
+    d = z - z0
+    d = d - (b * d).sum(-1, keepdim=True)  # KL is blind to a constant shift; centring keeps the terms small
+    be = b * torch.expm1(d)
+    m = be.sum(-1)
+    lr = torch.log1p(m)  # log Z_p / Z_b
+    e_b = (b * d).sum(-1)
+    e_p = (e_b + (be * d).sum(-1)) / (1 + m)
+    out = {"patched||base": e_p - lr, "base||patched": lr - e_b}
+    far = d.amax(-1) > 30  # e^d would overflow float32: those positions in float64 log-softmax form
+    if far.any():
+        lp, lb = F.log_softmax(z[far].double(), -1), F.log_softmax(z0.expand_as(z)[far].double(), -1)
+        out["patched||base"][far] = (lp.exp() * (lp - lb)).sum(-1).float()
+        out["base||patched"][far] = (lb.exp() * (lb - lp)).sum(-1).float()
+    return out
 
 
 def _native(ct, r, p, write):
@@ -138,7 +157,7 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
         mine = sites[sites["seq"].isin(batch)]
         # one unedited pass per batch of sequences: the states every edited run starts from, and the trace
         # of the cell at the firings (the writes the conditions replace)
-        pre = host.prefix(ids_b, sorted(mine["pos"].unique()), cells=[(layer, head)]) if reuse_prefix else None
+        pre = host.prefix(ids_b, sorted(mine["pos"].unique()), cells=[(layer, head)], from_layer=layer) if reuse_prefix else None
         ct = (pre.trace if reuse_prefix else host.trace(ids_b, cells=[(layer, head)], positions=sorted(mine["pos"].unique())))
         col = {int(p): i for i, p in enumerate(ct.positions.tolist())}
         ct = ct[(layer, head)]
@@ -166,12 +185,17 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
                 else:
                     run = host.run_edits(ids_b[r:r + 1], [e._replace(seq=0) for e in rows],
                                          positions=range(first, ids.shape[1]), reuse_prefix=False)
-                lb = F.log_softmax(run.base[0 if not reuse_prefix else r].double(), -1)
-                for n, (j, cond, p) in enumerate(keys):
-                    lp = F.log_softmax(run.logits[n, p - first:].double(), -1)
-                    for d in directions:
-                        kl = _kl(lp, lb[p - first:], d)
-                        done[(j, d, cond)] = dict(next=float(kl[0]), final=float(kl[-1]), mean=float(kl.mean()))
+                base_r = run.base[0 if not reuse_prefix else r]
+                i0 = 0
+                while i0 < len(keys):  # the conditions of one firing: consecutive rows, one edited position
+                    p = keys[i0][2]
+                    i1 = i0 + len(conditions)
+                    kl = kl_both(run.logits[i0:i1, p - first:], base_r[p - first:])
+                    for n, (j, cond, _) in enumerate(keys[i0:i1]):
+                        for d in directions:
+                            x = kl[d][n]
+                            done[(j, d, cond)] = dict(next=float(x[0]), final=float(x[-1]), mean=float(x.mean()))
+                    i0 = i1
             if progress:
                 print(f"substitution: sequence {s} done ({len(per_site)}/{len(sites)} firings)")
         kls.update(done)

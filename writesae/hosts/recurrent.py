@@ -155,6 +155,14 @@ class RecurrentHost:
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
+    @property
+    def work_per_token(self) -> tuple[list[int], int]:
+        """Multiply-adds per token: (per layer, the read-out). A layer's are its weight matrices' sizes
+        (attention's length-dependent part left out); the read-out is the output embedding (d_model x vocab).
+        Benchmarks use it to state the analytic limit of an edited run with and without the read-out."""
+        per_layer = [sum(p.numel() for p in layer.parameters() if p.ndim == 2) for layer in self.layers]
+        return per_layer, int(self.model.get_output_embeddings().weight.numel())
+
     # -------------------------------------------------------------------------- public API
     @torch.no_grad()
     def logits(self, input_ids):
@@ -239,22 +247,24 @@ class RecurrentHost:
         return [e._replace(pos=e.pos % T) if e.pos < 0 else e for e in edits]
 
     @torch.no_grad()
-    def prefix(self, input_ids, positions, cells=()):
+    def prefix(self, input_ids, positions, cells=(), from_layer=0):
         """Run each sequence once, unedited, and keep what an edited run from any of ``positions`` needs:
         every layer's input and windows, and the matrix state before each position. Pass the result to
         :meth:`run_edits` (``prefix=``) to reuse it across calls. ``cells``: also trace these cells at
-        ``positions`` (``prefix.trace``, a :class:`Trace`), from the same pass."""
+        ``positions`` (``prefix.trace``, a :class:`Trace`), from the same pass. ``from_layer``: keep states
+        only for the layers from this one on (edits below it are then refused); keeping a state at a position
+        makes the recurrence step there, so a late edit's prefix is cheaper with it."""
         input_ids = self._ids(input_ids).to(self.device)
         positions = self._positions(positions, input_ids.shape[1])
         cells = [self.cell(int(c[0]), int(c[1])) for c in cells]
-        record = {l: [p - 1 for p in positions if p > 0] for l in self.recurrent_layers}
+        record = {l: [p - 1 for p in positions if p > 0] if l >= from_layer else [] for l in self.recurrent_layers}
         for c in cells:
             record[c.layer] = sorted(set(record[c.layer]) | set(positions))
         logits, states, inputs, rec, _ = self._run(self._embed(input_ids), 0, 0, {}, record=record, keep_inputs=True)
         kept = {l: rec[l].kept if l in rec else {} for l in self.recurrent_layers}
         trace = Trace({(c.layer, c.head): self._cell_trace(rec[c.layer], c.head, positions) for c in cells},
                       torch.tensor(positions, dtype=torch.long), logits)
-        return _Prefix(self, input_ids, logits, inputs, states, kept, positions, trace)
+        return _Prefix(self, input_ids, logits, inputs, states, kept, positions, trace, from_layer)
 
     @torch.no_grad()
     def run_edits(self, input_ids, edits, positions=None, reuse_prefix=True, prefix=None, progress=False) -> EditRun:
@@ -296,8 +306,12 @@ class RecurrentHost:
                 raise ValueError("prefix= was computed for other input_ids: build it with host.prefix(input_ids, ...)")
             if missing:
                 raise ValueError(f"prefix= holds no state before positions {missing}: include them in host.prefix(...)")
+            low = min(e.layer for r in rows for e in r)
+            if low < pre.from_layer:
+                raise ValueError(f"prefix= keeps states from layer {pre.from_layer} on, but an edit is on layer {low}: "
+                                 f"build it with host.prefix(..., from_layer={low})")
         base = pre.logits[:, positions].cpu()
-        out = base[seqs]  # (advanced indexing copies)
+        out = torch.empty(len(rows), *base.shape[1:], dtype=base.dtype)
         groups = defaultdict(list)
         for j, r in enumerate(rows):
             groups[(r[0].seq, int(starts[j]))].append(j)
@@ -306,8 +320,12 @@ class RecurrentHost:
             stream, states = pre.start(s, p, l0, len(idx))
             ed = self._edits_by_layer([(n, e) for n, j in enumerate(idx) for e in rows[j]], offset=p)
             lg = self._run(stream, p, l0, states, edits=ed)[0]
-            k0 = int(torch.searchsorted(positions, p))  # positions are sorted: those from p on
-            out[torch.tensor(idx), k0:] = lg[:, positions[k0:] - p].cpu()
+            k0 = int(torch.searchsorted(positions, p))  # positions are sorted: those before p are unedited
+            at = positions[k0:] - p
+            rows_ = torch.tensor(idx)
+            out[rows_, :k0] = base[s, :k0]
+            out[rows_, k0:] = (lg[:, int(at[0]):int(at[-1]) + 1] if len(at) and int(at[-1] - at[0]) == len(at) - 1
+                               else lg[:, at]).cpu()  # a contiguous run of positions is a view, not a gather
         return EditRun(out, starts, positions, base, seqs)
 
     @torch.no_grad()
@@ -337,10 +355,10 @@ class RecurrentHost:
 class _Prefix:
     """Cached unedited run of a batch of sequences; builds batched start states for edited runs."""
 
-    def __init__(self, host, input_ids, logits, inputs, states, kept, positions, trace):
+    def __init__(self, host, input_ids, logits, inputs, states, kept, positions, trace, from_layer=0):
         self.host, self.input_ids, self.logits = host, input_ids, logits
         self.inputs, self.final, self.kept = inputs, states, kept
-        self.positions, self.trace = positions, trace
+        self.positions, self.trace, self.from_layer = positions, trace, from_layer
 
     def start(self, seq, pos, first_layer, n):
         """(stream (n, T-pos, D), states) to run layers first_layer.. from position pos, n copies."""
