@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from writesae.data import ShardWriter
 from writesae.experiments.ground_truth import planted, recovery
 from writesae.sae import SAEConfig, WriteSAE, convert_reference_checkpoint
-from writesae.train import evaluate_sae, lr_at, train_on_tensors, train_sae
+from writesae.train import TIMING_KEYS, evaluate_sae, lr_at, read_log, train_on_tensors, train_sae
 
 DK, DV, N = 6, 5, 40
 
@@ -294,7 +294,7 @@ def test_resume_equals_straight_run(tmp_path, monkeypatch):
     S, _ = planted(n=600, d=6)
     cfg = SAEConfig("bilinear", 6, 6, n_feat=64, k=2, k_aux=8, activation="batchtopk")
     kw = dict(epochs=3, batch_size=32, lr=3e-3, warmup=5, resample_every=7, dead_after=3, renorm_every=4,
-              val_every=5, ckpt_every=10, progress=False)  # fmt: skip
+              val_every=5, ckpt_every=10, log_every=5, progress=False)  # fmt: skip
     straight = train_on_tensors(S, cfg, tmp_path / "a", **kw)
     assert straight.finished and straight.step == 3 * (480 // 32)
     assert len(resampled) >= 3  # the run exercises resampling (before and after the interruption)
@@ -309,7 +309,22 @@ def test_resume_equals_straight_run(tmp_path, monkeypatch):
         assert torch.equal(a[k], b[k]), k
     for k, t in straight.sae.state_dict().items():
         assert torch.equal(t, resumed.sae.state_dict()[k]), k
-    assert straight.metrics == resumed.metrics
+    untimed = lambda m: {k: v for k, v in m.items() if k not in TIMING_KEYS}  # noqa: E731
+    assert untimed(straight.metrics) == untimed(resumed.metrics)
+    assert straight.metrics["steps_per_s"] > 0 and straight.metrics["samples_per_s"] > 0
+    # training curves: the interrupted-and-resumed log has exactly the straight run's rows
+    assert resumed.log == straight.log == read_log(tmp_path / "b")
+    assert [r["step"] for r in straight.log if r["split"] == "train"] == list(range(5, 46, 5))
+    assert [r["step"] for r in straight.log if r["split"] == "val"] == list(range(5, 46, 5))
+    assert all(0 <= r["dead"] <= 1 and r["fvu"] > 0 and r["l0"] > 0 for r in straight.log)
+    train_fvu = [r["fvu"] for r in straight.log if r["split"] == "train"]
+    assert train_fvu[-1] < 0.7 * train_fvu[0]  # it learns (measured 0.53 -> 0.32)
+    assert straight.metrics["mse"] == min(r["mse"] for r in straight.log if r["split"] == "val")  # the best one
+    from writesae.plots.training import training_curves
+
+    fig = training_curves(tmp_path / "b")
+    assert [len(ax.lines) for ax in fig.axes] == [1, 2, 2, 2]  # val has no loss
+    assert list(fig.axes[1].lines[1].get_xdata()) == list(range(5, 46, 5))
     with pytest.raises(ValueError, match="lr"):
         train_on_tensors(S, cfg, tmp_path / "b", **{**kw, "lr": 1e-3})
 

@@ -6,6 +6,8 @@ in-memory (N, d_k, d_v) tensor; both run ``fit``. Output directory::
     out_dir/best/   sae.safetensors + cfg.json + fire_rates.safetensors   (best validation MSE)
     out_dir/last/   model.safetensors + optim.safetensors + state.json     (resume point)
     out_dir/metrics.json                                                   (final metrics)
+    out_dir/train_log.jsonl   training curves: one JSON row per ``log_every`` steps (split "train":
+                              loss, mse, fvu, l0, dead fraction, lr) and per validation (split "val")
 
 Calling again with the same ``out_dir`` and parameters resumes from ``last/`` and ends with
 the same weights as an uninterrupted run: batch order, resampling draws and the initialisation
@@ -19,7 +21,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,16 @@ from .data import StateDataset, TensorStates, parse_cell
 from .errors import CorruptFileError
 from .sae import SAEConfig, WriteSAE
 
-__all__ = ["TrainResult", "train_sae", "train_on_tensors", "fit", "evaluate_sae", "lr_at"]
+__all__ = ["TrainResult", "train_sae", "train_on_tensors", "fit", "evaluate_sae", "lr_at", "read_log"]
+
+LOG_FILE = "train_log.jsonl"
+STATS_SAMPLE = 16384
+"""At most this many training states (a seeded sample) set the mean state M and the input scale c."""
+VAL_SAMPLE = 8192
+"""Periodic validation (picking the best checkpoint) reads at most this many validation states (a fixed
+seeded sample); the final metrics are over the whole validation split."""
+TIMING_KEYS = ("seconds", "steps_per_s", "samples_per_s")
+"""Throughput entries of the result metrics (they vary from run to run; everything else is reproducible)."""
 
 
 @dataclass
@@ -50,6 +62,8 @@ class TrainResult:
     finished: bool
     """False when stopped early by ``max_steps`` (call again to resume)."""
     out_dir: Path | None
+    log: list = field(default_factory=list)
+    """The training curves: the rows of ``out_dir/train_log.jsonl`` (see :func:`read_log`)."""
 
 
 def lr_at(step: int, total: int, lr: float, min_lr: float, warmup: int) -> float:
@@ -72,6 +86,97 @@ def centred_rms(dataset, mean, batch_size: int = 4096) -> float:
         acc += float((x.float() - mean.cpu()).double().pow(2).sum())
         n += x.numel()
     return (acc / max(n, 1)) ** 0.5 or 1.0
+
+
+class _Sample:
+    """A fixed subset of a dataset's rows (seeded, in stored order), read like the dataset itself."""
+
+    def __init__(self, dataset, n: int, seed: int):
+        self.dataset, self.cell = dataset, getattr(dataset, "cell", None)
+        self.d_k, self.d_v = dataset.d_k, dataset.d_v
+        self.idx = np.sort(np.random.default_rng(seed).choice(len(dataset), size=n, replace=False))
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def iter_batches(self, batch_size, shuffle=False, **_):
+        for i in range(0, len(self.idx), batch_size):
+            yield self.dataset.states(self.idx[i:i + batch_size])
+
+
+def _sampled(dataset, cap: int | None, seed: int):
+    """``dataset`` itself when it holds at most ``cap`` states (or cap is None), else a seeded sample of cap."""
+    return dataset if cap is None or len(dataset) <= cap else _Sample(dataset, cap, seed)
+
+
+@torch.no_grad()
+def _stats(dataset, batch_size: int = 4096) -> tuple[torch.Tensor, float]:
+    """(mean state M (float32), input scale c = sqrt(mean((S - M)^2))) in one streamed pass, float64 sums.
+    M equals ``compute_mean`` of the same states; c equals :func:`centred_rms` up to float64 rounding."""
+    s1 = torch.zeros(dataset.d_k, dataset.d_v, dtype=torch.float64)
+    s2 = torch.zeros_like(s1)
+    n = 0
+    for x in dataset.iter_batches(batch_size, shuffle=False):
+        x = x.double()
+        s1 += x.sum(0)
+        s2 += x.pow(2).sum(0)
+        n += len(x)
+    n = max(n, 1)
+    mean = (s1 / n).float()
+    m = mean.double()
+    var = float((s2 - 2 * m * s1 + n * m.pow(2)).sum()) / (n * m.numel())
+    return mean, max(var, 0.0) ** 0.5 or 1.0
+
+
+def read_log(out_dir) -> list[dict]:
+    """The training curves of a run: the rows of ``out_dir/train_log.jsonl`` (``[]`` when there is none).
+    Each row has ``step`` and ``split``: "train" rows (every ``log_every`` steps, on that step's batch: loss
+    (the training objective, in units of the scaled input), mse (state units), fvu, l0, dead = fraction of
+    atoms silent for ``dead_after`` steps, lr) and "val" rows (each
+    validation: mse, fvu, l0, dead = fraction of atoms that never fired on the validation states)."""
+    path = Path(out_dir) / LOG_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short by an interruption (only the last one can be)
+            continue
+    return rows
+
+
+class _Log:
+    """Append-only JSONL training log that survives interruption: on resume from a checkpoint at step s,
+    rows after s (which the resumed run writes again) are dropped first, so no row is lost or doubled."""
+
+    def __init__(self, out_dir: Path | None, resume_step: int | None, wandb=None):
+        self.path = out_dir / LOG_FILE if out_dir is not None else None
+        self.rows: list[dict] = []
+        self.wandb = None
+        if self.path is not None:
+            keep = [r for r in read_log(out_dir) if r.get("step", 0) <= resume_step] if resume_step is not None else []
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+        if wandb:
+            try:
+                import wandb as wb
+            except ImportError:
+                raise ValueError("wandb= asks for Weights & Biases logging, but wandb is not installed: pip install "
+                                 f"wandb, or leave wandb off (the curves are in out_dir/{LOG_FILE} either way)") from None
+            self.wandb = wb.run or wb.init(**(wandb if isinstance(wandb, dict) else {}))
+
+    def __call__(self, **row) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        else:
+            self.rows.append(row)
+        if self.wandb is not None:
+            self.wandb.log({f"{row['split']}/{k}": v for k, v in row.items() if k not in ("step", "split")},
+                           step=row["step"])
+
+    def all(self) -> list[dict]:
+        return read_log(self.path.parent) if self.path is not None else self.rows
 
 
 @torch.no_grad()
@@ -218,6 +323,8 @@ def fit(
     device="cpu",
     progress: bool = True,
     info: dict | None = None,
+    log_every: int = 10,
+    wandb: bool | dict = False,
 ) -> TrainResult:
     """Train ``sae`` on ``train`` (a StateDataset or TensorStates), validating on ``val``.
 
@@ -229,14 +336,25 @@ def fit(
     (``out_dir/best``); ``out_dir/last`` is written every ``ckpt_every`` steps and when stopping
     at ``max_steps`` (total steps, for interruption); a later call with the same ``out_dir``
     and parameters resumes. ``info`` (cell, model, ...) goes into the saved cfg.json.
+
+    M and the input scale c come from one pass over the training states (a seeded sample of
+    ``STATS_SAMPLE`` when there are more); periodic validation reads at most ``VAL_SAMPLE`` states; the
+    final metrics are those of the best checkpoint over the whole validation split (measured when it was
+    picked, not again), plus ``seconds``, ``steps_per_s`` (optimizer steps per second of stepping) and
+    ``samples_per_s`` (training samples per second end to end, start-up and evaluation included) of this
+    call. Training curves go to ``out_dir/train_log.jsonl`` every ``log_every`` steps (see
+    :func:`read_log`; ``TrainResult.log``) and, with ``wandb=True`` (or a dict of ``wandb.init``
+    arguments, wandb installed), to Weights & Biases too.
     """
+    t_start = time.perf_counter()
     out_dir = Path(out_dir) if out_dir is not None else None
     info = dict(info or {})
     bad = [f"{name}={v} (must be {want})" for name, v, ok, want in (
         ("batch_size", batch_size, batch_size >= 1, ">= 1"), ("epochs", epochs, epochs >= 1, ">= 1"),
         ("lr", lr, lr > 0, "> 0"), ("min_lr", min_lr, 0 <= min_lr <= lr, "in [0, lr]"), ("warmup", warmup, warmup >= 0, ">= 0"),
         ("ckpt_every", ckpt_every, ckpt_every >= 1, ">= 1"), ("renorm_every", renorm_every, renorm_every >= 1, ">= 1"),
-        ("resample_every", resample_every, resample_every >= 1, ">= 1")) if not ok]  # fmt: skip
+        ("resample_every", resample_every, resample_every >= 1, ">= 1"),
+        ("log_every", log_every, log_every >= 1, ">= 1")) if not ok]  # fmt: skip
     if bad:
         raise ValueError(f"bad training parameters: {', '.join(bad)}")
     for split, ds in (("train", train), ("val", val)):
@@ -265,6 +383,7 @@ def fit(
     since_active = torch.zeros(n, dtype=torch.long, device=device)
     state = {"step": 0, "best_val": None, "best_step": -1, "params": params}
     best_mem = None  # best weights when there is no out_dir
+    best_rates = None  # fire rates of the best checkpoint, when picked in this call
 
     for name in ("last", "best") if out_dir is not None else ():
         _restore(out_dir / name)
@@ -275,16 +394,23 @@ def fit(
             lines = "\n".join(f"  {k}: checkpoint {saved.get(k)!r} != now {params.get(k)!r}" for k in diff)
             raise ValueError(f"{out_dir} holds a run with different parameters:\n{lines}\nUse another out_dir.")
         since_active, state = _load_last(out_dir, sae, opt, device)
+        log = _Log(out_dir, state["step"], wandb)
     else:
-        sae.set_mean(train.compute_mean())
-        sae.set_scale(centred_rms(train, sae.mean))
+        mean, scale = _stats(_sampled(train, STATS_SAMPLE, _seed(seed, 2)))
+        sae.set_mean(mean)
+        sae.set_scale(scale)
         sae.normalize_decoder()
+        log = _Log(out_dir, None, wandb)
+    val_part = _sampled(val, VAL_SAMPLE, _seed(seed, 3)) if val is not None else None
 
     def validate():
-        m = evaluate_sae(sae, val)
+        m = evaluate_sae(sae, val_part)
+        log(step=state["step"], split="val", mse=m["mse"], fvu=m["fvu"], l0=m["l0"], dead=m["dead"] / n)
         if state["best_val"] is None or m["mse"] < state["best_val"]:
-            nonlocal best_mem
+            nonlocal best_mem, best_rates
             state["best_val"], state["best_step"] = m["mse"], state["step"]
+            state["best_metrics"] = _jsonable(m) if val_part is val else None  # final metrics (whole split)
+            best_rates = m["fire_rates"]
             if out_dir is not None:
                 _save_best(out_dir, sae, m, info)
             else:
@@ -293,6 +419,7 @@ def fit(
 
     bar = tqdm(total=total, initial=state["step"], disable=not progress, desc=f"train {info.get('cell', '')}".strip())
     stopped = False
+    step0, t_steps = state["step"], time.perf_counter()
     while state["step"] < total and not stopped:
         epoch, first = divmod(state["step"], per_epoch)
         batches = train.iter_batches(batch_size, shuffle=True, epoch_seed=_seed(seed, epoch), drop_last=drop_last, start_batch=first)
@@ -325,9 +452,13 @@ def fit(
                             if buf in opt.state.get(p, {}):
                                 opt.state[p][buf][dead] = 0
                     since_active[dead] = 0
-            if step % 10 == 0 or step == total:
-                bar.set_postfix(loss=f"{out.loss.item():.3g}", fvu=f"{out.fvu.item():.3f}", l0=f"{out.l0.item():.1f}",
-                                dead=f"{float(dead_mask.float().mean()):.2f}")  # fmt: skip
+            if step % log_every == 0 or step == total:
+                row = dict(loss=out.loss.item(), mse=out.mse.item() * float(sae.scale) ** 2, fvu=out.fvu.item(), l0=out.l0.item(),
+                           dead=float(dead_mask.float().mean()))
+                log(step=step, split="train", **row, lr=opt.param_groups[0]["lr"])
+                rate = (step - step0) * batch_size / max(time.perf_counter() - t_start, 1e-9)
+                bar.set_postfix(loss=f"{row['loss']:.3g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
+                                dead=f"{row['dead']:.2f}", samples_s=f"{rate:.0f}")  # fmt: skip
             bar.update(1)
             if val is not None and len(val) and (step % val_every == 0 or step == total):
                 validate()
@@ -341,6 +472,7 @@ def fit(
             if step >= total:
                 break
     bar.close()
+    t_steps = time.perf_counter() - t_steps
 
     finished = state["step"] >= total
     current = {k: v.detach().clone() for k, v in sae.state_dict().items()}
@@ -354,9 +486,19 @@ def fit(
         best = WriteSAE(sae.cfg, device=device)
         best.load_state_dict(current)
     best.info = dict(sae.info, **{k: info[k] for k in ("cell", "model", "train") if k in info})
-    metrics = evaluate_sae(best, val if val is not None and len(val) else train)
+    metrics = None
+    if state.get("best_metrics") is not None:  # measured over the whole validation split when it was picked
+        if best_rates is None and out_dir is not None and (out_dir / "best" / "fire_rates.safetensors").exists():
+            best_rates = load_file(str(out_dir / "best" / "fire_rates.safetensors"))["fire_rates"].double().numpy()
+        if best_rates is not None:
+            metrics = {**state["best_metrics"], "fire_rates": best_rates}
+    if metrics is None:  # no validation split (a sample of the training states), or a sampled one
+        metrics = evaluate_sae(best, val if val is not None and len(val) else _sampled(train, VAL_SAMPLE, _seed(seed, 4)))
     rates = metrics["fire_rates"]
     metrics.update(best_step=state["best_step"], steps=state["step"], dead_train=int((since_active >= dead_after).sum()))
+    wall = time.perf_counter() - t_start
+    done = state["step"] - step0
+    metrics.update(seconds=wall, steps_per_s=done / max(t_steps, 1e-9), samples_per_s=done * batch_size / max(wall, 1e-9))
     if out_dir is not None and finished:
         if state["best_step"] < 0:
             _save_best(out_dir, best, metrics, info)
@@ -364,7 +506,7 @@ def fit(
         best.info["metrics"] = _jsonable(metrics)
         best.save(out_dir / "best")
         save_tensors({"fire_rates": torch.as_tensor(rates, dtype=torch.float32)}, out_dir / "best" / "fire_rates.safetensors")
-    return TrainResult(best, _jsonable(metrics), rates, state["step"], state["best_step"], finished, out_dir)
+    return TrainResult(best, _jsonable(metrics), rates, state["step"], state["best_step"], finished, out_dir, log.all())
 
 
 def train_on_tensors(states: torch.Tensor, cfg: SAEConfig, out_dir=None, *, val_frac: float = 0.2, seed: int = 0, **kw) -> TrainResult:
@@ -397,6 +539,8 @@ def train_sae(
     max_steps: int | None = None,
     device="cpu",
     progress: bool = True,
+    log_every: int = 10,
+    wandb: bool | dict = False,
 ) -> TrainResult:
     """Train an SAE on one cell ((layer, head) or "L9H4") of the state dataset in ``data_dir``.
 
@@ -415,5 +559,5 @@ def train_sae(
         sae, train, val, out_dir=out_dir, lr=lr, min_lr=min_lr, warmup=warmup, batch_size=batch_size,
         epochs=epochs, seed=seed, resample_every=resample_every, dead_after=dead_after,
         renorm_every=renorm_every, val_every=val_every, ckpt_every=ckpt_every, max_steps=max_steps,
-        device=device, progress=progress, info=info,
+        device=device, progress=progress, info=info, log_every=log_every, wandb=wandb,
     )  # fmt: skip

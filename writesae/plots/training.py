@@ -1,0 +1,45 @@
+"""Training curves of an SAE run (the rows ``writesae.train`` logs to ``train_log.jsonl``)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+__all__ = ["training_curves"]
+
+PANELS = (("loss", "training loss", True), ("fvu", "FVU", True), ("l0", "L0 (active atoms)", False),
+          ("dead", "dead fraction", False))
+
+
+def _rows(log):
+    if hasattr(log, "log"):  # a TrainResult
+        return log.log
+    if isinstance(log, (str, Path)):
+        from ..train import read_log
+
+        return read_log(log)
+    return list(log)
+
+
+def training_curves(log, title=None):
+    """Loss, FVU, L0 and dead fraction against the step, from a run's log: a :class:`TrainResult`, its
+    ``out_dir`` (``train_log.jsonl`` inside), or the rows of :func:`writesae.train.read_log`. Training rows
+    (each on one batch) are lines; validation rows are dots on the same panels."""
+    rows = _rows(log)
+    if not rows:
+        raise ValueError("the training log is empty: train with an out_dir (the trainer writes train_log.jsonl there) "
+                         "or pass TrainResult.log")
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(12, 2.8))
+    for ax, (key, label, logy) in zip(axes, PANELS):
+        for split, style in (("train", dict(lw=1.2, color="tab:blue")),
+                             ("val", dict(ls="none", marker="o", ms=3, color="tab:orange"))):
+            pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and key in r]
+            if pts:
+                ax.plot(*zip(*pts), label=split, **style)
+        ax.set(xlabel="step", title=label, yscale="log" if logy else "linear")
+        ax.grid(alpha=0.3)
+    axes[0].legend(frameon=False, fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
