@@ -528,10 +528,7 @@ class WriteSAE(nn.Module):
         CorruptFileError naming it. Never unpickles anything."""
         path = Path(path)
         if not (path / "cfg.json").exists() or not (path / "sae.safetensors").exists():
-            raise FileNotFoundError(
-                f"{path} has no cfg.json + sae.safetensors; a reference-release best.pt must be converted "
-                "first with writesae.sae.convert_reference_checkpoint"
-            )
+            raise FileNotFoundError(_not_writesae(path))
         fix = "save the SAE again or retrain it (pipeline: delete its artifact folder)"
         try:
             doc = json.loads((path / "cfg.json").read_text())
@@ -568,6 +565,20 @@ class WriteSAE(nn.Module):
         """Every SAE saved in a subdirectory of ``root`` (one per cell), keyed by directory name."""
         root = Path(root)
         return {p.name: cls.load(p, device=device) for p in sorted(root.iterdir()) if (p / "cfg.json").exists()}
+
+
+def _not_writesae(path: Path) -> str:
+    """Why ``path`` is not a ``WriteSAE.save`` directory, naming the format it holds and how to load it."""
+    if (path / "sae_weights.safetensors").exists():
+        return (f"{path} is an SAELens SAE directory (sae_weights.safetensors + cfg.json), not a WriteSAE one "
+                "(sae.safetensors + cfg.json): load it with writesae.saelens.import_saelens(path)")
+    if path.is_file() and path.suffix in (".pt", ".pth") or path.is_dir() and any(path.glob("*.pt")):
+        return (f"{path} holds a pickled PyTorch checkpoint (the reference release's best.pt): convert it once with "
+                "writesae.sae.convert_reference_checkpoint(path, out_dir, allow_pickle=True), then load out_dir")
+    if path.is_file():
+        return f"{path} is a file; WriteSAE.load takes the directory WriteSAE.save wrote (sae.safetensors + cfg.json)"
+    return (f"{path} has no cfg.json + sae.safetensors: WriteSAE.load takes a directory written by WriteSAE.save "
+            "(SAELens directories: writesae.saelens.import_saelens; reference best.pt: convert_reference_checkpoint)")
 
 
 def _json_default(o):
