@@ -1,0 +1,155 @@
+"""CE loss recovered: splice an SAE's reconstruction of the state back into the cache (SAELens's metric).
+
+Protocol (the paper's cache-replacement perplexity, App. J: context 0-511, teacher-forced loss on
+512-1023): each passage of T tokens runs unedited through positions 0..p-1 (``split = p``, default T/2);
+then the matrix state of the chosen cells *after reading token p-1* (what position p starts from) is set
+to one of
+
+    clean  the model's own S_{p-1} (no edit)         sae   the SAE's reconstruction S_hat = SAE(S_{p-1})
+    zero   0 (zero ablation)                         mean  the SAE's mean state M (mean ablation: the mean
+                                                           over its training states, every position)
+
+and the model runs on, teacher-forced; the loss is the mean next-token cross-entropy (nats) of tokens
+p+1..T-1, read at positions p..T-2 (the positions that start from the spliced state). Then (SAELens)
+
+    CE loss recovered = (L_ablate - L_sae) / (L_ablate - L_clean)
+
+(1: the reconstruction is as good as the real state; 0: no better than ablating it), against zero and
+mean ablation, and the perplexity change ``exp(L_sae - L_clean) - 1`` (the paper: +0.82% for rank-2 vs
++0.76% for rank-1 with all 16 heads of L9 replaced). ``cells`` may be one cell or every head of a layer
+(all replaced together). The splice is a host ``add`` edit of ``target - S_{p-1}`` at position p-1
+(``writesae.ops.recurrence``: an edit adds a matrix to the freshly written state), so it runs through the
+public host API and works for every family.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..hosts import Edit
+
+__all__ = ["ce_losses", "record", "CONDITIONS"]
+
+CONDITIONS = ("sae", "zero", "mean")
+
+
+def _recon(sae, S):
+    """S_hat of states S (B, d_k, d_v): ``sae`` is a WriteSAE (run in eval mode) or any callable S -> S_hat."""
+    if not isinstance(sae, torch.nn.Module):
+        return sae(S)
+    was = sae.training
+    sae.eval()
+    try:
+        return sae(S.to(device=sae.device, dtype=sae.dtype)).recon
+    finally:
+        sae.train(was)
+
+
+def _mean(sae, like):
+    m = getattr(sae, "mean", None)
+    if m is None:
+        raise ValueError("mean ablation needs the SAE's mean state: pass a WriteSAE (its ``mean`` buffer), or "
+                         "conditions=('sae', 'zero')")
+    return m.to(like).expand_as(like)
+
+
+@torch.no_grad()
+def ce_losses(host, saes, input_ids, split=None, *, conditions=CONDITIONS, batch=4, progress=True) -> dict:
+    """Cross-entropy with the states of ``saes``' cells spliced at ``split`` (see the module docstring).
+
+    saes: ``{(layer, head): WriteSAE}`` (one cell, or every head of a layer: replaced together); a value may
+    also be any callable mapping states (B, d_k, d_v) to reconstructions. input_ids: (N, T) passages.
+    split: the first position that starts from the spliced state (default T // 2; 1 <= split <= T - 2).
+    batch: passages per host call. Returns loss_clean and loss_<condition> (mean nats per token), with
+    ce_recovered (against zero ablation), ce_recovered_mean (against mean ablation), ppl_change
+    (exp(loss_sae - loss_clean) - 1), split, n_tokens, n_passages and cells."""
+    ids = torch.as_tensor(input_ids)
+    ids = ids[None] if ids.ndim == 1 else ids
+    N, T = ids.shape
+    split = T // 2 if split is None else int(split)
+    if not 1 <= split <= T - 2:
+        raise ValueError(f"split={split} must leave context and at least two tokens to score: use 1..{T - 2} for "
+                         f"passages of {T} tokens (the paper: 512 of 1024)")
+    if not saes:
+        raise ValueError("saes is empty: pass {(layer, head): sae} for the cells to splice")
+    bad = sorted(set(conditions) - set(CONDITIONS))
+    if bad or "sae" not in conditions:
+        raise ValueError(f"conditions {tuple(conditions)} must include 'sae' and be among {CONDITIONS}")
+    by_cell = {(int(l), int(h)): sae for (l, h), sae in saes.items()}
+    cells = [host.cell(l, h) for l, h in by_cell]
+    for c in cells:
+        if hasattr(by_cell[c.layer, c.head], "check_cell"):
+            by_cell[c.layer, c.head].check_cell(c)
+    pos, scored = split - 1, list(range(split, T - 1))  # edited state position; positions read for the loss
+    targets = ids[:, split + 1:]
+    sums = {k: 0.0 for k in ("clean", *conditions)}
+    for s0 in tqdm(range(0, N, batch), disable=not progress, desc="CE loss recovered"):
+        chunk = ids[s0:s0 + batch]
+        pre = host.prefix(chunk, [pos], cells=list(by_cell))
+        rows = []
+        for cond in conditions:
+            edits = {s: [] for s in range(len(chunk))}
+            for key, sae in by_cell.items():
+                S = pre.trace[key].state[:, 0].float()  # (n, d_k, d_v): S_{p-1}
+                if cond == "sae":
+                    target = _recon(sae, S).to(S)
+                else:
+                    target = torch.zeros_like(S) if cond == "zero" else _mean(sae, S)
+                for s in range(len(chunk)):
+                    edits[s].append(Edit(s, key[0], key[1], pos, "add", target[s] - S[s]))
+            rows += [edits[s] for s in range(len(chunk))]
+        run = host.run_edits(chunk, rows, positions=scored, prefix=pre)
+        tgt = targets[s0:s0 + batch].to(run.logits.device)
+        nll = lambda lg: float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), tgt.reshape(-1), reduction="sum"))  # noqa: E731
+        sums["clean"] += nll(run.base)
+        n = len(chunk)
+        for i, cond in enumerate(conditions):
+            sums[cond] += nll(run.logits[i * n:(i + 1) * n])
+    n_tok = N * len(scored)
+    out = {f"loss_{k}": v / n_tok for k, v in sums.items()}
+    clean, sae_loss = out["loss_clean"], out["loss_sae"]
+    for cond, name in (("zero", "ce_recovered"), ("mean", "ce_recovered_mean")):
+        if cond in conditions:
+            gap = out[f"loss_{cond}"] - clean
+            out[name] = (out[f"loss_{cond}"] - sae_loss) / gap if abs(gap) > 1e-12 else float("nan")
+    out.update(ppl_change=math.expm1(sae_loss - clean), split=split, n_tokens=n_tok, n_passages=N,
+               cells=[f"L{c.layer}H{c.head}" for c in cells])
+    return out
+
+
+def _fingerprint(ids) -> str:
+    ids = torch.as_tensor(ids).to("cpu", torch.int64).contiguous()
+    return hashlib.sha256(ids.numpy().tobytes() + str(tuple(ids.shape)).encode()).hexdigest()[:16]
+
+
+def record(host, sae, input_ids, split=None, *, key="ce_recovered", progress=True, **kw) -> dict:
+    """CE loss recovered of one SAE on its own cell, stored in its ``cfg.json`` metrics (``metrics[key]``)
+    and returned; a second call with the same passages and split returns the stored numbers without running.
+
+    The SAE must know its cell (``sae.info["cell"]``, set by the trainer) and, to be stored, the directory
+    it was loaded from (``sae.path``: every SAE from ``writesae.pipeline.sae``); otherwise the result is
+    only returned. ``kw``: :func:`ce_losses` options (batch, conditions)."""
+    from ..data import cell_tuple
+
+    if not sae.info.get("cell"):
+        raise ValueError("the SAE does not know its cell (info['cell']); use ce_losses(host, {(layer, head): sae}, ...)")
+    ids = torch.as_tensor(input_ids)
+    ids = ids[None] if ids.ndim == 1 else ids
+    params = dict(model=host.name, passages=_fingerprint(ids), shape=list(ids.shape),
+                  split=ids.shape[1] // 2 if split is None else int(split), **{k: list(v) if isinstance(v, tuple) else v
+                                                                           for k, v in kw.items() if k != "batch"})
+    metrics = dict(sae.info.get("metrics") or {})
+    old = metrics.get(key)
+    if isinstance(old, dict) and old.get("params") == params:
+        return old
+    res = ce_losses(host, {cell_tuple(sae.info["cell"]): sae}, ids, split, progress=progress, **kw)
+    res["params"] = params
+    metrics[key] = res
+    sae.info["metrics"] = metrics
+    if sae.path is not None:
+        sae.save(sae.path)
+    return res
