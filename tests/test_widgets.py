@@ -73,3 +73,45 @@ def test_widgets_in_a_headless_kernel_keep_their_state():
     views = [o for c in nb.cells for o in c.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert len(views) == 2
     assert json.dumps(state)  # serialisable as saved
+
+
+def test_bad_input_shows_a_message_inside_the_widget(setup, monkeypatch):
+    host, _, sae = setup
+    box = widgets.live_install(host, {CELL: sae}, prompt="5 17 42 8 23 61 9 33", target="7", n_new=4)
+    c = box.controls
+    c["target"].value = "7 8"  # two tokens: refused, not cut to the first
+    c["run"].click()
+    assert "writesae-error" in c["view"].value and "is 2 tokens (7, 8)" in c["view"].value
+    c["target"].value = "water"  # no tokenizer: token ids only
+    c["run"].click()
+    assert "has no tokenizer" in c["view"].value
+    c["target"].value, c["mode"].value, c["atom"].value = "7", "atom", 32  # the SAE has atoms 0..31
+    c["run"].click()
+    assert "atom 32 is out of range" in c["view"].value and "0..31" in c["view"].value
+    c["atom"].value = 31
+    c["run"].click()
+    assert "atom 31 x m" in c["view"].value and "writesae-error" not in c["view"].value
+
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(widgets.iv, "live_install", broken)
+    c["run"].click()  # an unexpected error: shown with its traceback, not lost in the kernel log
+    assert "RuntimeError: boom" in c["view"].value and "traceback" in c["view"].value
+
+
+def test_explorer_shows_kls_and_hands_its_atom_to_the_install(setup, tmp_path, monkeypatch):
+    host, ids, sae = setup
+    monkeypatch.setenv("WRITESAE_CACHE", str(tmp_path))
+    ex = widgets.atom_explorer(host, {CELL: sae}, ids, n_contexts=2, n_kl=2, kl_key={"test": 1})
+    view = ex.controls["view"].value
+    assert "substitution KL at its 2 strongest firings" in view and "kl_delete" in view
+    rows = view.split("kl_random")[1].split("top firings")[0].split("<tr>")[1:]  # next, final, mean
+    assert [r.split("<td>")[1].split("</td>")[0] for r in rows] == ["next", "final", "mean"]
+    assert len(list((tmp_path / "explorer_kls").glob("*/table.csv"))) == 1  # cached on disk
+    inst = widgets.live_install(host, {CELL: sae}, prompt="5 17 42 8", target="7", n_new=2, explorer=ex)
+    assert inst.controls["mode"].value == "target direction"  # nothing carried until a pick
+    pick = ex.controls["atom"].options[2][1]
+    ex.controls["atom"].value = pick
+    assert (inst.controls["atom"].value, inst.controls["mode"].value, inst.controls["cell"].value) == (pick, "atom", CELL)
+    assert f"atom {pick} of L2H3" in inst.controls["picked"].value
+    assert "writesae-snapshot" in ex.children[0].value and "display:none" in ex.children[0].value

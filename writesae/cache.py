@@ -6,7 +6,10 @@ SHA-256 of the canonical JSON of its parameters, and the folder holds a
 ``params.json`` with those parameters. Same parameters -> same folder, so a
 notebook can run alone and a rebuild recomputes only what changed.
 
-``root`` defaults to ``$WRITESAE_CACHE`` or ``./artifacts``.
+``root`` defaults to one rule, :func:`cache_root`: ``$WRITESAE_CACHE`` if set, else the ``artifacts/``
+folder of the repository root, the nearest directory at or above the working directory that holds
+``_toc.yml`` (so a kernel started in ``notebooks/``, as Voila and Jupyter do, finds the same cache as a
+terminal at the root), else ``./artifacts``.
 
 Writes are atomic: files are written to a temporary name in the same folder,
 fsynced and renamed into place (``os.replace``), so an interrupted run never
@@ -60,8 +63,17 @@ def params_key(params: dict) -> str:
     return hashlib.sha256(canonical_json(params).encode()).hexdigest()[:12]
 
 
-def cache_root(root=None) -> Path:
-    return Path(root or os.environ.get("WRITESAE_CACHE") or "artifacts")
+def cache_root(root=None, start=None) -> Path:
+    """``root`` if given, else ``$WRITESAE_CACHE``, else ``<repository root>/artifacts`` where the repository
+    root is the nearest directory at or above ``start`` (default: the working directory) holding
+    ``_toc.yml``, else ``./artifacts``."""
+    if root or os.environ.get("WRITESAE_CACHE"):
+        return Path(root or os.environ["WRITESAE_CACHE"])
+    here = Path(start or Path.cwd()).resolve()
+    for d in (here, *here.parents):
+        if (d / "_toc.yml").is_file():
+            return d / "artifacts"
+    return Path("artifacts")
 
 
 @contextlib.contextmanager

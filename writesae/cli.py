@@ -1,4 +1,4 @@
-"""Command line: ``writesae cells | extract | train-sae | book``."""
+"""Command line: ``writesae cells | extract | train-sae | book | explore``."""
 from __future__ import annotations
 
 import argparse
@@ -64,6 +64,12 @@ def cmd_book(a):
     build(params_file=a.params, only=a.only, tiny=a.tiny, force=a.force)
 
 
+def cmd_explore(a):
+    from .explore import serve
+
+    return serve(params_file=a.params, cell=a.cell, port=a.port, browser=not a.no_browser)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="writesae", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -111,16 +117,24 @@ def main(argv=None):
     b.add_argument("--force", action="store_true", help="re-execute notebooks even when unchanged")
     b.set_defaults(fn=cmd_book)
 
+    x = sub.add_parser("explore", help="serve the explorer's live widgets (Voila) on http://127.0.0.1:PORT")
+    x.add_argument("--params", default=None, help="parameter file in params/ (default: params/embedded_cpu.yaml, "
+                   "the book's, so its cached SAEs are reused)")
+    x.add_argument("--cell", default=None, help="cell the widgets start on, e.g. L6H0")
+    x.add_argument("--port", type=int, default=8866)
+    x.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    x.set_defaults(fn=cmd_explore)
+
     a = p.parse_args(argv)
     try:
-        a.fn(a)
+        rc = a.fn(a)
     except (ValueError, FileNotFoundError, RuntimeError) as err:  # ValueError includes writesae's CorruptFileError
         print(f"writesae {a.cmd}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"writesae {a.cmd}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""``writesae explore``: the explorer notebook (``notebooks/06_explorer.ipynb``) served live by Voilà.
+
+The notebook gets its parameters as in the book: from a ``params/*.yaml`` file (default
+``params/embedded_cpu.yaml``), the names its ``parameters`` cell defines, injected by papermill's
+parameterizer into a copy in ``_build/explore/`` (git ignores ``_build/``). Voilà runs that copy in a
+fresh kernel for every browser tab, shows its outputs (no code), and keeps the widgets connected to the
+kernel, so every control recomputes. The kernel finds the artifact cache by the rule of
+:func:`writesae.cache.cache_root` (``$WRITESAE_CACHE``, else ``<repository root>/artifacts``), so a page
+load on a cache the book already filled takes seconds; on an empty cache it extracts states and trains
+the SAEs first, and the page shows their progress bars as it goes (Voilà's progressive rendering).
+
+Voilà is an optional dependency: ``pip install -e .[live]`` (``requirements.txt`` has it too).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .cache import cache_root
+
+__all__ = ["stage", "voila_command", "serve", "REPO", "NOTEBOOK"]
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOK = Path("notebooks/06_explorer.ipynb")
+
+
+def stage(params_file=None, cell=None, root=REPO) -> tuple[Path, dict]:
+    """Write the explorer notebook with its parameters injected to ``<root>/_build/explore/``; return
+    (its path, the parameters). ``cell`` ("L6H0" or (6, 0)) is the cell both widgets start on; it joins
+    ``cells`` (the explorer's list) if missing there."""
+    import nbformat
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+
+    from .book import _notebook_params, load_params
+    from .data import cell_tuple
+
+    root = Path(root)
+    src = root / NOTEBOOK
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} is missing: `writesae explore` runs from a checkout of the repository "
+                                "(pip install -e .)")
+    if params_file is None:
+        params_file = root / "params" / "embedded_cpu.yaml"
+    params_file = Path(params_file)
+    if not params_file.is_file() and (root / params_file).is_file():
+        params_file = root / params_file
+    if not params_file.is_file():
+        raise FileNotFoundError(f"--params {params_file}: no such file; pass one of "
+                                f"{sorted(p.name for p in (root / 'params').glob('*.yaml'))} (in params/)")
+    params = _notebook_params(src, load_params(params_file))
+    if cell is not None:
+        cell = list(cell_tuple(cell))
+        params["cell"] = cell
+        cells = [list(c) for c in params.get("cells", [])]
+        params["cells"] = cells + [cell] if cell not in cells else cells
+    nb = parameterize_notebook(load_notebook_node(str(src)), params)
+    out = root / "_build" / "explore" / src.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, out)
+    return out, params
+
+
+TEMPLATES = Path(__file__).resolve().parent  # holds voila/templates/writesae: "lab" less its CDN stylesheets
+
+
+def voila_command(notebook, port=8866, browser=True) -> list[str]:
+    """The Voilà command line: 127.0.0.1 only, outputs shown as each cell finishes (progress included), the
+    ``writesae`` template (found through ``$JUPYTER_PATH``, see :func:`serve`)."""
+    return [sys.executable, "-m", "voila", str(notebook), f"--port={int(port)}", "--Voila.ip=127.0.0.1",
+            "--template=writesae",
+            "--VoilaConfiguration.progressive_rendering=True", "--VoilaConfiguration.show_tracebacks=True",
+            *([] if browser else ["--no-browser"])]
+
+
+def serve(params_file=None, cell=None, port=8866, browser=True, root=REPO) -> int:
+    """Stage the explorer and serve it with Voilà on http://127.0.0.1:<port> until interrupted; return
+    Voilà's exit status."""
+    if importlib.util.find_spec("voila") is None:
+        raise RuntimeError("Voilà is not installed: pip install -e .[live]  (or pip install -r requirements.txt)")
+    nb, params = stage(params_file, cell, root)
+    cache = cache_root(start=nb.parent).resolve()
+    built = cache.is_dir() and any((cache / "sae").glob("*/done"))
+    print(f"explorer: {params.get('model', 'embedded')} model, cells {params.get('cells')}, starting on "
+          f"{params.get('cell')}; artifact cache {cache} "
+          + ("(SAEs found: a page loads in seconds once the model is loaded)" if built else
+             "(no trained SAE there yet: the first page load extracts states and trains the SAEs, with progress "
+             "bars in the page; minutes)"))
+    print(f"open http://127.0.0.1:{int(port)}/ (Ctrl-C stops the server)", flush=True)
+    env = dict(os.environ, JUPYTER_PATH=os.pathsep.join(filter(None, [str(TEMPLATES), os.environ.get("JUPYTER_PATH")])))
+    return subprocess.call(voila_command(nb, port, browser), cwd=root, env=env)
