@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from writesae import book, pipeline
-from writesae.experiments import zoo
+from writesae.experiments import substitution as S, zoo
+from writesae import Edit
 from writesae.hosts import EMBEDDED_DIR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,15 +30,29 @@ def test_memory_table_is_the_zoo_exports_formula():
     assert len(mine) == len(host.cells) and (mine["write_share"] > 0).all()
 
 
-def test_choose_cells_takes_the_lowest_write_share():
+def test_choose_cells_takes_the_most_influential_cell_that_keeps_a_state():
     mem = pd.DataFrame(dict(cell=["L0H0", "L0H1", "L1H0", "L1H1"], layer=[0, 0, 1, 1], head=[0, 1, 0, 1],
                             write_share=[0.9, 0.2, 0.2, 0.05]))
-    assert zoo.choose_cells(mem, 1) == [(1, 1)]
+    assert zoo.choose_cells(mem, 1) == [(1, 1)]  # no influence column: the lowest write share
     assert zoo.choose_cells(mem, 3) == [(1, 1), (0, 1), (1, 0)]  # tie broken by (layer, head)
     assert zoo.choose_cells(mem, 2, fixed=[[3, 2], "L0H0"]) == [(3, 2), (0, 0)]
-    # a floor skips nearly frozen states, which come back only when too few cells are above it
-    assert zoo.choose_cells(mem, 1, min_write_share=0.1) == [(0, 1)]
-    assert zoo.choose_cells(mem, 3, min_write_share=0.5) == [(0, 0), (0, 1), (1, 0)]
+    mem["influence"] = [1.0, 1e-3, 1e-3, 1e-6]
+    # L0H0 matters most but keeps no state (write share 0.9): it comes only when too few cells keep one
+    assert zoo.choose_cells(mem, 1) == [(0, 1)]
+    assert zoo.choose_cells(mem, 3) == [(0, 1), (1, 0), (1, 1)]
+    assert zoo.choose_cells(mem, 4) == [(0, 1), (1, 0), (1, 1), (0, 0)]
+    assert zoo.choose_cells(mem, 1, max_write_share=0.1) == [(1, 1)]
+
+
+def test_influence_is_the_deletion_kl_of_each_cell():
+    host = pipeline.host("tiny:gdn", "cpu")
+    ids = pipeline.windows(host, "heldout", 24, 1, 0)
+    inf = zoo.influence_table(host, ids, positions=[12])
+    assert inf["cell"].tolist() == [f"L{c.layer}H{c.head}" for c in host.cells]
+    l, h = host.cells[-1].layer, host.cells[-1].head
+    run = host.run_edits(ids, [Edit(0, l, h, 12, "delete")], positions=range(12, 24))
+    want = S.kl_by_position(run.logits, run.base[0]).mean()
+    assert inf["influence"].iloc[-1] == pytest.approx(float(want), rel=1e-5) and (inf["influence"] > 0).all()
 
 
 def test_metrics_path_finds_the_zoo_folders(tmp_path):
@@ -54,13 +69,14 @@ def test_memory_reads_metrics_json_else_measures(tmp_path, monkeypatch):
     measured = zoo.memory(host, window=16, n_windows=1)
     assert measured["source"].str.startswith("measured").all()
     assert list(zip(measured["layer"], measured["head"])) == [(c.layer, c.head) for c in host.cells]
+    assert (measured["influence"] > 0).all()  # measured next to it, on the first window
 
     class Named:  # a host whose source is a model folder with a metrics.json memory table
         name = str(tmp_path / "model")
     (tmp_path / "model").mkdir()
     table = [dict(cell="L3H1", decay=0.9, write_share=0.1), dict(cell="L0H2", decay=0.5, write_share=0.7)]
     (tmp_path / "model" / "metrics.json").write_text(json.dumps(dict(params=1, memory=table)))
-    read = zoo.memory(Named())
+    read = zoo.memory(Named(), influence=False)
     assert read[["cell", "layer", "head", "write_share"]].values.tolist() == [["L3H1", 3, 1, 0.1], ["L0H2", 0, 2, 0.7]]
     assert read["source"].str.startswith("metrics.json").all()
     assert zoo.choose_cells(read, 1) == [(3, 1)]
