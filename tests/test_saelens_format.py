@@ -105,3 +105,19 @@ def test_sae_lens_loads_the_export(tmp_path):
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / "sl"), device="cpu")
     S = torch.randn(5, 4, 3) + sae.mean
     torch.testing.assert_close(theirs(S.reshape(5, -1)), sae(S).recon.reshape(5, -1), rtol=1e-4, atol=1e-5)
+
+
+def test_saelens_saved_sae_imports(tmp_path):
+    """With SAELens installed, an SAE it saves itself imports and reconstructs as SAELens does."""
+    sae_lens = pytest.importorskip("sae_lens")
+    torch.manual_seed(0)
+    for i, (apply, rescale) in enumerate(((True, False), (True, True), (False, False))):
+        theirs = sae_lens.TopKSAE(sae_lens.TopKSAEConfig(d_in=12, d_sae=24, k=3, apply_b_dec_to_input=apply,
+                                                         rescale_acts_by_decoder_norm=rescale))
+        with torch.no_grad():
+            for p in theirs.parameters():
+                p.copy_(torch.randn_like(p))
+        theirs.save_model(tmp_path / str(i))
+        ours = import_saelens(tmp_path / str(i), d_k=4, d_v=3).eval()
+        x = torch.randn(16, 12)
+        torch.testing.assert_close(ours(x.reshape(16, 4, 3)).recon.reshape(16, 12), theirs(x), rtol=1e-4, atol=1e-4)
