@@ -58,7 +58,7 @@ def _mean(sae, like):
 
 
 @torch.no_grad()
-def ce_losses(host, saes, input_ids, split=None, *, conditions=CONDITIONS, batch=4, progress=True) -> dict:
+def ce_losses(host, saes, input_ids, split=None, *, conditions=CONDITIONS, batch=8, progress=True) -> dict:
     """Cross-entropy with the states of ``saes``' cells spliced at ``split`` (see the module docstring).
 
     saes: ``{(layer, head): WriteSAE}`` (one cell, or every head of a layer: replaced together); a value may
