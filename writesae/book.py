@@ -108,9 +108,11 @@ def _notebook_params(nb_path: Path, all_params: dict) -> dict:
 
 
 def _code_hash() -> str:
+    """The package's code and the shipped models' configs and metrics (a retrained or newly added zoo member
+    re-executes the sections, as a code change does)."""
     pkg = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for p in sorted(pkg.rglob("*.py")):
+    for p in sorted(pkg.rglob("*.py")) + sorted((pkg / "embedded").rglob("*.json")):
         h.update(p.relative_to(pkg).as_posix().encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
 
