@@ -29,3 +29,22 @@ def test_cells_lists_every_cell_with_its_memory(tmp_path, monkeypatch, capsys):
 def test_threads_must_be_positive(capsys):
     assert main(["cells", "--model", "tiny", "--no-memory", "--threads", "0"]) == 2
     assert "--threads 0: give a positive number of threads" in capsys.readouterr().err
+
+
+def test_wandb_is_optional(tmp_path):
+    """Asking for wandb without it installed is a one-line error naming the fix; not asking never imports it."""
+    import importlib.util
+
+    import pytest
+
+    from writesae.sae import SAEConfig
+    from writesae.train import train_on_tensors
+
+    S = torch.randn(64, 3, 3, generator=torch.Generator().manual_seed(0))
+    cfg = SAEConfig("bilinear", 3, 3, n_feat=8, k=2)
+    res = train_on_tensors(S, cfg, tmp_path / "a", epochs=2, batch_size=16, log_every=1, progress=False)
+    assert [r["step"] for r in res.log if r["split"] == "train"] == list(range(1, 7))
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(ValueError, match="pip install wandb"):
+        train_on_tensors(S, cfg, tmp_path / "b", epochs=1, batch_size=16, progress=False, wandb=True)

@@ -80,7 +80,7 @@ def cmd_train_sae(a):
     cfg = SAEConfig(variant=a.variant, d_k=data.d_k, d_v=data.d_v, n_feat=a.n_feat, k=a.k,
                     activation=a.activation, rank=a.rank)
     res = train_sae(a.data, data.cell, cfg, a.out, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
-                    device=_device(a.device) or "cpu")
+                    device=_device(a.device) or "cpu", log_every=a.log_every, wandb=a.wandb)
     print(f"best SAE in {a.out}/best: {res.metrics}")
 
 
@@ -138,6 +138,8 @@ def main(argv=None):
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None)
     t.add_argument("--out", required=True)
+    t.add_argument("--log-every", type=int, default=10, help="steps between rows of OUT/train_log.jsonl")
+    t.add_argument("--wandb", action="store_true", help="also log the curves to Weights & Biases (wandb installed)")
     t.set_defaults(fn=cmd_train_sae)
 
     b = sub.add_parser("book", help="execute the notebooks (papermill) and build the book (jupyter-book)")
