@@ -109,9 +109,28 @@ def test_explorer_shows_kls_and_hands_its_atom_to_the_install(setup, tmp_path, m
     assert [r.split("<td>")[1].split("</td>")[0] for r in rows] == ["next", "final", "mean"]
     assert len(list((tmp_path / "explorer_kls").glob("*/table.csv"))) == 1  # cached on disk
     inst = widgets.live_install(host, {CELL: sae}, prompt="5 17 42 8", target="7", n_new=2, explorer=ex)
-    assert inst.controls["mode"].value == "target direction"  # nothing carried until a pick
+    assert inst.controls["mode"].value == "target direction"  # the mode switches on a pick only
+    assert inst.controls["atom"].value == ex.controls["atom"].value == ex.controls["atom"].options[0][1]
     pick = ex.controls["atom"].options[2][1]
     ex.controls["atom"].value = pick
     assert (inst.controls["atom"].value, inst.controls["mode"].value, inst.controls["cell"].value) == (pick, "atom", CELL)
     assert f"atom {pick} of L2H3" in inst.controls["picked"].value
     assert "writesae-snapshot" in ex.children[0].value and "display:none" in ex.children[0].value
+
+
+def test_a_multi_token_target_is_refused_with_its_pieces():
+    """With a tokenizer: "water" is two tokens, " water" one; the message names both (escaped once)."""
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1] if text == " water" else [2, 3]}
+
+        def decode(self, ids):
+            return {1: " water", 2: "w", 3: "ater"}[ids[0]]
+
+    host = type("H", (), {"tokenizer": Tok(), "name": "fake", "vocab_size": 4})()
+    with pytest.raises(ValueError) as err:
+        widgets._one_token(host, "water")
+    assert str(err.value) == ("target 'water' is 2 tokens ('w', 'ater'); the install writes one token's direction, so "
+                              "type a single token; ' water', with a leading space, is one token")
+    assert widgets._one_token(host, " water") == 1
+    assert "&amp;#x27;" not in widgets._error(str(err.value))

@@ -84,9 +84,9 @@ def serve(params_file=None, cell=None, port=8866, browser=True, root=REPO) -> in
     nb, params = stage(params_file, cell, root)
     cache = cache_root(start=nb.parent).resolve()
     built = cache.is_dir() and any((cache / "sae").glob("*/done"))
-    print(f"explorer: {params.get('model', 'embedded')} model, cells {params.get('cells')}, starting on "
-          f"{params.get('cell')}; artifact cache {cache} "
-          + ("(SAEs found: a page loads in seconds once the model is loaded)" if built else
+    print(f"explorer: {nb} with {params} (other parameters: the notebook's defaults); artifact cache {cache} "
+          + ("(trained SAEs found; what these parameters lack is built on the first page load, with progress "
+             "bars in the page)" if built else
              "(no trained SAE there yet: the first page load extracts states and trains the SAEs, with progress "
              "bars in the page; minutes)"))
     print(f"open http://127.0.0.1:{int(port)}/ (Ctrl-C stops the server)", flush=True)

@@ -228,7 +228,7 @@ def _one_token(host, text):
         return ids[0]
     if not ids:
         raise ValueError("target is empty: type one token (e.g. ' water', with its leading space)")
-    pieces = ", ".join(_tok(host, t) for t in ids)
+    pieces = ", ".join(repr(host.tokenizer.decode([t])) if host.tokenizer is not None else str(t) for t in ids)
     hint = ""
     if host.tokenizer is not None and not text.startswith(" ") and len(_parse_ids(host, " " + text)) == 1:
         hint = f"; {' ' + text!r}, with a leading space, is one token"
@@ -305,6 +305,8 @@ def live_install(host, saes=None, *, prompt=None, cell=None, target=None, n_new=
     run = _shows_errors(view, run)
     run_w.on_click(run)
     if explorer is not None:
+        if explorer.controls["atom"].value is not None and explorer.controls["cell"].value == cell_w.value:
+            atom_w.value = int(explorer.controls["atom"].value)  # the atom the explorer shows first
         follow = _shows_errors(picked, follow)
         explorer.controls["atom"].observe(follow, names="value")
         explorer.controls["cell"].observe(follow, names="value")
