@@ -1,13 +1,14 @@
 """``writesae explore``: the explorer notebook (``notebooks/06_explorer.ipynb``) served live by Voilà.
 
 The notebook gets its parameters as in the book: from a ``params/*.yaml`` file (default
-``params/embedded_cpu.yaml``), the names its ``parameters`` cell defines, injected by papermill's
-parameterizer into a copy in ``_build/explore/`` (git ignores ``_build/``). Voilà runs that copy in a
-fresh kernel for every browser tab, shows its outputs (no code), and keeps the widgets connected to the
-kernel, so every control recomputes. The kernel finds the artifact cache by the rule of
-:func:`writesae.cache.cache_root` (``$WRITESAE_CACHE``, else ``<repository root>/artifacts``), so a page
-load on a cache the book already filled takes seconds; on an empty cache it extracts states and trains
-the SAEs first, and the page shows their progress bars as it goes (Voilà's progressive rendering).
+``params/embedded_cpu.yaml``), the names its ``parameters`` cell defines, injected by papermill
+(``prepare_only``: nothing runs) into a copy in ``_build/explore/`` (git ignores ``_build/``). Voilà
+runs that copy in a fresh kernel for every browser tab, shows its outputs (no code), and keeps the
+widgets connected to the kernel, so every control recomputes. The kernel finds the artifact cache by
+the rule of :func:`writesae.cache.cache_root` (``$WRITESAE_CACHE``, else ``<repository root>/artifacts``).
+On a cache the book filled, a page load only imports and loads the model and the SAEs (42 s on a busy
+2-core machine, most of it imports and the model); on an empty cache it also extracts states and trains
+the SAEs, and the page shows their progress bars as it goes (Voilà's progressive rendering).
 
 Voilà is an optional dependency: ``pip install -e .[live]`` (``requirements.txt`` has it too).
 """
@@ -31,9 +32,7 @@ def stage(params_file=None, cell=None, root=REPO) -> tuple[Path, dict]:
     """Write the explorer notebook with its parameters injected to ``<root>/_build/explore/``; return
     (its path, the parameters). ``cell`` ("L6H0" or (6, 0)) is the cell both widgets start on; it joins
     ``cells`` (the explorer's list) if missing there."""
-    import nbformat
-    from papermill.iorw import load_notebook_node
-    from papermill.parameterize import parameterize_notebook
+    import papermill
 
     from .book import _notebook_params, load_params
     from .data import cell_tuple
@@ -57,10 +56,9 @@ def stage(params_file=None, cell=None, root=REPO) -> tuple[Path, dict]:
         params["cell"] = cell
         cells = [list(c) for c in params.get("cells", [])]
         params["cells"] = cells + [cell] if cell not in cells else cells
-    nb = parameterize_notebook(load_notebook_node(str(src)), params)
     out = root / "_build" / "explore" / src.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, out)
+    papermill.execute_notebook(str(src), str(out), parameters=params, prepare_only=True, progress_bar=False)
     return out, params
 
 
