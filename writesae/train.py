@@ -195,14 +195,15 @@ def evaluate_sae(sae: WriteSAE, dataset, batch_size: int = 1024) -> dict:
     sum_x = torch.zeros(sae.cfg.d_k, sae.cfg.d_v, dtype=torch.float64)
     fires = torch.zeros(n, dtype=torch.float64)
     active = count = 0
+    f64 = torch.float64
     for S in dataset.iter_batches(batch_size, shuffle=False):
-        out = sae(S)
-        S = S.to(out.recon)
-        sq_err += float((S - out.recon).double().pow(2).sum())
-        sum_sq += float(S.double().pow(2).sum())
-        sum_x += S.double().sum(0).cpu()
-        on = out.top_acts > 0
-        fires += torch.bincount(out.top_indices[on].cpu(), minlength=n).double()
+        S = sae._check(S)
+        acts, idx = sae.encode(S)  # encode + decode: what forward computes, without its training losses
+        sq_err += float((S - sae.decode(acts, idx)).square().sum(dtype=f64))
+        sum_sq += float(S.square().sum(dtype=f64))
+        sum_x += S.sum(0, dtype=f64).cpu()
+        on = acts > 0
+        fires += torch.bincount(idx[on].cpu(), minlength=n).double()
         active += int(on.sum())
         count += len(S)
     sae.train(was_training)
@@ -302,6 +303,33 @@ def _save_best(out_dir: Path, sae: WriteSAE, metrics: dict, info: dict) -> None:
     _swap_in(tmp, out_dir / "best")
 
 
+def _rank_world(distributed: bool, batch_size: int) -> tuple[int, int]:
+    """(rank, world size) of the default process group for ``fit(distributed=True)``, else (0, 1)."""
+    if not distributed:
+        return 0, 1
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("fit(distributed=True) needs a torch.distributed process group: launch with torchrun "
+                         "(python -m writesae.distributed ...) or call torch.distributed.init_process_group first")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} does not divide over {world} ranks; use a multiple of {world}")
+    return rank, world
+
+
+def _ddp(sae: WriteSAE, device):
+    """``sae`` wrapped in DistributedDataParallel (gradients averaged over the ranks)."""
+    dev = torch.device(device)
+    return torch.nn.parallel.DistributedDataParallel(sae, device_ids=[dev] if dev.type == "cuda" else None)
+
+
+def _finite(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every rank (so that all ranks stop together)."""
+    ok = torch.isfinite(loss.detach()).to(torch.int32)
+    if world > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok)
+
+
 def fit(
     sae: WriteSAE,
     train,
@@ -325,6 +353,7 @@ def fit(
     info: dict | None = None,
     log_every: int = 10,
     wandb: bool | dict = False,
+    distributed: bool = False,
 ) -> TrainResult:
     """Train ``sae`` on ``train`` (a StateDataset or TensorStates), validating on ``val``.
 
@@ -345,6 +374,13 @@ def fit(
     call. Training curves go to ``out_dir/train_log.jsonl`` every ``log_every`` steps (see
     :func:`read_log`; ``TrainResult.log``) and, with ``wandb=True`` (or a dict of ``wandb.init``
     arguments, wandb installed), to Weights & Biases too.
+
+    ``distributed=True`` inside a ``torch.distributed`` process group (``torchrun``; see
+    :mod:`writesae.distributed`): data-parallel training of this one SAE. Every rank reads the same global
+    batch and trains on its ``rank::world`` share (``batch_size`` must divide by the world size), DDP averages
+    the gradients, the fired atoms (hence the dead-atom counters, AuxK and resampling, which uses the whole
+    batch) are all-reduced, so every rank holds the weights a single process would (to float rounding;
+    BatchTopK's threshold buffer is rank 0's). Rank 0 alone writes ``out_dir``; the log holds rank 0's share.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -385,8 +421,12 @@ def fit(
     best_mem = None  # best weights when there is no out_dir
     best_rates = None  # fire rates of the best checkpoint, when picked in this call
 
-    for name in ("last", "best") if out_dir is not None else ():
+    rank, world = _rank_world(distributed, batch_size)
+    writer = out_dir if rank == 0 else None  # one writer: rank 0; the others keep their best weights in memory
+    for name in ("last", "best") if writer is not None else ():
         _restore(out_dir / name)
+    if world > 1:
+        torch.distributed.barrier()  # the other ranks read out_dir/last once rank 0 has restored it
     if out_dir is not None and (out_dir / "last" / "state.json").exists():
         saved = _read_state(out_dir / "last").get("params", {})
         diff = [k for k in sorted(set(saved) | set(params)) if saved.get(k) != params.get(k)]
@@ -394,13 +434,15 @@ def fit(
             lines = "\n".join(f"  {k}: checkpoint {saved.get(k)!r} != now {params.get(k)!r}" for k in diff)
             raise ValueError(f"{out_dir} holds a run with different parameters:\n{lines}\nUse another out_dir.")
         since_active, state = _load_last(out_dir, sae, opt, device)
-        log = _Log(out_dir, state["step"], wandb)
+        log = _Log(writer, state["step"], wandb and rank == 0)
     else:
         mean, scale = _stats(_sampled(train, STATS_SAMPLE, _seed(seed, 2)))
         sae.set_mean(mean)
         sae.set_scale(scale)
         sae.normalize_decoder()
-        log = _Log(out_dir, None, wandb)
+        log = _Log(writer, None, wandb and rank == 0)
+    out_dir = writer
+    net = _ddp(sae, device) if world > 1 else sae
     val_part = _sampled(val, VAL_SAMPLE, _seed(seed, 3)) if val is not None else None
 
     def validate():
@@ -429,8 +471,8 @@ def fit(
                 group["lr"] = lr_at(step, total, lr, min_lr, warmup)
             S = S.to(device)
             dead_mask = since_active >= dead_after
-            out = sae(S, dead_mask=dead_mask)
-            if not torch.isfinite(out.loss):
+            out = net(S[rank::world] if world > 1 else S, dead_mask=dead_mask)
+            if not _finite(out.loss, world):
                 raise ValueError(f"training diverged at step {step}: the loss is {out.loss.item()} (lr {lr}); lower lr"
                                  + (f" and delete {out_dir / 'last'} (its checkpoint may be past the divergence)"
                                     if out_dir is not None else ""))
@@ -439,6 +481,10 @@ def fit(
             opt.step()
             fired = torch.zeros(n, dtype=torch.bool, device=device)
             fired[out.top_indices[out.top_acts > 0]] = True
+            if world > 1:  # an atom fired if it fired on any rank's share: the same dead counters everywhere
+                fired = fired.to(torch.uint8)
+                torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
+                fired = fired.bool()
             since_active = torch.where(fired, 0, since_active + 1)
             state["step"] = step = step + 1
             if step % renorm_every == 0:
@@ -541,6 +587,7 @@ def train_sae(
     progress: bool = True,
     log_every: int = 10,
     wandb: bool | dict = False,
+    distributed: bool = False,
 ) -> TrainResult:
     """Train an SAE on one cell ((layer, head) or "L9H4") of the state dataset in ``data_dir``.
 
@@ -559,5 +606,5 @@ def train_sae(
         sae, train, val, out_dir=out_dir, lr=lr, min_lr=min_lr, warmup=warmup, batch_size=batch_size,
         epochs=epochs, seed=seed, resample_every=resample_every, dead_after=dead_after,
         renorm_every=renorm_every, val_every=val_every, ckpt_every=ckpt_every, max_steps=max_steps,
-        device=device, progress=progress, info=info, log_every=log_every, wandb=wandb,
+        device=device, progress=progress, info=info, log_every=log_every, wandb=wandb, distributed=distributed,
     )  # fmt: skip
