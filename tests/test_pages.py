@@ -24,7 +24,7 @@ def _cells(styler):
 
 
 @pytest.mark.parametrize("x,text", [(0.4275, "0.427"), (1.74e-08, "1.74e-08"), (109.09, "109.1"), (400.0, "400"),
-                                    (1234.5, "1,234"), (float("nan"), "–"), (11.3688, "11.37"), ("L6H0", "L6H0")])
+                                    (1234.5, "1,234"), (1601, "1601"), (122880.0, "122,880"), (float("nan"), "–"), (11.3688, "11.37"), ("L6H0", "L6H0")])
 def test_number_keeps_meaningful_digits(x, text):
     assert number(x) == text
 

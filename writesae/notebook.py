@@ -158,7 +158,7 @@ def number(x) -> str:
     if isinstance(x, bool) or not isinstance(x, (int, float)) and not hasattr(x, "__float__"):
         return str(x)
     if isinstance(x, int) or (float(x).is_integer() and abs(float(x)) < 1e15):
-        return f"{int(x):,}"
+        return f"{int(x):,}" if abs(int(x)) >= 10000 else str(int(x))  # ids and counts below 10,000 as written
     x = float(x)
     if x != x:
         return "–"
@@ -190,6 +190,8 @@ def _column_format(col):
     if np.all(v == np.round(v, 2)) and v.min() >= 0.01:  # set values such as doses 0.5, 1, 2: as given
         return lambda x: "–" if x != x else f"{x:g}"
     m = float(np.median(v))
+    if m < 0.01 and v.max() >= 0.1:  # mostly tiny, some large (e.g. forget gates): fixed decimals
+        return lambda x: "–" if x != x else f"{x:.4f}"
     if m < 0.01:
         return lambda x: "–" if x != x else f"{x:.2e}"
     decimals = 0 if m >= 1000 else 1 if m >= 100 else 2 if m >= 10 else 3
