@@ -117,9 +117,8 @@ def _stats(dataset, batch_size: int = 4096) -> tuple[torch.Tensor, float]:
     s2 = torch.zeros_like(s1)
     n = 0
     for x in dataset.iter_batches(batch_size, shuffle=False):
-        x = x.double()
-        s1 += x.sum(0)
-        s2 += x.pow(2).sum(0)
+        s1 += x.sum(0, dtype=torch.float64)
+        s2 += x.square().sum(0, dtype=torch.float64)
         n += len(x)
     n = max(n, 1)
     mean = (s1 / n).float()
