@@ -323,6 +323,7 @@ def test_resume_equals_straight_run(tmp_path, monkeypatch):
     from writesae.plots.training import training_curves
 
     fig = training_curves(tmp_path / "b")
+    assert len(training_curves(resumed.sae).axes[0].lines[0].get_xdata()) == 9  # from the SAE loaded from b/best
     assert [len(ax.lines) for ax in fig.axes] == [1, 2, 2, 2]  # val has no loss
     assert list(fig.axes[1].lines[1].get_xdata()) == list(range(5, 46, 5))
     with pytest.raises(ValueError, match="lr"):
