@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from writesae.data import ShardWriter
+from writesae.data import ShardWriter, TensorStates
 from writesae.experiments.ground_truth import planted, recovery
 from writesae.sae import SAEConfig, WriteSAE, convert_reference_checkpoint
 from writesae.train import TIMING_KEYS, evaluate_sae, lr_at, read_log, train_on_tensors, train_sae
@@ -369,3 +369,25 @@ def test_training_does_not_depend_on_the_state_scale():
     assert torch.equal(ea.top_indices, eb.top_indices)
     torch.testing.assert_close(eb.top_acts, 1000 * ea.top_acts, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(b.sae.decode(eb.top_acts, eb.top_indices), b.sae.eval()(S[:8] * 1000).recon)
+
+
+def test_sampled_statistics_and_validation(monkeypatch):
+    """Above STATS_SAMPLE / VAL_SAMPLE states the trainer reads seeded samples for M, c and the periodic
+    validation, and still reports the final metrics over the whole validation split."""
+    import writesae.train as T
+
+    S, _ = planted(n=500, d=6)
+    cfg = SAEConfig("bilinear", 6, 6, n_feat=32, k=2, k_aux=8)
+    full = train_on_tensors(S, cfg, epochs=2, batch_size=50, lr=3e-3, warmup=2, progress=False)
+    seen = []
+    real = T.evaluate_sae
+    monkeypatch.setattr(T, "evaluate_sae", lambda sae, ds, **kw: seen.append(len(ds)) or real(sae, ds, **kw))
+    monkeypatch.setattr(T, "STATS_SAMPLE", 120)
+    monkeypatch.setattr(T, "VAL_SAMPLE", 40)
+    part = train_on_tensors(S, cfg, epochs=2, batch_size=50, lr=3e-3, warmup=2, progress=False)
+    assert seen == [40, 40, 100]  # two sampled validations, then one pass over the 100 validation states
+    assert part.metrics["n_states"] == full.metrics["n_states"] == 100
+    train = TensorStates(S).split("train", 0)
+    assert not torch.allclose(part.sae.mean, full.sae.mean)  # M from 120 of the 400 training states
+    torch.testing.assert_close(full.sae.mean, train.compute_mean())
+    assert (part.sae.mean - full.sae.mean).abs().max() < 0.5 * S.std()
