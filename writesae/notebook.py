@@ -216,7 +216,7 @@ def table(df, columns=None, *, rename=None, caption=None):
         fmt["value"] = number
         ps = [i for i, q in enumerate(df["quantity"]) if _P_COLUMNS.search(str(q))]
         df["value"] = [(_p_value(v) if i in ps else v) for i, v in enumerate(df["value"])]
-    st = df.style.hide(axis="index").format(fmt, na_rep="–")
+    st = df.style.hide(axis="index").format(fmt, na_rep="–").set_table_attributes('class="dataframe writesae"')
     # headers with spaces, so a narrow page wraps them instead of cutting the table at its right edge
     st = st.relabel_index([str(c).replace("_", " ") for c in df.columns], axis="columns")
     if caption:

@@ -83,8 +83,8 @@ class Section:
                             seed=self.seed, data=self.data, **kw)
 
     def describe(self) -> str:
-        return (f"{self.host.name}: cell L{self.cell[0]}H{self.cell[1]}, {self.eval_windows} held-out passages of "
-                f"{self.window} tokens; SAEs with n_feat = {self.n_feat}, k = {self.k}")
+        return (f"{self.host.name}, cell L{self.cell[0]}H{self.cell[1]}\n{self.eval_windows} held-out passages of "
+                f"{self.window} tokens\nSAEs: n_feat = {self.n_feat}, k = {self.k}, {self.epochs} epochs")
 
     # ------------------------------------------------------------------ firings and partition
     def firings(self, cell=None, **sae_kw) -> pd.DataFrame:

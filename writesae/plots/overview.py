@@ -44,7 +44,7 @@ def write_vs_atom(W, atom, coef, title=""):
     """The native write, the SAE's coefficient-scaled atom, and what substituting leaves behind."""
     A = coef * torch.as_tensor(atom).detach().float()
     W = torch.as_tensor(W).float()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.3))  # narrow figure: its labels stay legible at page width
     _heat(axes[0], W, "native write $W_t$")
     _heat(axes[1], A, "atom $a_i v_i w_i^T$")
     _heat(axes[2], A - W, "substitution residual $a_i v_i w_i^T - W_t$")
