@@ -289,11 +289,11 @@ def test_figures(host, sae, ids, sites, firings):
     assert sum(p.get_height() for p in fig.axes[0].patches) == len(table)
     sm = S.summarize(df.assign(layer=1), by=("layer", "head", "read", "direction"), n_boot=50)
     fig = M.win_rate_strip(sm, chosen=CELL)
-    assert sum(len(c.get_offsets()) for c in fig.axes[0].collections) == len(sm)
+    assert len(fig.axes[0].texts) == len(sm)  # one labelled point per head
 
 
 def test_divergence_plot_of_the_last_recurrent_layer():
-    """The last recurrent layer has no later cells: that panel is all zeros and must not break the figure."""
+    """The last recurrent layer has no later cells: that panel is all zeros and is left out of the figure."""
     import pandas as pd
 
     from writesae.plots.measurements import divergence_curves
@@ -302,8 +302,8 @@ def test_divergence_plot_of_the_last_recurrent_layer():
                                      for col in ("kl", "state_rel", "state_rel_later") for q in ("median", "q25", "q75")})
             for c in ("atom", "delete") for lag in range(4)]
     fig = divergence_curves(pd.DataFrame(rows))
-    assert fig.axes[1].get_yscale() == "log" and fig.axes[2].get_yscale() == "linear"
-    assert fig.axes[2].texts[0].get_text() == "nothing to show"
+    assert len(fig.axes) == 2 and fig.axes[1].get_yscale() == "log"
+    assert fig.axes[1].get_ylabel() == "relative state change, edited cell"
 
 
 def test_interrupted_substitution_resumes_without_redoing_or_losing_work(host, sae, ids, sites, tmp_path, monkeypatch):
