@@ -1,4 +1,4 @@
-"""Command line: ``writesae cells | extract | train-sae | book | explore``."""
+"""Command line: ``writesae cells | extract | train-sae | book | explore | sweep``."""
 from __future__ import annotations
 
 import argparse
@@ -96,6 +96,20 @@ def cmd_explore(a):
     return serve(params_file=a.params, cell=a.cell, port=a.port, browser=not a.no_browser)
 
 
+def cmd_sweep(a):
+    import pandas as pd
+
+    from .sweep import sweep
+
+    try:
+        table = sweep(a.params, a.cells, address=a.address, workers=a.workers, serial=a.serial,
+                      threads=a.threads or 1)
+    except ImportError as err:  # no Ray: one line naming the fix
+        raise RuntimeError(str(err)) from None
+    with pd.option_context("display.width", 200, "display.max_columns", None):
+        print(table)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="writesae", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -156,6 +170,14 @@ def main(argv=None):
     x.add_argument("--port", type=int, default=8866)
     x.add_argument("--no-browser", action="store_true", help="do not open a browser")
     x.set_defaults(fn=cmd_explore)
+
+    w = sub.add_parser("sweep", help="the per-cell pipeline for many cells as Ray tasks: one table, a row per cell")
+    w.add_argument("--params", required=True, help="parameter file (params/*.yaml)")
+    w.add_argument("--cells", default="all", help='"all" or e.g. "L1H2,L4H3"')
+    w.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    w.add_argument("--workers", type=int, default=None, help="local Ray: CPUs (default: one per core)")
+    w.add_argument("--serial", action="store_true", help="no Ray: the cells one after another in this process")
+    w.set_defaults(fn=cmd_sweep)
 
     for sp in sub.choices.values():
         sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on a machine "
