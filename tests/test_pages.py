@@ -23,7 +23,7 @@ def _cells(styler):
     return head, body
 
 
-@pytest.mark.parametrize("x,text", [(0.4275, "0.427"), (1.74e-08, "1.74e-08"), (109.09, "109.1"), (400.0, "400"),
+@pytest.mark.parametrize("x,text", [(0.4275, "0.427"), (1.74e-08, "1.74e-8"), (109.09, "109.1"), (400.0, "400"),
                                     (1234.5, "1,234"), (1601, "1601"), (122880.0, "122,880"), (float("nan"), "–"), (11.3688, "11.37"), ("L6H0", "L6H0")])
 def test_number_keeps_meaningful_digits(x, text):
     assert number(x) == text
@@ -34,7 +34,7 @@ def test_table_rounds_per_column_hides_the_index_and_wraps_headers():
                        "wilcoxon_p": [0.0123456, 3e-9], "kl_atom": [1.7e-8, 4.4e-5]}, index=[7, 9])
     head, body = _cells(table(df))
     assert head == ["win rate", "n", "dose", "wilcoxon p", "kl atom"]   # no index column, spaces let headers wrap
-    assert body == ["0.427", "400", "0.5", "0.012", "1.70e-08", "0.710", "12", "2", "3e-09", "4.40e-05"]
+    assert body == ["0.427", "400", "0.5", "0.012", "1.70e-8", "0.710", "12", "2", "3e-09", "4.40e-5"]
 
 
 def test_table_of_a_dict_formats_p_values_by_name():

@@ -164,7 +164,13 @@ def number(x) -> str:
         return "–"
     a = abs(x)
     return (f"{x:,.0f}" if a >= 1000 else f"{x:.1f}" if a >= 100 else f"{x:.2f}" if a >= 10
-            else f"{x:.3f}" if a >= 0.01 else f"{x:.2e}")
+            else f"{x:.3f}" if a >= 0.01 else _sci(x))
+
+
+def _sci(x) -> str:
+    """Scientific notation without padded exponents: 1.74e-8."""
+    m, e = f"{x:.2e}".split("e")
+    return f"{m}e{int(e)}"
 
 
 def _p_value(x) -> str:
@@ -193,7 +199,7 @@ def _column_format(col):
     if m < 0.01 and v.max() >= 0.1:  # mostly tiny, some large (e.g. forget gates): fixed decimals
         return lambda x: "–" if x != x else f"{x:.4f}"
     if m < 0.01:
-        return lambda x: "–" if x != x else f"{x:.2e}"
+        return lambda x: "–" if x != x else _sci(x)
     decimals = 0 if m >= 1000 else 1 if m >= 100 else 2 if m >= 10 else 3
     return lambda x: "–" if x != x else f"{x:,.{decimals}f}"
 
@@ -216,7 +222,10 @@ def table(df, columns=None, *, rename=None, caption=None):
         fmt["value"] = number
         ps = [i for i, q in enumerate(df["quantity"]) if _P_COLUMNS.search(str(q))]
         df["value"] = [(_p_value(v) if i in ps else v) for i, v in enumerate(df["value"])]
-    st = df.style.hide(axis="index").format(fmt, na_rep="–").set_table_attributes('class="dataframe writesae"')
+    st = df.style.hide(axis="index").format(fmt, na_rep="–").set_table_attributes('class="writesae"')
+    text = [c for c in df.columns if df[c].dtype == object or pd.api.types.is_string_dtype(df[c])]
+    if text and "value" not in text:  # words wrap, numbers do not (book/_static/writesae.css)
+        st = st.set_properties(subset=text, **{"white-space": "normal", "text-align": "left"})
     # headers with spaces, so a narrow page wraps them instead of cutting the table at its right edge
     st = st.relabel_index([str(c).replace("_", " ") for c in df.columns], axis="columns")
     if caption:
