@@ -88,7 +88,8 @@ def closed_form_scatter(df, predictor="pred_direct", split="eval"):
     d = df[df["split"] == split].assign(eps=lambda x: x["eps"].map(lambda e: f"{e:g}"))
     lags = sorted(d["lag"].unique())
     order = sorted(d["eps"].unique(), key=float)
-    palette = dict(zip(order, sns.color_palette("colorblind", len(order))))
+    distinct = ["tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:gray"]
+    palette = dict(zip(order, (distinct * len(order))[:len(order)]))
     fig, axes = plt.subplots(1, len(lags), figsize=(4.8 * len(lags), 4.2), squeeze=False)
     for ax, L in zip(axes[0], lags):
         g = d[d["lag"] == L]
