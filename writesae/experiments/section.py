@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from .. import cache, pipeline
+from . import ce_recovered as _ce
 from . import firings as _firings
 from . import partition as _partition
 from . import substitution as _sub
@@ -116,9 +117,12 @@ class Section:
                     cos_register=sm["mean_cos"]["register"], cos_bundle=sm["mean_cos"]["bundle"], dbic=sm["dbic"],
                     best_k=sm["k"])
 
-    def sae_row(self, cell=None, **sae_kw) -> dict:
+    def sae_row(self, cell=None, ce_passages=16, **sae_kw) -> dict:
         """One row of an ablation table: the SAE's name, encoder and decoder (:data:`VARIANTS`), parameter
-        count and held-out metrics (validation MSE, FVU, L0, alive, dead fraction)."""
+        count and held-out metrics (validation MSE, FVU, L0, alive, dead fraction), and the downstream metric
+        (:func:`writesae.experiments.ce_recovered.record` on the first ``ce_passages`` held-out passages,
+        stored in the SAE's cfg.json): CE loss recovered against zero and mean ablation of the state, the
+        perplexity change, and what zeroing the state costs (nats; when that is tiny the ratio is noise)."""
         cell = tuple(cell or self.cell)
         s = self.sae(cell, **sae_kw)
         m = s.info["metrics"]
@@ -127,7 +131,14 @@ class Section:
             name, dec = f"rank-{s.cfg.rank}", f"rank {s.cfg.rank} (sum of {s.cfg.rank} outer products)"
         return dict(cell=f"L{cell[0]}H{cell[1]}", variant=s.cfg.variant, name=name, encoder=enc, decoder=dec,
                     params=sum(p.numel() for p in s.parameters()), mse=m["mse"], fvu=m["fvu"], l0=m["l0"],
-                    alive=m["alive"], dead_fraction=m["dead"] / s.cfg.n_feat)
+                    alive=m["alive"], dead_fraction=m["dead"] / s.cfg.n_feat, **self._ce_columns(s, ce_passages))
+
+    def _ce_columns(self, sae, n) -> dict:
+        if not n:
+            return {}
+        ce = _ce.record(self.host, sae, self.eval_ids[:n], progress=False)
+        return dict(ce_recovered=ce["ce_recovered"], ce_recovered_mean=ce["ce_recovered_mean"],
+                    ppl_change=ce["ppl_change"], zero_cost=ce["loss_zero"] - ce["loss_clean"])
 
     # ------------------------------------------------------------------ substitution
     def substitution(self, cell=None, pool="registers", *, max_per_atom=None, min_per_atom=1, all_firings=False,
