@@ -72,3 +72,16 @@ def test_papermill_typo_fails_at_once(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "unknown parameter n_atom for 04_closed_form; valid names:" in r.stdout + r.stderr
+
+
+def test_a_headline_cell_outside_cells_is_extracted_with_them():
+    """`papermill ... -p cell L2H1` with the default `cells`: its states go into the same dataset (no error
+    telling the user to extract it by hand), and the dataset of a headline cell already listed is unchanged."""
+    from writesae import pipeline
+    from writesae.experiments.section import Section
+
+    host = pipeline.host("tiny", "cpu")
+    outside = Section(host, (2, 1), [(1, 1)], window=16, n_windows=2)
+    inside = Section(host, (1, 1), [(1, 1)], window=16, n_windows=2)
+    assert outside.data["cells"] == [[1, 1], [2, 1]] and outside.cells == [(1, 1)]
+    assert inside.data == pipeline.data_spec(host, [(1, 1)], window=16, n_windows=2)

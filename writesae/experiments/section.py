@@ -57,7 +57,9 @@ class Section:
     def __post_init__(self):
         self.cell = tuple(int(x) for x in self.cell)
         self.cells = [tuple(int(x) for x in c) for c in self.cells]
-        self.data = pipeline.data_spec(self.host, self.cells, heads_layer=self.heads_layer, window=self.window,
+        # the headline cell's states are extracted with the others even when ``cells`` leaves it out
+        stored = self.cells if self.cell in self.cells else [*self.cells, self.cell]
+        self.data = pipeline.data_spec(self.host, stored, heads_layer=self.heads_layer, window=self.window,
                                        n_windows=self.n_windows, positions_per_seq=self.positions_per_seq,
                                        seed=self.seed)
 
