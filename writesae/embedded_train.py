@@ -556,6 +556,26 @@ def memory_table(host, ids) -> list[dict]:
     return rows
 
 
+def with_influence(host, mem) -> list[dict]:
+    """The memory table's rows with each cell's influence (``writesae.experiments.zoo.measure_influence``: the
+    median KL that deleting one of its writes causes downstream), which the zoo chapter picks cells by."""
+    from .experiments import zoo
+
+    inf = zoo.measure_influence(host).set_index("cell")["influence"]
+    return [dict(m, influence=float(inf[m["cell"]])) for m in mem]
+
+
+def add_influence(family, root=OUT):
+    """Add the influence column to an exported zoo member's ``metrics.json`` (``--influence-only``)."""
+    from .hosts import load_host
+
+    path = Path(root) / family / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["memory"] = with_influence(load_host(str(path.parent), device="cpu"), metrics["memory"])
+    path.write_text(json.dumps(metrics, indent=1) + "\n")
+    log("influence added to", path)
+
+
 def export_zoo(family, root=OUT):
     """Export a zoo member to ``root/<family>/`` (default writesae/embedded/<family>/): bf16 weights, config,
     model card, metrics (the tokenizer is the shared one in writesae/embedded/)."""
@@ -583,6 +603,7 @@ def export_zoo(family, root=OUT):
     uni = float(-np.log(counts / counts.sum())[win[:, 1:].numpy()].mean())
     samples = [tok.decode(host.generate(tok(p, return_tensors="pt")["input_ids"], 40)[0]) for p in PROMPTS]
     mem = memory_table(host, win[:4, :ZOO_SEQ])
+    mem = with_influence(load_host(str(out), device="cpu"), mem)
     nparams = sum(p.numel() for p in host.model.parameters())
     metrics = dict(family=family, params=nparams, train_tokens=state["step"] * ZOO_BATCH * ZOO_SEQ, steps=state["step"],
                    wall_s=round(state["elapsed_s"]), context=ZOO_SEQ, heldout_tokens=int(win[:, 1:].numel()),
@@ -645,12 +666,16 @@ def main():
     ap.add_argument("--resume", action="store_true", help="(default when a checkpoint exists)")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     ap.add_argument("--export-only", action="store_true")
+    ap.add_argument("--influence-only", action="store_true",
+                    help="add the cells' influence to an exported zoo member's metrics.json and exit")
     ap.add_argument("--bench", action="store_true", help="time a few steps and exit")
     ap.add_argument("--tokens", type=int, default=2_000_000)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     if args.bench:
         return bench(args)
+    if args.influence_only:
+        return add_influence(args.family, args.out)
     if not args.export_only:
         train(args)
     if args.family is None:

@@ -9,7 +9,7 @@ corpus, tokenizer, context and token budget, so the comparison can be made *matc
    the median decay and the median *write share* ``||W_t||_F / ||S_t||_F`` (near 1: the state is little more
    than the current write). It is read from the model's ``metrics.json`` when that file holds one (the zoo's
    export writes it) and measured with ``host.trace`` otherwise, by the same formula; next to it each cell's
-   *influence*, the median KL that deleting one of its writes causes downstream. The chosen cells are the
+   *influence*, the median KL that deleting one of its writes causes downstream (also in ``metrics.json``). The chosen cells are the
    ``n_cells`` with the largest influence among cells that keep a state (write share <= 0.3), unless fixed by
    hand (the GPU parameter files fix the paper's cells). Lowest write share alone picked nearly frozen
    states whose writes barely reach the output (KLs ~1e-6, where a win is a coin toss).
@@ -53,7 +53,7 @@ from . import partition as _partition
 from . import substitution as _sub
 
 __all__ = ["FAMILIES", "NAMES", "PAPER", "Atom", "RANK1", "RANK2_UPDATE", "atoms_for", "Settings", "Family",
-           "memory_table", "influence_table", "metrics_path", "memory", "choose_cells", "setup", "memory_tables", "partitions",
+           "memory_table", "influence_table", "measure_influence", "metrics_path", "memory", "choose_cells", "setup", "memory_tables", "partitions",
            "family_register_cos", "substitutions", "summarize", "headline", "TruncatedAtoms", "flat_comparison",
            "closed_forms", "k_sweep", "ordering", "claims", "glue_values", "win_rate_rows"]
 
@@ -242,10 +242,9 @@ def memory(host, *, window=128, n_windows=2, seed=0, influence=True) -> pd.DataF
     lh = [cell_tuple(c) for c in df["cell"]]
     df.insert(1, "layer", [l for l, _ in lh])
     df.insert(2, "head", [h for _, h in lh])
-    if influence:
+    if influence and "influence" not in df:  # the zoo's metrics.json ships it (window 128, seed 0)
         key = dict(model=host.name, window=window, n_windows=1, seed=seed)
-        inf = cache.cached_table("zoo_influence", key, lambda: influence_table(
-            host, pipeline.windows(host, "heldout", window, 1, seed)))
+        inf = cache.cached_table("zoo_influence", key, lambda: measure_influence(host, window=window, seed=seed))
         df = df.merge(inf, on="cell", how="left")
     return df
 
@@ -271,6 +270,12 @@ def influence_table(host, ids, positions=None) -> pd.DataFrame:
                 for h, x in zip(heads, kl.tolist()):
                     kls.setdefault(f"L{layer}H{h}", []).append(x)
     return pd.DataFrame(dict(cell=list(kls), influence=[float(np.median(v)) for v in kls.values()]))
+
+
+def measure_influence(host, *, window=128, seed=0) -> pd.DataFrame:
+    """:func:`influence_table` on the first held-out window of ``window`` tokens: what :func:`memory` adds to
+    the memory table, and what the zoo's export stores in ``metrics.json`` next to it."""
+    return influence_table(host, pipeline.windows(host, "heldout", window, 1, seed))
 
 
 def choose_cells(memory_df, n=1, fixed=None, max_write_share=0.3) -> list:
