@@ -374,3 +374,17 @@ def test_training_resumes_after_a_crash_between_renames(tmp_path):
     a, b = (load_file(str(tmp_path / d / "last" / "model.safetensors")) for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert np.array_equal(straight.fire_rates, resumed.fire_rates)
+
+
+def test_sae_options_are_checked_and_keyed(tmp_path):
+    """pipeline.sae's SAEConfig options: a typo is refused naming the fix; a given option trains (and caches) its own SAE."""
+    from writesae import pipeline
+
+    host = pipeline.host("tiny", "cpu")
+    data = dict(cells=[[1, 1]], window=16, n_windows=8, positions_per_seq=8)
+    with pytest.raises(ValueError, match="SAEConfig"):
+        pipeline.sae(host, (1, 1), n_feat=16, k=2, epochs=1, data=data, root=tmp_path, progress=False, l0_coef=0.5)
+    kw = dict(n_feat=16, k=2, epochs=1, activation="jumprelu", data=data, root=tmp_path, progress=False)
+    plain = pipeline.sae(host, (1, 1), **kw)
+    tuned = pipeline.sae(host, (1, 1), l0_coeff=0.5, jumprelu_init_threshold=2.0, **kw)
+    assert plain.path != tuned.path and tuned.cfg.l0_coeff == 0.5 and plain.cfg.l0_coeff == 1e-3

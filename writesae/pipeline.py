@@ -60,19 +60,25 @@ def states(h, cells, *, text="train", window=128, n_windows=256, positions_per_s
 
 
 def sae(h, cell, *, variant="bilinear", n_feat=2048, k=32, activation="topk", rank=1, epochs=20,
-        batch_size=256, lr=3e-4, seed=0, data=None, root=None, progress=True):
+        batch_size=256, lr=3e-4, seed=0, data=None, root=None, progress=True, **options):
     """The best checkpoint of an SAE on ``cell`` trained on ``data`` (a dict of :func:`states` kwargs).
+    ``options``: further :class:`SAEConfig` fields (e.g. JumpReLU's ``l0_coeff``, ``jumprelu_init_threshold``),
+    part of the cache key only when given.
 
     Training metrics (validation MSE, FVU, L0, alive/dead) are in ``sae.info["metrics"]``."""
+    bad = sorted(set(options) - set(SAEConfig.__dataclass_fields__))
+    if bad:
+        raise ValueError(f"unknown SAE option(s) {bad}: use fields of writesae.sae.SAEConfig")
     layer, head = h.cell(*cell)[:2]
     data = dict(data or {})
     d_states = states(h, data.pop("cells", [[layer, head]]), root=root, progress=progress, **data)
     params = dict(trainer=TRAINER_VERSION, model=h.name, cell=[layer, head], variant=variant, n_feat=n_feat, k=k, activation=activation,
-                  rank=rank, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, states=d_states.name)
+                  rank=rank, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, states=d_states.name, **options)
     d = artifact_dir("sae", params, root)
     best = d / "best"
     if not (best / "cfg.json").exists() or not (d / "done").exists():
-        cfg = SAEConfig(variant=variant, d_k=h.d_k, d_v=h.d_v, n_feat=n_feat, k=k, activation=activation, rank=rank)
+        cfg = SAEConfig(variant=variant, d_k=h.d_k, d_v=h.d_v, n_feat=n_feat, k=k, activation=activation, rank=rank,
+                        **options)
         train_sae(d_states, (layer, head), cfg, d, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                   progress=progress)
         write_text(d / "done", "ok\n")
