@@ -135,6 +135,16 @@ class Section:
                     params=sum(p.numel() for p in s.parameters()), mse=m["mse"], fvu=m["fvu"], l0=m["l0"],
                     alive=m["alive"], dead_fraction=m["dead"] / s.cfg.n_feat, **self._ce_columns(s, ce_passages))
 
+    def layer_ce(self, layer=None, ce_passages=16, **sae_kw) -> dict:
+        """CE loss recovered with the states of *every* head of ``layer`` (default ``heads_layer``) replaced by
+        their SAEs' (``sae_kw``) reconstructions together (the paper's Table 14 protocol), cached:
+        :func:`writesae.experiments.ce_recovered.ce_losses` on the first ``ce_passages`` held-out passages."""
+        layer = self.heads_layer if layer is None else int(layer)
+        heads = [(layer, h) for h in range(self.host.n_heads)]
+        key = dict(self.key(heads[0], **sae_kw), cell=None, layer=layer, ce_passages=ce_passages)
+        return cache.cached_json("ce_layer", key, lambda: _ce.ce_losses(
+            self.host, {c: self.sae(c, **sae_kw) for c in heads}, self.eval_ids[:ce_passages], progress=False))
+
     def _ce_columns(self, sae, n) -> dict:
         if not n:
             return {}
