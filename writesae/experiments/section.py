@@ -101,13 +101,15 @@ class Section:
         return _partition.partition(_partition.atom_table(self.firings(cell, **sae_kw)),
                                     min_firings=self.min_firings, seed=self.seed)
 
-    def partition_row(self, cell=None, max_l0_factor=4, **sae_kw) -> dict:
-        """One row of a partition table: cell, SAE (the ``sae_kw`` given), its held-out L0, n_alive, n_register,
+    def partition_row(self, cell=None, max_l0_factor=4, ce_passages=16, **sae_kw) -> dict:
+        """One row of a partition table: cell, SAE (the ``sae_kw`` given), its held-out L0, its CE loss recovered
+        (as in :meth:`sae_row`), n_alive, n_register,
         n_bundle, the classes' mean cosines, dBIC and the number of components with the lowest BIC (NaN, with
         n_alive, when too few atoms are alive for the mixture). An SAE whose L0 exceeds ``max_l0_factor * k``
         is not a sparse code: its row gets a ``note`` instead of a partition (and no firings table is built)."""
         cell = tuple(cell or self.cell)
-        row = dict(cell=f"L{cell[0]}H{cell[1]}", **sae_kw, l0=self.sae(cell, **sae_kw).info["metrics"]["l0"])
+        s = self.sae(cell, **sae_kw)
+        row = dict(cell=f"L{cell[0]}H{cell[1]}", **sae_kw, l0=s.info["metrics"]["l0"], **self._ce_columns(s, ce_passages))
         if row["l0"] > max_l0_factor * self.k:  # not a sparse code (e.g. JumpReLU at a too weak L0 penalty)
             return dict(row, note=f"L0 {row['l0']:.0f} > {max_l0_factor} k: not sparse, no partition")
         try:
