@@ -118,6 +118,7 @@ def run_cell(s: dict, data: dict, cell, root=None, *, threads=1, device=None, fa
     from .experiments import firings as F
     from .experiments import partition as P
     from .experiments import substitution as Sub
+    from .experiments.section import Section, headline_rows
 
     if threads:
         torch.set_num_threads(threads)
@@ -132,31 +133,25 @@ def run_cell(s: dict, data: dict, cell, root=None, *, threads=1, device=None, fa
         t0 = time.perf_counter()
         seed = s["seed"]
         torch.manual_seed(seed)
-        sae = pipeline.sae(h, c, n_feat=s["n_feat"], k=s["k"], epochs=s["epochs"], seed=seed, data=data, root=root,
-                           progress=False)
-        eval_ids = pipeline.windows(h, "heldout", s["window"], s["eval_windows"], seed)
-        fir = cache.cached_table("firings", dict(spec, cell=list(c)), lambda: F.collect(h, sae, c, eval_ids), root)
+        # the notebooks' own section: the same SAE, firings, partition and substitution artifacts (cache keys)
+        sec = Section(h, c, [c], window=s["window"], n_windows=s["n_windows"], positions_per_seq=s["positions_per_seq"],
+                      eval_windows=s["eval_windows"], n_feat=s["n_feat"], k=s["k"], epochs=s["epochs"], seed=seed,
+                      min_firings=s["min_firings"], max_firings=s["max_firings"], data=data, root=root, progress=False)
+        sae, eval_ids, fir = sec.sae(), sec.eval_ids, sec.firings()
         m = sae.info.get("metrics", {})
         row = dict(cell=cell_label(c), layer=c[0], head=c[1], fvu=m.get("fvu", np.nan), l0=m.get("l0", np.nan),
                    alive_sae=m.get("alive", np.nan), **{k: np.nan for k in COLUMNS[6:-1]})
         try:
-            classes, summ = P.partition(P.atom_table(fir), min_firings=s["min_firings"], seed=seed)
+            classes, summ = sec.partition()
         except ValueError:  # too few alive atoms for the mixture: the row says how many
             row["n_alive"] = int((P.atom_table(fir)["n_firings"] >= s["min_firings"]).sum())
             return dict(row, seconds=time.perf_counter() - t0)
         row.update(n_alive=summ["n_alive"], n_register=summ["n_register"], n_bundle=summ["n_bundle"],
                    dbic=summ["dbic"], cos_register=summ["mean_cos"]["register"], cos_bundle=summ["mean_cos"]["bundle"])
-        # substitution on the register firings: notebook 03's pool_table(cell, "registers")
-        sites = F.select(fir, "registers", classes=classes, seed=seed, max_per_atom=None,
-                         max_firings=s["max_firings"], min_per_atom=1)
-        if len(sites):
-            sub_key = dict(spec, cell=list(c), pool="registers", max_firings=s["max_firings"], max_per_atom=None,
-                           min_firings=s["min_firings"])
-            sub = cache.cached_table("substitution", sub_key, lambda: Sub.substitute(
-                h, sae, eval_ids, sites, direction=Sub.DIRECTIONS, seed=seed,
-                resume=cache.parts_dir("substitution", sub_key, root)), root)
-            sm = Sub.summarize(sub)
-            r = sm[(sm["read"] == "mean") & (sm["direction"] == "patched||base")].iloc[0]
+        # substitution on the register firings: notebook 03's sec.substitution(cell, "registers")
+        if len(sec.sites(c, "registers", classes=classes)):
+            sub, _ = sec.substitution(c, "registers", classes=classes)
+            r = headline_rows(Sub.summarize(sub)).iloc[0]
             row.update(n_sub=int(r["n"]), **{k: float(r[k]) for k in (
                 "win_rate", "wilson_lo", "wilson_hi", "median_kl_atom", "median_kl_delete", "median_kl_random",
                 "chain_rate", "geom_agree")})
@@ -165,7 +160,7 @@ def run_cell(s: dict, data: dict, cell, root=None, *, threads=1, device=None, fa
                .head(s["n_atoms"]).tolist())
         cf_sites = F.select(fir, top, min_per_atom=4, max_per_atom=s["sites_per_atom"], seed=seed)
         if len(cf_sites):
-            cf_key = dict(spec, cell=list(c), n_atoms=s["n_atoms"], sites_per_atom=s["sites_per_atom"],
+            cf_key = dict(sec.spec, cell=list(c), n_atoms=s["n_atoms"], sites_per_atom=s["sites_per_atom"],
                           min_firings=s["min_firings"], eps=list(s["eps"]), lags=list(s["lags"]))
             cf = cache.cached_table("closed_form", cf_key, lambda: CF.closed_form(
                 h, sae, eval_ids, cf_sites, eps=tuple(s["eps"]), lags=tuple(s["lags"]), relative_to="write",

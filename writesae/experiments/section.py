@@ -8,7 +8,7 @@ notebooks with the same parameters share one firings table, one partition and on
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -52,16 +52,19 @@ class Section:
     seed: int = 0
     min_firings: int = 5
     max_firings: int | None = None
-    data: dict = field(init=False)
+    data: dict | None = None  # the state-dataset spec; default: ``cells`` (+ ``cell``) and ``heads_layer``'s heads
+    root: object = None       # the artifact cache (default ``writesae.cache.cache_root()``)
+    progress: bool = True     # progress bars of extraction and training
 
     def __post_init__(self):
         self.cell = tuple(int(x) for x in self.cell)
         self.cells = [tuple(int(x) for x in c) for c in self.cells]
         # the headline cell's states are extracted with the others even when ``cells`` leaves it out
         stored = self.cells if self.cell in self.cells else [*self.cells, self.cell]
-        self.data = pipeline.data_spec(self.host, stored, heads_layer=self.heads_layer, window=self.window,
-                                       n_windows=self.n_windows, positions_per_seq=self.positions_per_seq,
-                                       seed=self.seed)
+        if self.data is None:
+            self.data = pipeline.data_spec(self.host, stored, heads_layer=self.heads_layer, window=self.window,
+                                           n_windows=self.n_windows, positions_per_seq=self.positions_per_seq,
+                                           seed=self.seed)
 
     # ------------------------------------------------------------------ keys, data, SAEs
     @property
@@ -83,7 +86,7 @@ class Section:
     def sae(self, cell=None, **kw):
         """The section's SAE on ``cell`` (default: the headline cell); ``kw``: variant, activation, rank, ..."""
         return pipeline.sae(self.host, tuple(cell or self.cell), n_feat=self.n_feat, k=self.k, epochs=self.epochs,
-                            seed=self.seed, data=self.data, **kw)
+                            seed=self.seed, data=self.data, root=self.root, progress=self.progress, **kw)
 
     def describe(self) -> str:
         return (f"{self.host.name}, cell L{self.cell[0]}H{self.cell[1]}\n{self.eval_windows} held-out passages of "
@@ -94,7 +97,7 @@ class Section:
         """Every firing of the SAE (``sae_kw``) on ``cell`` over the held-out passages (cached)."""
         cell = tuple(cell or self.cell)
         return cache.cached_table("firings", self.key(cell, **sae_kw), lambda: _firings.collect(
-            self.host, self.sae(cell, **sae_kw), cell, self.eval_ids))
+            self.host, self.sae(cell, **sae_kw), cell, self.eval_ids), self.root)
 
     def partition(self, cell=None, **sae_kw):
         """(classes, summary) of the register / bundle partition (``writesae.experiments.partition``)."""
@@ -145,7 +148,8 @@ class Section:
         heads = [(layer, h) for h in range(self.host.n_heads)]
         key = dict(self.key(heads[0], **sae_kw), cell=None, layer=layer, ce_passages=ce_passages)
         return cache.cached_json("ce_layer", key, lambda: _ce.ce_losses(
-            self.host, {c: self.sae(c, **sae_kw) for c in heads}, self.eval_ids[:ce_passages], progress=False))
+            self.host, {c: self.sae(c, **sae_kw) for c in heads}, self.eval_ids[:ce_passages], progress=False),
+            self.root)
 
     def _ce_columns(self, sae, n) -> dict:
         if not n:
@@ -155,20 +159,32 @@ class Section:
                     ppl_change=ce["ppl_change"], zero_cost=ce["loss_zero"] - ce["loss_clean"])
 
     # ------------------------------------------------------------------ substitution
-    def substitution(self, cell=None, pool="registers", *, max_per_atom=None, min_per_atom=1, all_firings=False,
-                     **kw):
-        """(table, classes): the substitution test (``writesae.experiments.substitution.substitute``) on
-        ``pool``'s firings of ``cell`` (at most ``max_firings`` unless ``all_firings``), cached and resumable;
-        ``kw`` go to ``substitute`` (scaling, write, ...) and into the cache key."""
+    def sites(self, cell=None, pool="registers", *, classes=None, max_per_atom=None, min_per_atom=1,
+              all_firings=False) -> pd.DataFrame:
+        """The firings of ``cell`` a substitution run uses: ``pool`` (``"registers"``, ``"top1"`` or a list of
+        atoms; ``classes`` from :meth:`partition`, computed when not given), at most ``max_firings`` unless
+        ``all_firings``."""
         cell = tuple(cell or self.cell)
-        classes, _ = self.partition(cell)
-        sites = _firings.select(self.firings(cell), pool, classes=classes, seed=self.seed, max_per_atom=max_per_atom,
-                                max_firings=None if all_firings else self.max_firings, min_per_atom=min_per_atom)
+        if classes is None:
+            classes, _ = self.partition(cell)
+        return _firings.select(self.firings(cell), pool, classes=classes, seed=self.seed, max_per_atom=max_per_atom,
+                               max_firings=None if all_firings else self.max_firings, min_per_atom=min_per_atom)
+
+    def substitution(self, cell=None, pool="registers", *, classes=None, max_per_atom=None, min_per_atom=1,
+                     all_firings=False, **kw):
+        """(table, classes): the substitution test (``writesae.experiments.substitution.substitute``) on
+        :meth:`sites`, cached and resumable; ``kw`` go to ``substitute`` (scaling, write, ...) and into the
+        cache key."""
+        cell = tuple(cell or self.cell)
+        if classes is None:
+            classes, _ = self.partition(cell)
+        sites = self.sites(cell, pool, classes=classes, max_per_atom=max_per_atom, min_per_atom=min_per_atom,
+                           all_firings=all_firings)
         key = self.key(cell, pool=pool if isinstance(pool, str) else sorted(map(int, pool)),
                        max_firings=self.max_firings, max_per_atom=max_per_atom, min_firings=self.min_firings, **kw)
         df = cache.cached_table("substitution", key, lambda: _sub.substitute(
             self.host, self.sae(cell), self.eval_ids, sites, direction=_sub.DIRECTIONS, seed=self.seed,
-            resume=cache.parts_dir("substitution", key), **kw))
+            resume=cache.parts_dir("substitution", key, self.root), **kw), self.root)
         return df, classes
 
     def flat_svd_substitution(self, cell=None, pool="registers", rank=1):
@@ -180,14 +196,13 @@ class Section:
 
         cell = tuple(cell or self.cell)
         mine, classes = self.substitution(cell, pool, scaling="norm")
-        sites = _firings.select(self.firings(cell), pool, classes=classes, seed=self.seed,
-                                max_firings=self.max_firings)
-        flat_sites = _firings.top1_at(self.firings(cell, variant="flat"), sites)
+        flat_sites = _firings.top1_at(self.firings(cell, variant="flat"), self.sites(cell, pool, classes=classes))
         key = self.key(cell, pool=pool, max_firings=self.max_firings, min_firings=self.min_firings, scaling="norm",
                        decoder=f"flat+svd{rank}")
         theirs = cache.cached_table("flat_substitution", key, lambda: _sub.substitute(
             self.host, TruncatedAtoms(self.sae(cell, variant="flat"), rank=rank), self.eval_ids, flat_sites,
-            scaling="norm", direction=_sub.DIRECTIONS, seed=self.seed, resume=cache.parts_dir("flat_substitution", key)))
+            scaling="norm", direction=_sub.DIRECTIONS, seed=self.seed,
+            resume=cache.parts_dir("flat_substitution", key, self.root)), self.root)
         both = set(zip(theirs["seq"], theirs["pos"]))
         mine = mine[[(s, p) in both for s, p in zip(mine["seq"], mine["pos"])]]
         return pd.concat([mine.assign(decoder="WriteSAE"), theirs.assign(decoder=f"FlatSAE + top-{rank} SVD")],
