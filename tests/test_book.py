@@ -182,6 +182,18 @@ def test_repo_params_files_are_mappings():
         assert isinstance(yaml.safe_load(p.read_text()) or {}, dict), p
 
 
+def test_repo_params_files_work_with_papermill_f():
+    """``papermill -f params/X.yaml`` injects every name: each must be one some section defines (the notebooks'
+    check stops on a name none defines), and each per-notebook block must name that notebook's own."""
+    from writesae.notebook import check_parameters
+
+    for p in sorted((REPO / "params").glob("*.yaml")):
+        params = book.load_params(p)
+        for nb in (REPO / "notebooks").glob("[0-9]*.ipynb"):
+            space = {**params, **(params.get("notebooks") or {}).get(nb.stem, {})}
+            check_parameters(space, nb.stem)
+
+
 @pytest.mark.skipif(book._find_chromium() is None, reason="needs chromium (apt-get install -y chromium)")
 def test_widget_and_math_render_offline_in_chromium(built, tmp_path):
     import subprocess

@@ -29,6 +29,7 @@ from writesae.experiments import interventions as iv  # noqa: E402
 from writesae.experiments import overview as O  # noqa: E402
 from writesae.experiments import partition as P  # noqa: E402
 from writesae.experiments import substitution as S  # noqa: E402
+from writesae.hosts.base import Edit  # noqa: E402
 from writesae.hosts import load_host  # noqa: E402
 from writesae.sae import SAEConfig, WriteSAE  # noqa: E402
 
@@ -350,6 +351,18 @@ def test_steering(host, sae, cell, ids, firings):
     out, edits = iv.steer(host, sae, cell, prompts, feats, 3.0, n_new=3)
     assert out.shape == (2, 15) and edits and all(e.pos >= 11 for e in edits)
     assert torch.equal(out[:, :12], prompts)
+    # the definition, one traced forward of the whole sequence per token, gives the same tokens and edits
+    ref, ref_edits, atoms = prompts.clone(), [], sae.atoms(feats).float()
+    for _ in range(3):
+        p = ref.shape[1] - 1
+        enc = sae.encode(host.trace(ref, cells=[cell], positions=[p], edits=ref_edits)[cell].state[:, 0])
+        coef = torch.zeros(2, sae.cfg.n_feat).scatter(1, enc.top_indices, enc.top_acts.float())[:, feats]
+        ref_edits += [Edit(s, cell[0], cell[1], p, "add", 2.0 * torch.einsum("f,fkv->kv", coef[s], atoms))
+                      for s in range(2) if (coef[s] > 0).any()]
+        nxt = host.trace(ref, cells=[cell], positions=[p], edits=ref_edits).logits[:, -1].argmax(-1, keepdim=True)
+        ref = torch.cat([ref, nxt], 1)
+    assert torch.equal(out, ref) and [e[:5] for e in edits] == [e[:5] for e in ref_edits]
+    assert max(float((a.matrix - b.matrix).abs().max()) for a, b in zip(edits, ref_edits)) < 1e-5
     df = iv.steering_probe(host, sae, cell, prompts, feats, count={"low": range(50)}, alphas=(3.0,), n_new=3)
     base = host.generate(prompts, 3)[:, 12:]
     b = df[df["condition"] == "baseline"]

@@ -429,27 +429,24 @@ def steer(host, sae, cell, prompts, features, alpha, *, n_new=100, swap=None):
     cell's state S_p (as the edited run has it) and add ``(alpha - 1) sum_i a_i(p) A_{swap(i)}`` over the
     ``features`` i that fire (``swap``: feature -> atom used instead, the dose-matched control; default
     the feature itself). Returns (ids (B, T + n_new), edits applied)."""
-    ids = _as_batch(prompts).clone()
     layer, head = host.cell(*cell)[:2]
     feats = torch.as_tensor(list(features), dtype=torch.long)
     swap = swap or {}
     atoms = sae.atoms([swap.get(int(f), int(f)) for f in feats]).float()
     edits = []
-    for _ in range(n_new):
-        p = ids.shape[1] - 1
-        tr = host.trace(ids, cells=[(layer, head)], positions=[p], edits=edits)
-        n_before = len(edits)
-        if alpha != 1:
-            enc = sae.encode(tr[(layer, head)].state[:, 0])
-            dense = torch.zeros(len(ids), sae.cfg.n_feat).scatter(1, enc.top_indices.cpu(), enc.top_acts.float().cpu())
-            coef = dense[:, feats]  # (B, n_features)
-            for s in (coef > 0).any(1).nonzero()[:, 0].tolist():
-                M = (alpha - 1) * torch.einsum("f,fkv->kv", coef[s], atoms)
-                edits.append(Edit(s, layer, head, p, "add", M))
-        if len(edits) > n_before:  # the new edits at p change the logits at p
-            tr = host.trace(ids, cells=[(layer, head)], positions=[p], edits=edits)
-        logits = tr.logits[:, -1]
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True).cpu()], 1)
+
+    def amplify(p, S):
+        if alpha == 1:
+            return []
+        enc = sae.encode(S)
+        dense = torch.zeros(len(S), sae.cfg.n_feat).scatter(1, enc.top_indices.cpu(), enc.top_acts.float().cpu())
+        coef = dense[:, feats]  # (B, n_features)
+        new = [Edit(s, layer, head, p, "add", (alpha - 1) * torch.einsum("f,fkv->kv", coef[s], atoms))
+               for s in (coef > 0).any(1).nonzero()[:, 0].tolist()]
+        edits.extend(new)
+        return new
+
+    ids = host.generate(_as_batch(prompts), n_new, steer=((layer, head), amplify)).cpu()
     return ids, edits
 
 

@@ -329,27 +329,52 @@ class RecurrentHost:
         return EditRun(out, starts, positions, base, seqs)
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens=20, edits=()):
+    def generate(self, input_ids, max_new_tokens=20, edits=(), steer=None):
         """Greedy decoding with cache edits at chosen absolute positions (prompt or generated).
 
         input_ids: (B, T) prompts of equal length; edits: Edits whose ``seq`` is the batch row.
+        steer: optional ``((layer, head), fn)`` for edits that depend on the run itself (feature steering): at
+        every position p that predicts a token (the last prompt position and each generated one), ``fn(p, S)``
+        gets the cell's state ``S`` ``(B, d_k, d_v)`` after position p, as the edited run has it, and returns
+        Edits at p (possibly none), which apply before p's logits are read. Each position is one incremental
+        step (two when ``fn`` edits), never a rerun of the sequence.
         Always decodes ``max_new_tokens`` (no stop at end-of-text). Returns (B, T + max_new_tokens) ids."""
         ids = self._ids(input_ids).to(self.device)
-        T = ids.shape[1]
+        B, T = ids.shape
         for e in edits:
-            self._check_edit(e, (ids.shape[0], T + max_new_tokens))
+            self._check_edit(e, (B, T + max_new_tokens))
         rows = [(e.seq, e) for e in edits]
-        logits, states, _, _, _ = self._run(self._embed(ids), 0, 0, {},
-                                            edits=self._edits_by_layer([x for x in rows if x[1].pos < T]))
-        for n in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], 1)
-            if n == max_new_tokens - 1:
-                break
-            p = ids.shape[1] - 1
-            ed = self._edits_by_layer([x for x in rows if x[1].pos == p], offset=p)
-            logits, states, _, _, _ = self._run(self._embed(nxt), p, 0, states, edits=ed)
-        return ids
+        at = lambda p: [x for x in rows if x[1].pos == p]  # noqa: E731
+        if steer is not None:
+            (layer, head), fn = steer
+            self.cell(layer, head)
+        start = T if steer is None else T - 1  # with steer the last prompt position is a step like the others
+        states, logits = {}, None
+        if start:
+            logits, states, _, _, _ = self._run(self._embed(ids[:, :start]), 0, 0, {},
+                                                edits=self._edits_by_layer([x for x in rows if x[1].pos < start]))
+        for p in range(start, T + max_new_tokens - 1):
+            if p >= T:
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+            stream = self._embed(ids[:, p:p + 1])
+            ed = at(p)
+            logits, new, inputs, _, _ = self._run(stream, p, 0, states, edits=self._edits_by_layer(ed, offset=p),
+                                                  keep_inputs=steer is not None)
+            if steer is not None:
+                extra = list(fn(p, new[layer].S[:, head]) or ())
+                for e in extra:
+                    self._check_edit(e, (B, p + 1))
+                    if e.pos != p:
+                        raise ValueError(f"steer returned an edit at position {e.pos} while at position {p}: "
+                                         "it can only edit the position it is shown")
+                if extra:  # rerun p from the steered layer with the new edits
+                    before = {i: (new if i < layer else states).get(i) for i in range(len(self.layers))}
+                    before = {i: st for i, st in before.items() if st is not None}
+                    ed = ed + [(e.seq, e) for e in extra]
+                    logits, new, _, _, _ = self._run(inputs[layer], p, layer, before,
+                                                     edits=self._edits_by_layer(ed, offset=p))
+            states = new
+        return torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1) if max_new_tokens else ids
 
 
 class _Prefix:
