@@ -3,22 +3,24 @@
     python benchmarks/bench_sae.py [--sizes 64 128] [--batch 256] [--steps 3] [--device cpu] [--threads N]
 
 For each state size (d_k = d_v) it times full training steps (forward, AuxK off, backward, Adam)
-of three models at n_feat = 2048, k = 32:
+of four models at n_feat = 2048, k = 32:
 
-    bilinear/sparse  WriteSAE, decoder gathers the k active factor pairs (the default)
-    bilinear/dense   the same weights, decoder multiplies the dense code by all n_feat atoms
-    flat/sparse      FlatSAE (dense encoder and dense-atom decoder, gathered by embedding_bag)
+    bilinear/sparse      WriteSAE as trained (the defaults): the decoder gathers the k active factor
+                         pairs; the encoder's gradient goes through the k selected pre-activations only
+    bilinear/dense-grad  the same, but autograd through all n_feat pre-activations
+    bilinear/dense       and the decoder multiplying the dense code by all n_feat atoms
+    flat/sparse          FlatSAE (dense encoder and dense-atom decoder, gathered by embedding_bag)
 
 and prints each number next to its limit:
 
-- the sparse/dense speed-up against its FLOP bound. Matmul FLOPs per step (B batch, n atoms,
-  d = d_k d_v; the input needs no gradient): encoder 2 x 2Bnd (forward + weight gradient),
-  dense decoder 3 x 2Bnd, sparse decoder 3 x 2Bkd, so the speed-up is at most
-  (4n + 6n) / (4n + 6k) ~ 2.4 at n = 2048, k = 32 (the encoder stays dense);
-- training FLOP/s as a fraction of this machine's dense fp32 matmul throughput, measured in the
-  same run on a GEMM of the encoder's shape.
+- the speed-ups against their FLOP bounds. Matmul FLOPs per step (B batch, n atoms, d = d_k d_v; the
+  input needs no gradient): encoder forward 2Bnd, its weight gradient 2Bnd dense or 2Bkd through the
+  selection, decoder 3 x 2Bnd dense or 3 x 2Bkd sparse; so sparse decode gains at most
+  (4n + 6n) / (4n + 6k) and the selected gradient at most (4n + 6k) / (2n + 8k);
+- training FLOP/s (of the FLOPs each method does) as a fraction of this machine's dense fp32 matmul
+  throughput, measured in the same run on a GEMM of the encoder's shape.
 
-Sparse and dense decode are checked equal (reconstruction and every gradient) before timing.
+All variants are checked equal (reconstruction and every gradient) before timing.
 The bound assumes both decoders run at the same FLOP efficiency; the dense one also writes the
 (n, d) atom matrix and the dense code, so on a memory-starved machine it can exceed the bound.
 
@@ -43,9 +45,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def step_flops(variant: str, sparse: bool, B: int, n: int, k: int, d: int) -> float:
+def step_flops(sparse: bool, sparse_grad: bool, B: int, n: int, k: int, d: int) -> float:
     """Matmul FLOPs of one training step (see the module docstring)."""
-    enc = 2 * 2 * B * n * d
+    enc = 2 * B * n * d + 2 * B * (k if sparse_grad else n) * d
     dec = 3 * 2 * B * (k if sparse else n) * d
     return float(enc + dec)
 
@@ -83,7 +85,7 @@ def matmul_peak(B: int, n: int, d: int, device, reps: int = 3) -> float:
 
 
 def check_equal(d: int, n: int, k: int, B: int, device) -> float:
-    """Max relative difference between sparse- and dense-decode reconstructions and gradients."""
+    """Max relative difference between the sparse and dense methods' reconstructions and gradients."""
     cfg = SAEConfig("bilinear", d, d, n_feat=n, k=k)
     sae = WriteSAE(cfg, device=device, seed=1)
     S = torch.randn(B, d, d, device=device)
@@ -92,7 +94,7 @@ def check_equal(d: int, n: int, k: int, B: int, device) -> float:
     worst = 0.0
     results = []
     for sparse in (True, False):
-        cfg.sparse_decode = sparse
+        cfg.sparse_decode = cfg.sparse_encoder_grad = sparse
         sae.zero_grad()
         out = sae(S, dead_mask=dead)
         out.loss.backward()
@@ -100,7 +102,7 @@ def check_equal(d: int, n: int, k: int, B: int, device) -> float:
     for a, b in zip(*results):
         worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)))
     if worst > 1e-4:
-        raise AssertionError(f"sparse and dense decode differ: max relative difference {worst:.2e}")
+        raise AssertionError(f"sparse and dense methods differ: max relative difference {worst:.2e}")
     return worst
 
 
@@ -119,25 +121,29 @@ def main():
     B, n, k, dev = args.batch, args.n_feat, args.k, args.device
     print(f"device {dev}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {B}, n_feat {n}, k {k}, "
           f"median of {args.steps} training steps")  # fmt: skip
-    bound = step_flops("bilinear", False, B, n, k, 1) / step_flops("bilinear", True, B, n, k, 1)
+    dec_bound = step_flops(False, False, B, n, k, 1) / step_flops(True, False, B, n, k, 1)
+    grad_bound = step_flops(True, False, B, n, k, 1) / step_flops(True, True, B, n, k, 1)
     for size in args.sizes:
         d = size * size
         diff = check_equal(size, n, k, 16, dev)
         peak = matmul_peak(B, n, d, dev)
         S = torch.randn(B, size, size, device=dev).to(torch.bfloat16).float()
-        print(f"\n{size}x{size} states: sparse == dense decode (max rel diff {diff:.1e}); "
+        print(f"\n{size}x{size} states: sparse == dense methods (max rel diff {diff:.1e}); "
               f"dense fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
         rows = {}
-        for name, variant, sparse in [("bilinear/sparse", "bilinear", True), ("bilinear/dense", "bilinear", False),
-                                      ("flat/sparse", "flat", True)]:  # fmt: skip
-            cfg = SAEConfig(variant, size, size, n_feat=n, k=k, sparse_decode=sparse)
+        for name, variant, sparse, sparse_grad in [
+                ("bilinear/sparse", "bilinear", True, True), ("bilinear/dense-grad", "bilinear", True, False),
+                ("bilinear/dense", "bilinear", False, False), ("flat/sparse", "flat", True, True)]:  # fmt: skip
+            cfg = SAEConfig(variant, size, size, n_feat=n, k=k, sparse_decode=sparse, sparse_encoder_grad=sparse_grad)
             t = time_steps(cfg, S, args.steps, dev)
-            flops = step_flops(variant, sparse, B, n, k, d)
+            flops = step_flops(sparse, sparse_grad, B, n, k, d)
             rows[name] = t
-            print(f"  {name:16s} {B / t:9.0f} states/s  {t * 1e3:8.1f} ms/step  "
+            print(f"  {name:20s} {B / t:9.0f} states/s  {t * 1e3:8.1f} ms/step  "
                   f"{flops / t / 1e9:7.1f} GFLOP/s = {flops / t / peak:5.1%} of matmul peak")  # fmt: skip
-        speed = rows["bilinear/dense"] / rows["bilinear/sparse"]
-        print(f"  sparse/dense decode speed-up {speed:.2f}x (FLOP bound {bound:.2f}x; {speed / bound:.0%} of it); "
+        dec = rows["bilinear/dense"] / rows["bilinear/dense-grad"]
+        grad = rows["bilinear/dense-grad"] / rows["bilinear/sparse"]
+        print(f"  sparse/dense decode {dec:.2f}x (FLOP bound {dec_bound:.2f}x; {dec / dec_bound:.0%} of it); "
+              f"selected/dense encoder gradient {grad:.2f}x (bound {grad_bound:.2f}x; {grad / grad_bound:.0%}); "
               f"WriteSAE vs FlatSAE {rows['flat/sparse'] / rows['bilinear/sparse']:.2f}x")  # fmt: skip
 
 

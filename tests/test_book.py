@@ -148,6 +148,42 @@ def test_failing_notebook_reports_and_keeps_copy(tmp_path):
     assert not (root / "_build" / "src" / "notebooks" / "bad.ipynb").exists()
 
 
+def test_jobs_run_notebooks_side_by_side(tmp_path, monkeypatch):
+    """jobs=2: two notebooks execute at once (their run intervals overlap); a failing one is reported after
+    the running one finishes, and the next build runs the longest first (its recorded seconds)."""
+    monkeypatch.setattr(book, "_code_hash", lambda: "fixed")
+    shutil.copy(REPO / "_config.yml", tmp_path / "_config.yml")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: notebooks/a\nchapters:\n  - file: notebooks/b\n")
+    (tmp_path / "notebooks").mkdir()
+    for name, secs in (("a", 1.0), ("b", 3.0)):
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nb.cells = [nbformat.v4.new_code_cell(f"import time\nt0 = time.time()\ntime.sleep({secs})\nprint(t0, time.time())")]
+        nbformat.write(nb, tmp_path / "notebooks" / f"{name}.ipynb")
+    report = book.build(root=tmp_path, progress=False, jobs=2)
+    assert report.executed == ["a", "b"]
+    spans = {}
+    for name in "ab":
+        staged = json.loads((tmp_path / "_build" / "src" / "notebooks" / f"{name}.ipynb").read_text())
+        spans[name] = [float(x) for x in "".join(staged["cells"][0]["outputs"][0]["text"]).split()]
+        assert staged["metadata"]["writesae"]["seconds"] >= {"a": 1.0, "b": 3.0}[name]
+    assert spans["a"][0] < spans["b"][1] and spans["b"][0] < spans["a"][1]  # they overlapped
+    started = []
+    monkeypatch.setattr(book, "_execute", lambda nb, *a: started.append(nb.stem) or book.time.sleep(0.1))
+    book.build(root=tmp_path, progress=False, jobs=1, force=True)
+    assert started == ["b", "a"]  # b took longer last time
+
+    bad = nbformat.v4.new_notebook()
+    bad.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    bad.cells = [nbformat.v4.new_code_cell("raise ValueError('boom')")]
+    nbformat.write(bad, tmp_path / "notebooks" / "a.ipynb")
+    monkeypatch.undo()
+    monkeypatch.setattr(book, "_code_hash", lambda: "fixed")
+    with pytest.raises(RuntimeError, match="a.ipynb failed"):
+        book.build(root=tmp_path, progress=False, jobs=2, force=True)
+    assert "boom" in (tmp_path / "_build" / "failed" / "a.ipynb").read_text()
+
+
 def test_only_must_name_toc_notebooks(built):
     root, _, _ = built
     with pytest.raises(ValueError, match="nope"):

@@ -1,4 +1,7 @@
 import json
+import multiprocessing
+import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -79,7 +82,7 @@ def test_failed_compute_leaves_nothing(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         cache.cached_table("res", {"a": 1}, boom, root=tmp_path)
     d = cache.artifact_dir("res", {"a": 1}, root=tmp_path)
-    assert sorted(p.name for p in d.iterdir()) == ["params.json"]
+    assert sorted(p.name for p in d.iterdir()) == [".lock", "params.json"]  # the lock file, no result
     # and the next call computes
     assert cache.cached_table("res", {"a": 1}, lambda: pd.DataFrame({"x": [1]}), root=tmp_path)["x"].tolist() == [1]
 
@@ -110,3 +113,23 @@ def test_cached_json_computes_once(tmp_path):
     b = cache.cached_json("sub", {"layer": 9}, compute, root=tmp_path)
     assert a == b == {"win": 0.924, "n": 4851, "ci": [0.916, 0.931]}
     assert len(calls) == 1
+
+
+def _slow_table(root, log):
+    def compute():
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        return pd.DataFrame({"x": [os.getpid()]})
+    return cache.cached_table("res", {"shared": 1}, compute, root=root)["x"].tolist()
+
+
+def test_two_processes_compute_an_artifact_once(tmp_path):
+    """Notebooks run side by side (writesae book --jobs 2): the second process waits for the first's result
+    instead of computing it again."""
+    log = tmp_path / "computed.txt"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        got = pool.starmap(_slow_table, [(tmp_path, log), (tmp_path, log)])
+    assert len(log.read_text().split()) == 1
+    assert got[0] == got[1] == [int(log.read_text())]

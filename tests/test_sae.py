@@ -91,6 +91,29 @@ def test_sparse_decode_equals_dense(variant):
         torch.testing.assert_close(p.grad, grads[k], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["bilinear", "flat", "rank", "tied", "matrix"])
+def test_sparse_encoder_gradient_equals_dense(variant):
+    sae = sae_of(variant)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+    S = torch.randn(9, DK, DV)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[::3] = True  # AuxK's selection takes the same path
+    runs = []
+    for sparse in (True, False):
+        sae.cfg.sparse_encoder_grad = sparse
+        sae.zero_grad()
+        out = sae(S, dead_mask=dead)
+        out.loss.backward()
+        runs.append((out, {k: p.grad.clone() for k, p in sae.named_parameters()}))
+    (a, ga), (b, gb) = runs
+    assert torch.equal(a.top_indices, b.top_indices) and float(a.auxk_loss) > 0
+    torch.testing.assert_close(a.loss, b.loss)
+    for k in gb:
+        assert float(gb[k].abs().max()) > 0, k  # every parameter gets a gradient, so the check means something
+        torch.testing.assert_close(ga[k], gb[k], atol=1e-6, rtol=1e-5)
+
+
 def test_forward_fields_and_atoms():
     sae = sae_of("bilinear")
     S = torch.randn(8, DK, DV)

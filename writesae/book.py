@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,8 +153,15 @@ def _mirror(src: Path, dst: Path) -> None:
                 p.unlink() if p.is_file() else shutil.rmtree(p)
 
 
+def _staged_seconds(path: Path):
+    try:
+        return json.loads(path.read_text()).get("metadata", {}).get(NB_META, {}).get("seconds")
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
 def _execute(nb: Path, out: Path, params: dict, key: str, root: Path, failed_dir: Path,
-             params_file) -> None:
+             params_file, t0: float) -> None:
     import nbformat
     import papermill
 
@@ -174,13 +182,14 @@ def _execute(nb: Path, out: Path, params: dict, key: str, root: Path, failed_dir
         if "injected-parameters" in tags and "hide-cell" not in tags:
             tags.append("hide-cell")
     result.metadata[NB_META] = {"build_key": key, "params": params,
-                                "params_file": str(params_file) if params_file else None}
+                                "params_file": str(params_file) if params_file else None,
+                                "seconds": round(time.perf_counter() - t0, 1)}
     nbformat.write(result, str(work))
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(work, out)
 
 
-def build(params_file=None, only=None, tiny=False, root=".", progress=True, force=False) -> BuildReport:
+def build(params_file=None, only=None, tiny=False, root=".", progress=True, force=False, jobs=1) -> BuildReport:
     """Execute the TOC's notebooks (incrementally) and render the book to ``<root>/_build/html``.
 
     params_file: YAML of notebook parameters; default ``params/tiny.yaml`` when
@@ -189,6 +198,8 @@ def build(params_file=None, only=None, tiny=False, root=".", progress=True, forc
         notebooks keep their last executed copy (or, if they have none, are
         rendered unexecuted, with a note).
     force: re-execute even when inputs and parameters are unchanged.
+    jobs: notebooks executed at once, each in its own kernel (longest first, by the last build's times). They
+        share artifacts through the cache, whose per-artifact lock makes one compute what another waits for.
     progress: show a progress bar over notebooks.
     Returns a :class:`BuildReport`; prints each step's time and where the HTML is.
     """
@@ -228,27 +239,50 @@ def build(params_file=None, only=None, tiny=False, root=".", progress=True, forc
             _copy_if_changed(root / d, src / d)
 
     code = _code_hash()
-    bar = tqdm(notebooks, desc="notebooks", unit="nb", disable=not progress)
-    for nb in bar:
-        bar.set_postfix_str(nb.stem)
+    todo = []
+    for nb in notebooks:
         staged = src / nb
         if wanted is not None and nb.stem not in wanted:
             if not staged.exists():
-                tqdm.write(f"{nb}: not executed (only=...); rendered without outputs")
+                print(f"{nb}: not executed (only=...); rendered without outputs")
                 _copy_if_changed(root / nb, staged)
             continue
         params = _notebook_params(root / nb, all_params)
         key = _build_key(root / nb, params, code)
         if not force and _staged_key(staged) == key:
             report.skipped.append(nb.stem)
-            tqdm.write(f"{nb}: unchanged, skipped")
+            print(f"{nb}: unchanged, skipped")
             continue
+        todo.append((nb, params, key))
+    # longest first (by the last build's times; a fresh clone keeps the TOC order), so the last to finish is short
+    todo.sort(key=lambda t: -(_staged_seconds(src / t[0]) or 0))
+
+    def run(item):
+        nb, params, key = item
         t0 = time.perf_counter()
-        _execute(nb, staged, params, key, root, out_root / "failed", params_file)
-        report.timings[str(nb)] = time.perf_counter() - t0
-        report.executed.append(nb.stem)
-        tqdm.write(f"{nb}: executed in {report.timings[str(nb)]:.1f} s")
+        _execute(nb, src / nb, params, key, root, out_root / "failed", params_file, t0)
+        return time.perf_counter() - t0
+
+    bar = tqdm(total=len(todo), desc="notebooks", unit="nb", disable=not progress)
+    errors = []
+    with ThreadPoolExecutor(max(1, int(jobs))) as pool:  # each notebook runs in its own kernel process
+        futures = {pool.submit(run, item): item[0] for item in todo}
+        for fut in as_completed(futures):
+            nb = futures[fut]
+            bar.update()
+            try:
+                report.timings[str(nb)] = fut.result()
+            except Exception as exc:  # let the running ones finish, start no other
+                errors.append(exc)
+                for other in futures:
+                    other.cancel()
+                continue
+            report.executed.append(nb.stem)
+            tqdm.write(f"{nb}: executed in {report.timings[str(nb)]:.1f} s")
     bar.close()
+    if errors:
+        raise errors[0]
+    report.executed.sort(key=[nb.stem for nb in notebooks].index)
     # drop staged notebooks that left the TOC
     for p in (src.rglob("*.ipynb") if src.exists() else []):
         if p.relative_to(src) not in notebooks:

@@ -18,6 +18,10 @@ read back later (state shards, SAEs, checkpoints) have their size and SHA-256
 recorded at write time (:func:`file_record`) and checked on open
 (:func:`check_file`).
 
+Each artifact is computed under its folder's lock (:func:`computing`, an ``flock`` on ``<dir>/.lock``): two
+processes that want the same artifact at once (the book's notebooks run side by side, two readers) compute it
+once; the second waits and then loads it.
+
 Tables are stored as CSV (readable by anything; pandas needs no extra
 package for it). A non-default index is stored as ordinary column(s). The
 first call returns the table as read back from disk, so the first and every
@@ -38,7 +42,7 @@ from safetensors.torch import save_file
 
 from .errors import CorruptFileError
 
-__all__ = ["canonical_json", "params_key", "cache_root", "artifact_dir",
+__all__ = ["canonical_json", "params_key", "cache_root", "artifact_dir", "computing",
            "atomic_write", "write_text", "save_tensors", "file_record", "check_file", "cached_table",
            "cached_json"]
 
@@ -161,6 +165,29 @@ def artifact_dir(kind: str, params: dict, root=None) -> Path:
     return d
 
 
+@contextlib.contextmanager
+def computing(d) -> Iterator[Path]:
+    """Hold artifact folder ``d``'s lock while checking for, computing and writing what it holds.
+
+    ``with computing(d): if not done: compute and write`` runs the computation in one process at a time; a
+    process that finds the lock taken waits, then sees the finished files. The lock is an ``flock`` (released
+    by the kernel when its holder dies, so a killed run leaves no stale lock). Where ``fcntl`` does not
+    exist (Windows) it does nothing."""
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield d
+        return
+    with open(d / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield d
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 # pandas >= 3 parses floats exactly by default (and deprecates the option)
 _EXACT = {} if int(pd.__version__.split(".")[0]) >= 3 else {"float_precision": "round_trip"}
 
@@ -179,14 +206,16 @@ def cached_table(kind: str, params: dict, compute: Callable[[], pd.DataFrame], r
     """
     path = artifact_dir(kind, params, root) / name
     if not path.exists():
-        df = compute()
-        if not isinstance(df, pd.DataFrame):
-            raise TypeError(f"compute() returned {type(df).__name__}, not a DataFrame")
-        if not (isinstance(df.index, pd.RangeIndex) and df.index.start == 0
-                and df.index.step == 1 and df.index.name is None):
-            df = df.reset_index()
-        with atomic_write(path) as tmp:
-            df.to_csv(tmp, index=False)
+        with computing(path.parent):
+            if not path.exists():
+                df = compute()
+                if not isinstance(df, pd.DataFrame):
+                    raise TypeError(f"compute() returned {type(df).__name__}, not a DataFrame")
+                if not (isinstance(df.index, pd.RangeIndex) and df.index.start == 0
+                        and df.index.step == 1 and df.index.name is None):
+                    df = df.reset_index()
+                with atomic_write(path) as tmp:
+                    df.to_csv(tmp, index=False)
     return _read_csv(path)
 
 
@@ -205,5 +234,7 @@ def cached_json(kind: str, params: dict, compute: Callable[[], Any], root=None,
     """
     path = artifact_dir(kind, params, root) / name
     if not path.exists():
-        write_text(path, json.dumps(compute(), indent=1, default=_default) + "\n")
+        with computing(path.parent):
+            if not path.exists():
+                write_text(path, json.dumps(compute(), indent=1, default=_default) + "\n")
     return json.loads(path.read_text())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -87,7 +88,7 @@ def cmd_train_sae(a):
 def cmd_book(a):
     from .book import build
 
-    build(params_file=a.params, only=a.only, tiny=a.tiny, force=a.force)
+    build(params_file=a.params, only=a.only, tiny=a.tiny, force=a.force, jobs=a.jobs)
 
 
 def cmd_explore(a):
@@ -161,6 +162,9 @@ def main(argv=None):
     b.add_argument("--only", nargs="*", default=None, help="notebook names to (re)execute")
     b.add_argument("--tiny", action="store_true", help="tiny parameters (CI smoke build)")
     b.add_argument("--force", action="store_true", help="re-execute notebooks even when unchanged")
+    b.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="notebooks executed side by side, one kernel (one thread) each; they share the artifact "
+                        "cache, computing each artifact once (default: 2, or 1 on a 1-core machine)")
     b.set_defaults(fn=cmd_book)
 
     x = sub.add_parser("explore", help="serve the explorer's live widgets (Voila) on http://127.0.0.1:PORT")

@@ -80,6 +80,9 @@ class SAEConfig:
     sparse_decode: bool = True
     """Decode by gathering the k active atoms (cost ~ k); False multiplies the dense code
     by all n_feat atoms (for benchmarks and checks only)."""
+    sparse_encoder_grad: bool = True
+    """TopK training: the encoder's gradient through the k selected pre-activations only (cost ~ k, the same
+    gradient); False backpropagates through all n_feat (for benchmarks and checks only)."""
     jumprelu_init_threshold: float = 0.1
     """JumpReLU: initial threshold, in units of the scaled input (S - M) / c (c = the RMS of the
     centred training states, so thresholds do not depend on the host's state scale)."""
@@ -167,6 +170,29 @@ class _Step(torch.autograd.Function):
         z, theta = ctx.saved_tensors
         rect = ((z - theta).abs() <= ctx.h / 2).to(g.dtype)
         return None, (-(1.0 / ctx.h) * rect * g).sum(0), None
+
+
+class _Selected(torch.autograd.Function):
+    """Pre-activations ``x E^T + b`` at selected indices (B, m), given their values; the gradient reaches ``E`` and
+    ``b`` through those entries only: one sparse (n, B) x (B, d) product, B m d multiply-adds, where autograd
+    through the dense product would spend B n d on a gradient that is zero outside the selection (TopK's loss
+    sees nothing else). Same gradient, other summation order."""
+
+    @staticmethod
+    def forward(ctx, values, x, E, b, idx):
+        ctx.save_for_backward(x, idx)
+        ctx.n, ctx.has_b = E.shape[0], b is not None
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, idx = ctx.saved_tensors
+        B, m = idx.shape
+        rows = torch.arange(B, device=idx.device).repeat_interleave(m)
+        G = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), g.reshape(-1), (ctx.n, B))
+        gE = torch.sparse.mm(G, x)
+        gb = g.new_zeros(ctx.n).index_add_(0, idx.reshape(-1), g.reshape(-1)) if ctx.has_b else None
+        return None, None, gE, gb, None
 
 
 def _compact(acts: Tensor) -> tuple[Tensor, Tensor]:
@@ -405,8 +431,18 @@ class WriteSAE(nn.Module):
         ``mse``, ``auxk_loss`` and ``loss`` are in units of the scaled input (S - M) / c (what training
         optimises); ``recon`` and ``top_acts`` are in state units."""
         x = self._x(S)
-        pre = self._pre(x)
-        acts, idx, sparsity_loss = self._activate(pre)
+        selected = self.cfg.activation == "topk" and self.cfg.sparse_encoder_grad and torch.is_grad_enabled()
+        if selected:  # select without autograd, then let the gradient through the selected entries only
+            E = self.W_enc if self.W_enc is not None else (lambda V, W: (V.mT @ W).reshape(len(V), -1))(
+                *self._enc_factors())
+            x2 = x.reshape(len(x), -1)
+            with torch.no_grad():
+                pre = self._pre(x)  # the values encode() computes, to the bit
+            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            acts, sparsity_loss = F.relu(_Selected.apply(vals, x2, E, self.b_enc, idx)), pre.new_zeros(())
+        else:
+            pre = self._pre(x)
+            acts, idx, sparsity_loss = self._activate(pre)
         rec = self._combine(acts, idx)
         if self.b_dec is not None:
             rec = rec + self.b_dec
@@ -418,6 +454,8 @@ class WriteSAE(nn.Module):
         if dead_mask is not None and self.cfg.k_aux > 0 and (n_dead := int(dead_mask.sum())) > 0:
             k_aux = min(self.cfg.k_aux, n_dead)
             aux_vals, aux_idx = pre.masked_fill(~dead_mask.to(pre.device), -torch.inf).topk(k_aux, sorted=False)
+            if selected:
+                aux_vals = _Selected.apply(aux_vals, x2, E, self.b_enc, aux_idx)
             e_hat = self._combine(F.relu(aux_vals), aux_idx)
             auxk = (e_hat - e.detach()).pow(2).mean()
         l0 = (acts > 0).sum(-1).to(x.dtype).mean()

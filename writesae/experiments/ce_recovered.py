@@ -24,12 +24,15 @@ public host API and works for every family.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..cache import computing
 from ..hosts import Edit
 
 __all__ = ["ce_losses", "record", "CONDITIONS"]
@@ -142,14 +145,22 @@ def record(host, sae, input_ids, split=None, *, key="ce_recovered", progress=Tru
     params = dict(model=host.name, passages=_fingerprint(ids), shape=list(ids.shape),
                   split=ids.shape[1] // 2 if split is None else int(split), **{k: list(v) if isinstance(v, tuple) else v
                                                                            for k, v in kw.items() if k != "batch"})
-    metrics = dict(sae.info.get("metrics") or {})
-    old = metrics.get(key)
+    old = (sae.info.get("metrics") or {}).get(key)
     if isinstance(old, dict) and old.get("params") == params:
         return old
-    res = ce_losses(host, {cell_tuple(sae.info["cell"]): sae}, ids, split, progress=progress, **kw)
-    res["params"] = params
-    metrics[key] = res
-    sae.info["metrics"] = metrics
-    if sae.path is not None:
+    if sae.path is None:
+        res = ce_losses(host, {cell_tuple(sae.info["cell"]): sae}, ids, split, progress=progress, **kw)
+        return {**res, "params": params}
+    with computing(sae.path):  # another process may be recording into the same cfg.json: read it, then write
+        stored = json.loads((Path(sae.path) / "cfg.json").read_text()).get("metrics") or {}
+        metrics = {**(sae.info.get("metrics") or {}), **stored}
+        old = metrics.get(key)
+        if isinstance(old, dict) and old.get("params") == params:
+            sae.info["metrics"] = metrics
+            return old
+        res = ce_losses(host, {cell_tuple(sae.info["cell"]): sae}, ids, split, progress=progress, **kw)
+        res["params"] = params
+        metrics[key] = res
+        sae.info["metrics"] = metrics
         sae.save(sae.path)
     return res
