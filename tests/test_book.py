@@ -168,6 +168,9 @@ def test_jobs_run_notebooks_side_by_side(tmp_path, monkeypatch):
         spans[name] = [float(x) for x in "".join(staged["cells"][0]["outputs"][0]["text"]).split()]
         assert staged["metadata"]["writesae"]["seconds"] >= {"a": 1.0, "b": 3.0}[name]
     assert spans["a"][0] < spans["b"][1] and spans["b"][0] < spans["a"][1]  # they overlapped
+    prof = {nb: (total, cells) for nb, total, cells in book.profile(tmp_path)}
+    assert list(prof) == ["notebooks/a.ipynb", "notebooks/b.ipynb"] and prof["notebooks/b.ipynb"][0] >= 3.0
+    assert prof["notebooks/b.ipynb"][1][0][0] >= 3.0 and prof["notebooks/b.ipynb"][1][0][1] == "import time"
     started = []
     monkeypatch.setattr(book, "_execute", lambda nb, *a: started.append(nb.stem) or book.time.sleep(0.1))
     book.build(root=tmp_path, progress=False, jobs=1, force=True)

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["build", "screenshot", "toc_documents", "load_params", "BuildReport"]
+__all__ = ["build", "profile", "print_profile", "screenshot", "toc_documents", "load_params", "BuildReport"]
 
 NB_META = "writesae"
 SUFFIXES = (".ipynb", ".md", ".rst")
@@ -301,6 +301,38 @@ def build(params_file=None, only=None, tiny=False, root=".", progress=True, forc
         print(f"{step:<40s} {sec:8.1f} s")
     print(f"HTML: {report.index}")
     return report
+
+
+def profile(root=".", top: int = 3) -> list[tuple[str, float, list[tuple[float, str]]]]:
+    """Where the last build's seconds went: per executed notebook (TOC order), its time and its ``top``
+    slowest cells as (seconds, the cell's first line that is not a comment), from papermill's per-cell
+    durations in ``_build/src``. A cell's seconds include waiting for an artifact another notebook was
+    computing (``--jobs``)."""
+    root = Path(root).resolve()
+    out = []
+    for nb in (d for d in toc_documents(root) if d.suffix == ".ipynb"):
+        path = root / "_build" / "src" / nb
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        cells = []
+        for c in doc["cells"]:
+            sec = (c.get("metadata", {}).get("papermill") or {}).get("duration")
+            if c["cell_type"] == "code" and sec:
+                src = "".join(c["source"]).splitlines()
+                line = next((x.strip() for x in src if x.strip() and not x.lstrip().startswith("#")), "")
+                cells.append((float(sec), line[:90]))
+        total = doc["metadata"].get(NB_META, {}).get("seconds") or sum(x for x, _ in cells)
+        out.append((str(nb), float(total), sorted(cells, reverse=True)[:top]))
+    return out
+
+
+def print_profile(root=".", top: int = 3) -> None:
+    """Print :func:`profile`."""
+    for nb, total, cells in profile(root, top):
+        print(f"{nb:<44s} {total:7.1f} s")
+        for sec, line in cells:
+            print(f"    {sec:7.1f} s  {line}")
 
 
 def _find_chromium():

@@ -86,9 +86,11 @@ def cmd_train_sae(a):
 
 
 def cmd_book(a):
-    from .book import build
+    from .book import build, print_profile
 
-    build(params_file=a.params, only=a.only, tiny=a.tiny, force=a.force, jobs=a.jobs)
+    if not a.profile:
+        build(params_file=a.params, only=a.only, tiny=a.tiny, force=a.force, jobs=a.jobs)
+    print_profile(top=a.top)
 
 
 def cmd_explore(a):
@@ -165,6 +167,8 @@ def main(argv=None):
     b.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="notebooks executed side by side, one kernel (one thread) each; they share the artifact "
                         "cache, computing each artifact once (default: 2, or 1 on a 1-core machine)")
+    b.add_argument("--profile", action="store_true", help="only print where the last build's seconds went")
+    b.add_argument("--top", type=int, default=3, help="slowest cells shown per notebook (default 3)")
     b.set_defaults(fn=cmd_book)
 
     x = sub.add_parser("explore", help="serve the explorer's live widgets (Voila) on http://127.0.0.1:PORT")

@@ -321,9 +321,10 @@ def _ddp(sae: WriteSAE, device):
     return torch.nn.parallel.DistributedDataParallel(sae, device_ids=[dev] if dev.type == "cuda" else None)
 
 
-def _finite(loss: torch.Tensor, world: int) -> bool:
-    """Whether the loss is finite on every rank (so that all ranks stop together)."""
-    ok = torch.isfinite(loss.detach()).to(torch.int32)
+def _finite(ok: torch.Tensor, world: int) -> bool:
+    """Whether ``ok`` (a bool flag: every loss since the last check was finite) holds on every rank (so that all
+    ranks stop together)."""
+    ok = ok.to(torch.int32)
     if world > 1:
         torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
     return bool(ok)
@@ -461,6 +462,11 @@ def fit(
     bar = tqdm(total=total, initial=state["step"], disable=not progress, desc=f"train {info.get('cell', '')}".strip())
     stopped = False
     step0, t_steps = state["step"], time.perf_counter()
+    # Divergence check: each step's loss is folded into a flag on the device; reading the flag waits for the
+    # device, so on a GPU it is read only on steps after which something is logged, validated or saved (a
+    # checkpoint never holds diverged weights), on a CPU (where reading costs nothing) after every step.
+    check_every = 1 if torch.device(device).type == "cpu" else math.gcd(log_every, val_every, ckpt_every)
+    finite = torch.ones((), dtype=torch.bool, device=device)
     while state["step"] < total and not stopped:
         epoch, first = divmod(state["step"], per_epoch)
         batches = train.iter_batches(batch_size, shuffle=True, epoch_seed=_seed(seed, epoch), drop_last=drop_last, start_batch=first)
@@ -471,8 +477,11 @@ def fit(
             S = S.to(device)
             dead_mask = since_active >= dead_after
             out = net(S[rank::world] if world > 1 else S, dead_mask=dead_mask)
-            if not _finite(out.loss, world):
-                raise ValueError(f"training diverged at step {step}: the loss is {out.loss.item()} (lr {lr}); lower lr"
+            finite &= torch.isfinite(out.loss.detach())
+            due = (step + 1) % check_every == 0 or step + 1 == total or (max_steps is not None and step + 1 >= max_steps)
+            if due and not _finite(finite, world):
+                raise ValueError(f"training diverged {'at' if check_every == 1 else 'by'} step {step}: the loss is "
+                                 f"{out.loss.item()} (lr {lr}); lower lr"
                                  + (f" and delete {out_dir / 'last'} (its checkpoint may be past the divergence)"
                                     if out_dir is not None else ""))
             opt.zero_grad(set_to_none=True)
