@@ -133,3 +133,5 @@ def test_two_processes_compute_an_artifact_once(tmp_path):
         got = pool.starmap(_slow_table, [(tmp_path, log), (tmp_path, log)])
     assert len(log.read_text().split()) == 1
     assert got[0] == got[1] == [int(log.read_text())]
+    n, sec = cache.seconds_by_kind(tmp_path)["res"]  # the computation's own time, recorded once
+    assert n == 1 and 1.0 <= sec < 5.0

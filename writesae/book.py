@@ -328,11 +328,18 @@ def profile(root=".", top: int = 3) -> list[tuple[str, float, list[tuple[float, 
 
 
 def print_profile(root=".", top: int = 3) -> None:
-    """Print :func:`profile`."""
+    """Print :func:`profile` and the compute seconds of the artifacts in the cache, by kind."""
+    from .cache import cache_root, seconds_by_kind
+
     for nb, total, cells in profile(root, top):
         print(f"{nb:<44s} {total:7.1f} s")
         for sec, line in cells:
             print(f"    {sec:7.1f} s  {line}")
+    kinds = seconds_by_kind(cache_root(start=root))
+    if kinds:
+        print(f"\nartifacts computed, by kind ({cache_root(start=root)}; waits excluded):")
+        for kind, (n, sec) in kinds.items():
+            print(f"    {sec:7.1f} s  {n:3d} x {kind}")
 
 
 def _find_chromium():

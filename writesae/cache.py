@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -42,7 +43,7 @@ from safetensors.torch import save_file
 
 from .errors import CorruptFileError
 
-__all__ = ["canonical_json", "params_key", "cache_root", "artifact_dir", "computing",
+__all__ = ["canonical_json", "params_key", "cache_root", "artifact_dir", "computing", "seconds_by_kind",
            "atomic_write", "write_text", "save_tensors", "file_record", "check_file", "cached_table",
            "cached_json"]
 
@@ -166,26 +167,47 @@ def artifact_dir(kind: str, params: dict, root=None) -> Path:
 
 
 @contextlib.contextmanager
-def computing(d) -> Iterator[Path]:
-    """Hold artifact folder ``d``'s lock while checking for, computing and writing what it holds.
+def computing(d, done: Callable[[], bool]) -> Iterator[bool]:
+    """Compute artifact folder ``d``'s content once: yields whether the caller must compute it.
 
-    ``with computing(d): if not done: compute and write`` runs the computation in one process at a time; a
-    process that finds the lock taken waits, then sees the finished files. The lock is an ``flock`` (released
-    by the kernel when its holder dies, so a killed run leaves no stale lock). Where ``fcntl`` does not
-    exist (Windows) it does nothing."""
+    ``with computing(d, lambda: path.exists()) as todo: if todo: compute and write`` checks ``done()``; if it
+    is false, it takes the folder's lock, checks again and yields ``True`` to one process at a time; a
+    process that finds the lock taken waits, then sees the finished files and gets ``False``. A computation
+    that finishes records its seconds in ``d/seconds.json`` (``writesae book`` sums them by kind). The lock
+    is an ``flock`` on ``d/.lock`` (released by the kernel when its holder dies: a killed run leaves no stale
+    lock); where ``fcntl`` does not exist (Windows) there is no lock."""
     d = Path(d)
+    if done():
+        yield False
+        return
     d.mkdir(parents=True, exist_ok=True)
     try:
         import fcntl
     except ImportError:  # pragma: no cover
-        yield d
-        return
+        fcntl = None
     with open(d / ".lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        if fcntl:
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield d
+            if done():
+                yield False
+            else:
+                t0 = time.perf_counter()
+                yield True
+                write_text(d / "seconds.json", json.dumps({"seconds": round(time.perf_counter() - t0, 2)}) + "\n")
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if fcntl:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def seconds_by_kind(root=None) -> dict[str, tuple[int, float]]:
+    """{kind: (artifacts computed, seconds)} from the ``seconds.json`` that :func:`computing` leaves, most
+    seconds first: where a build's compute time went, waits for other processes excluded."""
+    out = {}
+    for f in cache_root(root).glob("*/*/seconds.json"):
+        n, sec = out.get(f.parent.parent.name, (0, 0.0))
+        out[f.parent.parent.name] = (n + 1, sec + float(json.loads(f.read_text())["seconds"]))
+    return dict(sorted(out.items(), key=lambda kv: -kv[1][1]))
 
 
 # pandas >= 3 parses floats exactly by default (and deprecates the option)
@@ -205,17 +227,16 @@ def cached_table(kind: str, params: dict, compute: Callable[[], pd.DataFrame], r
     empty strings come back as NaN; a non-default index comes back as columns.
     """
     path = artifact_dir(kind, params, root) / name
-    if not path.exists():
-        with computing(path.parent):
-            if not path.exists():
-                df = compute()
-                if not isinstance(df, pd.DataFrame):
-                    raise TypeError(f"compute() returned {type(df).__name__}, not a DataFrame")
-                if not (isinstance(df.index, pd.RangeIndex) and df.index.start == 0
-                        and df.index.step == 1 and df.index.name is None):
-                    df = df.reset_index()
-                with atomic_write(path) as tmp:
-                    df.to_csv(tmp, index=False)
+    with computing(path.parent, path.exists) as todo:
+        if todo:
+            df = compute()
+            if not isinstance(df, pd.DataFrame):
+                raise TypeError(f"compute() returned {type(df).__name__}, not a DataFrame")
+            if not (isinstance(df.index, pd.RangeIndex) and df.index.start == 0
+                    and df.index.step == 1 and df.index.name is None):
+                df = df.reset_index()
+            with atomic_write(path) as tmp:
+                df.to_csv(tmp, index=False)
     return _read_csv(path)
 
 
@@ -233,8 +254,7 @@ def cached_json(kind: str, params: dict, compute: Callable[[], Any], root=None,
     scalars plain numbers), on the first call as on later ones.
     """
     path = artifact_dir(kind, params, root) / name
-    if not path.exists():
-        with computing(path.parent):
-            if not path.exists():
-                write_text(path, json.dumps(compute(), indent=1, default=_default) + "\n")
+    with computing(path.parent, path.exists) as todo:
+        if todo:
+            write_text(path, json.dumps(compute(), indent=1, default=_default) + "\n")
     return json.loads(path.read_text())

@@ -53,12 +53,10 @@ def states(h, cells, *, text="train", window=128, n_windows=256, positions_per_s
     params = dict(model=h.name, cells=cells, text=text, window=window, n_windows=n_windows,
                   positions_per_seq=positions_per_seq, seed=seed)
     d = artifact_dir("states", params, root)
-    if not (d / "mean.safetensors").exists():
-        with computing(d):
-            if not (d / "mean.safetensors").exists():
-                ids = windows(h, text, window, n_windows, seed)
-                extract(h, ids, cells, d, positions_per_seq=positions_per_seq, seed=seed, source=text,
-                        progress=progress)
+    with computing(d, (d / "mean.safetensors").exists) as todo:
+        if todo:
+            ids = windows(h, text, window, n_windows, seed)
+            extract(h, ids, cells, d, positions_per_seq=positions_per_seq, seed=seed, source=text, progress=progress)
     return d
 
 
@@ -79,15 +77,13 @@ def sae(h, cell, *, variant="bilinear", n_feat=2048, k=32, activation="topk", ra
                   rank=rank, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, states=d_states.name, **options)
     d = artifact_dir("sae", params, root)
     best = d / "best"
-    finished = lambda: (best / "cfg.json").exists() and (d / "done").exists()  # noqa: E731
-    if not finished():
-        with computing(d):
-            if not finished():
-                cfg = SAEConfig(variant=variant, d_k=h.d_k, d_v=h.d_v, n_feat=n_feat, k=k, activation=activation,
-                                rank=rank, **options)
-                train_sae(d_states, (layer, head), cfg, d, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                          progress=progress)
-                write_text(d / "done", "ok\n")
+    with computing(d, lambda: (best / "cfg.json").exists() and (d / "done").exists()) as todo:
+        if todo:
+            cfg = SAEConfig(variant=variant, d_k=h.d_k, d_v=h.d_v, n_feat=n_feat, k=k, activation=activation,
+                            rank=rank, **options)
+            train_sae(d_states, (layer, head), cfg, d, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                      progress=progress)
+            write_text(d / "done", "ok\n")
     return WriteSAE.load(best, expect_cell=(layer, head), expect_dims=(h.d_k, h.d_v))
 
 

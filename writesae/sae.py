@@ -334,8 +334,16 @@ class WriteSAE(nn.Module):
         return self.atoms([int(i)])[0]
 
     # -- encoder -----------------------------------------------------------------------------
-    def _pre(self, x: Tensor) -> Tensor:
-        """(B, n_feat) pre-activations of centred states x (B, d_k, d_v)."""
+    def _enc_matrix(self) -> Tensor:
+        """The encoder as an (n_feat, d_in) matrix (a bilinear encoder's atoms materialised)."""
+        if self.W_enc is not None:
+            return self.W_enc
+        V, W = self._enc_factors()  # (n, r, d_k), (n, r, d_v)
+        return (V.mT @ W).reshape(len(V), -1)
+
+    def _pre(self, x: Tensor, E: Tensor | None = None) -> Tensor:
+        """(B, n_feat) pre-activations of centred states x (B, d_k, d_v); ``E``: :meth:`_enc_matrix`, if at hand
+        (used where the encoder is materialised anyway: the values do not depend on whether it is given)."""
         B, dk, dv = x.shape
         if self.W_enc is not None:
             pre = x.reshape(B, -1) @ self.W_enc.T
@@ -344,7 +352,7 @@ class WriteSAE(nn.Module):
             n, r = V.shape[:2]
             if dv <= B * r:
                 # Materialise the n encoder atoms (n x d_in, independent of B): one GEMM.
-                pre = x.reshape(B, -1) @ (V.mT @ W).reshape(n, -1).T
+                pre = x.reshape(B, -1) @ (self._enc_matrix() if E is None else E).T
             else:
                 # Small batch: v^T (X w) for all atoms via X @ W^T, (B, d_k, n r) intermediate.
                 Y = x @ W.reshape(n * r, dv).T
@@ -433,11 +441,9 @@ class WriteSAE(nn.Module):
         x = self._x(S)
         selected = self.cfg.activation == "topk" and self.cfg.sparse_encoder_grad and torch.is_grad_enabled()
         if selected:  # select without autograd, then let the gradient through the selected entries only
-            E = self.W_enc if self.W_enc is not None else (lambda V, W: (V.mT @ W).reshape(len(V), -1))(
-                *self._enc_factors())
-            x2 = x.reshape(len(x), -1)
-            with torch.no_grad():
-                pre = self._pre(x)  # the values encode() computes, to the bit
+            E, x2 = self._enc_matrix(), x.reshape(len(x), -1)
+            with torch.no_grad():  # encode()'s values, to the bit, where it materialises the encoder too
+                pre = self._pre(x, E.detach())
             vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
             acts, sparsity_loss = F.relu(_Selected.apply(vals, x2, E, self.b_enc, idx)), pre.new_zeros(())
         else:

@@ -151,16 +151,15 @@ def record(host, sae, input_ids, split=None, *, key="ce_recovered", progress=Tru
     if sae.path is None:
         res = ce_losses(host, {cell_tuple(sae.info["cell"]): sae}, ids, split, progress=progress, **kw)
         return {**res, "params": params}
-    with computing(sae.path):  # another process may be recording into the same cfg.json: read it, then write
-        stored = json.loads((Path(sae.path) / "cfg.json").read_text()).get("metrics") or {}
-        metrics = {**(sae.info.get("metrics") or {}), **stored}
-        old = metrics.get(key)
-        if isinstance(old, dict) and old.get("params") == params:
-            sae.info["metrics"] = metrics
-            return old
-        res = ce_losses(host, {cell_tuple(sae.info["cell"]): sae}, ids, split, progress=progress, **kw)
-        res["params"] = params
-        metrics[key] = res
+    cfg_json = Path(sae.path) / "cfg.json"
+    stored = lambda: json.loads(cfg_json.read_text()).get("metrics") or {}  # noqa: E731
+    # another process may be recording into the same cfg.json: decide, compute and write under its lock
+    with computing(sae.path, lambda: (stored().get(key) or {}).get("params") == params) as todo:
+        metrics = {**(sae.info.get("metrics") or {}), **stored()}
+        if todo:
+            metrics[key] = {**ce_losses(host, {cell_tuple(sae.info["cell"]): sae}, ids, split, progress=progress,
+                                        **kw), "params": params}
         sae.info["metrics"] = metrics
-        sae.save(sae.path)
-    return res
+        if todo:
+            sae.save(sae.path)
+    return metrics[key]
