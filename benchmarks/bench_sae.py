@@ -14,9 +14,10 @@ of four models at n_feat = 2048, k = 32:
 and prints each number next to its limit:
 
 - the speed-ups against their FLOP bounds. Matmul FLOPs per step (B batch, n atoms, d = d_k d_v; the
-  input needs no gradient): encoder forward 2Bnd, its weight gradient 2Bnd dense or 2Bkd through the
-  selection, decoder 3 x 2Bnd dense or 3 x 2Bkd sparse; so sparse decode gains at most
-  (4n + 6n) / (4n + 6k) and the selected gradient at most (4n + 6k) / (2n + 8k);
+  input needs no gradient): encoder forward 2Bnd, its weight gradient 2Bnd dense, or through the
+  selection 2 x 2Bkd for bilinear factors (X w and X^T v) and 2Bkd for a matrix, decoder 3 x 2Bnd dense or
+  3 x 2Bkd sparse; so sparse decode gains at most (4n + 6n) / (4n + 6k) and the selected gradient at most
+  (4n + 6k) / (2n + 10k);
 - training FLOP/s (of the FLOPs each method does) as a fraction of this machine's dense fp32 matmul
   throughput, measured in the same run on a GEMM of the encoder's shape.
 
@@ -45,9 +46,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def step_flops(sparse: bool, sparse_grad: bool, B: int, n: int, k: int, d: int) -> float:
+def step_flops(sparse: bool, sparse_grad: bool, B: int, n: int, k: int, d: int, flat: bool = False) -> float:
     """Matmul FLOPs of one training step (see the module docstring)."""
-    enc = 2 * B * n * d + 2 * B * (k if sparse_grad else n) * d
+    enc = 2 * B * n * d + (2 * B * k * d * (1 if flat else 2) if sparse_grad else 2 * B * n * d)
     dec = 3 * 2 * B * (k if sparse else n) * d
     return float(enc + dec)
 
@@ -136,7 +137,7 @@ def main():
                 ("bilinear/dense", "bilinear", False, False), ("flat/sparse", "flat", True, True)]:  # fmt: skip
             cfg = SAEConfig(variant, size, size, n_feat=n, k=k, sparse_decode=sparse, sparse_encoder_grad=sparse_grad)
             t = time_steps(cfg, S, args.steps, dev)
-            flops = step_flops(sparse, sparse_grad, B, n, k, d)
+            flops = step_flops(sparse, sparse_grad, B, n, k, d, flat=variant == "flat")
             rows[name] = t
             print(f"  {name:20s} {B / t:9.0f} states/s  {t * 1e3:8.1f} ms/step  "
                   f"{flops / t / 1e9:7.1f} GFLOP/s = {flops / t / peak:5.1%} of matmul peak")  # fmt: skip

@@ -173,26 +173,36 @@ class _Step(torch.autograd.Function):
 
 
 class _Selected(torch.autograd.Function):
-    """Pre-activations ``x E^T + b`` at selected indices (B, m), given their values; the gradient reaches ``E`` and
-    ``b`` through those entries only: one sparse (n, B) x (B, d) product, B m d multiply-adds, where autograd
-    through the dense product would spend B n d on a gradient that is zero outside the selection (TopK's loss
-    sees nothing else). Same gradient, other summation order."""
+    """Pre-activations at selected indices (B, m), given their values (computed without autograd); the gradient
+    reaches the encoder and its bias through those entries only: B m d_in multiply-adds, where autograd through
+    the dense product spends B n d_in on a gradient that is zero outside the selection (TopK's loss sees nothing
+    else). Same gradient, other summation order. The encoder is a matrix ``E`` (n, d_in) (one sparse (n, B) x
+    (B, d_in) product) or bilinear factors ``V`` (n, r, d_k), ``W`` (n, r, d_v) (batched products with the
+    selected factors only: no (n, d_in) matrix is formed, which at 128 x 128 states is the larger cost)."""
 
     @staticmethod
-    def forward(ctx, values, x, E, b, idx):
-        ctx.save_for_backward(x, idx)
-        ctx.n, ctx.has_b = E.shape[0], b is not None
+    def forward(ctx, values, x, b, idx, *enc):
+        ctx.save_for_backward(x, idx, *enc)
+        ctx.has_b = b is not None
         return values.clone()
 
     @staticmethod
     def backward(ctx, g):
-        x, idx = ctx.saved_tensors
-        B, m = idx.shape
-        rows = torch.arange(B, device=idx.device).repeat_interleave(m)
-        G = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), g.reshape(-1), (ctx.n, B))
-        gE = torch.sparse.mm(G, x)
-        gb = g.new_zeros(ctx.n).index_add_(0, idx.reshape(-1), g.reshape(-1)) if ctx.has_b else None
-        return None, None, gE, gb, None
+        x, idx, *enc = ctx.saved_tensors
+        (B, m), n, at = idx.shape, enc[0].shape[0], idx.reshape(-1)
+        if len(enc) == 1:
+            rows = torch.arange(B, device=idx.device).repeat_interleave(m)
+            G = torch.sparse_coo_tensor(torch.stack([at, rows]), g.reshape(-1), (n, B), check_invariants=False)
+            grads = (torch.sparse.mm(G, x.reshape(B, -1)),)
+        else:  # d pre / d v = X w, d pre / d w = X^T v, for the selected (b, i) pairs
+            V, W = enc
+            r, dk, dv = V.shape[1], V.shape[2], W.shape[2]
+            XW = (x @ W[idx].reshape(B, m * r, dv).mT).mT.reshape(B * m, r, dk)
+            XtV = (x.mT @ V[idx].reshape(B, m * r, dk).mT).mT.reshape(B * m, r, dv)
+            ga = g.reshape(B * m, 1, 1)
+            grads = (V.new_zeros(V.shape).index_add_(0, at, ga * XW), W.new_zeros(W.shape).index_add_(0, at, ga * XtV))
+        gb = g.new_zeros(n).index_add_(0, at, g.reshape(-1)) if ctx.has_b else None
+        return (None, None, gb, None, *grads)
 
 
 def _compact(acts: Tensor) -> tuple[Tensor, Tensor]:
@@ -334,16 +344,8 @@ class WriteSAE(nn.Module):
         return self.atoms([int(i)])[0]
 
     # -- encoder -----------------------------------------------------------------------------
-    def _enc_matrix(self) -> Tensor:
-        """The encoder as an (n_feat, d_in) matrix (a bilinear encoder's atoms materialised)."""
-        if self.W_enc is not None:
-            return self.W_enc
-        V, W = self._enc_factors()  # (n, r, d_k), (n, r, d_v)
-        return (V.mT @ W).reshape(len(V), -1)
-
-    def _pre(self, x: Tensor, E: Tensor | None = None) -> Tensor:
-        """(B, n_feat) pre-activations of centred states x (B, d_k, d_v); ``E``: :meth:`_enc_matrix`, if at hand
-        (used where the encoder is materialised anyway: the values do not depend on whether it is given)."""
+    def _pre(self, x: Tensor) -> Tensor:
+        """(B, n_feat) pre-activations of centred states x (B, d_k, d_v)."""
         B, dk, dv = x.shape
         if self.W_enc is not None:
             pre = x.reshape(B, -1) @ self.W_enc.T
@@ -352,7 +354,7 @@ class WriteSAE(nn.Module):
             n, r = V.shape[:2]
             if dv <= B * r:
                 # Materialise the n encoder atoms (n x d_in, independent of B): one GEMM.
-                pre = x.reshape(B, -1) @ (self._enc_matrix() if E is None else E).T
+                pre = x.reshape(B, -1) @ (V.mT @ W).reshape(n, -1).T
             else:
                 # Small batch: v^T (X w) for all atoms via X @ W^T, (B, d_k, n r) intermediate.
                 Y = x @ W.reshape(n * r, dv).T
@@ -440,12 +442,12 @@ class WriteSAE(nn.Module):
         optimises); ``recon`` and ``top_acts`` are in state units."""
         x = self._x(S)
         selected = self.cfg.activation == "topk" and self.cfg.sparse_encoder_grad and torch.is_grad_enabled()
-        if selected:  # select without autograd, then let the gradient through the selected entries only
-            E, x2 = self._enc_matrix(), x.reshape(len(x), -1)
-            with torch.no_grad():  # encode()'s values, to the bit, where it materialises the encoder too
-                pre = self._pre(x, E.detach())
+        if selected:  # select without autograd (encode()'s values, to the bit), then let the gradient through
+            with torch.no_grad():  # the selected entries only
+                pre = self._pre(x)
+            enc = (self.W_enc,) if self.W_enc is not None else self._enc_factors()
             vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
-            acts, sparsity_loss = F.relu(_Selected.apply(vals, x2, E, self.b_enc, idx)), pre.new_zeros(())
+            acts, sparsity_loss = F.relu(_Selected.apply(vals, x, self.b_enc, idx, *enc)), pre.new_zeros(())
         else:
             pre = self._pre(x)
             acts, idx, sparsity_loss = self._activate(pre)
@@ -461,7 +463,7 @@ class WriteSAE(nn.Module):
             k_aux = min(self.cfg.k_aux, n_dead)
             aux_vals, aux_idx = pre.masked_fill(~dead_mask.to(pre.device), -torch.inf).topk(k_aux, sorted=False)
             if selected:
-                aux_vals = _Selected.apply(aux_vals, x2, E, self.b_enc, aux_idx)
+                aux_vals = _Selected.apply(aux_vals, x, self.b_enc, aux_idx, *enc)
             e_hat = self._combine(F.relu(aux_vals), aux_idx)
             auxk = (e_hat - e.detach()).pow(2).mean()
         l0 = (acts > 0).sum(-1).to(x.dtype).mean()
