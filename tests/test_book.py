@@ -172,7 +172,7 @@ def test_jobs_run_notebooks_side_by_side(tmp_path, monkeypatch):
     assert list(prof) == ["notebooks/a.ipynb", "notebooks/b.ipynb"] and prof["notebooks/b.ipynb"][0] >= 3.0
     assert prof["notebooks/b.ipynb"][1][0][0] >= 3.0 and prof["notebooks/b.ipynb"][1][0][1] == "import time"
     started = []
-    monkeypatch.setattr(book, "_execute", lambda nb, *a: started.append(nb.stem) or book.time.sleep(0.1))
+    monkeypatch.setattr(book, "_execute", lambda nb, *a: started.append(nb.stem) or book.time.sleep(0.1) or 0.1)
     book.build(root=tmp_path, progress=False, jobs=1, force=True)
     assert started == ["b", "a"]  # b took longer last time
 

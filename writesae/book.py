@@ -125,13 +125,12 @@ def _build_key(nb_path: Path, params: dict, code: str) -> str:
     return h.hexdigest()
 
 
-def _staged_key(path: Path):
-    if not path.exists():
-        return None
+def _staged_meta(path: Path) -> dict:
+    """The build record (``metadata.writesae``: build_key, params, seconds) of a staged notebook, ``{}`` if none."""
     try:
-        return json.loads(path.read_text()).get("metadata", {}).get(NB_META, {}).get("build_key")
+        return json.loads(path.read_text()).get("metadata", {}).get(NB_META, {})
     except (json.JSONDecodeError, OSError):
-        return None
+        return {}
 
 
 def _copy_if_changed(src: Path, dst: Path) -> None:
@@ -153,18 +152,12 @@ def _mirror(src: Path, dst: Path) -> None:
                 p.unlink() if p.is_file() else shutil.rmtree(p)
 
 
-def _staged_seconds(path: Path):
-    try:
-        return json.loads(path.read_text()).get("metadata", {}).get(NB_META, {}).get("seconds")
-    except (json.JSONDecodeError, OSError):
-        return None
-
-
-def _execute(nb: Path, out: Path, params: dict, key: str, root: Path, failed_dir: Path,
-             params_file, t0: float) -> None:
+def _execute(nb: Path, out: Path, params: dict, key: str, root: Path, failed_dir: Path, params_file) -> float:
+    """Execute ``nb`` into ``out``; return the seconds it took (also recorded in its metadata)."""
     import nbformat
     import papermill
 
+    t0 = time.perf_counter()
     work = root / "_build" / "executing" / nb.name
     work.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -181,12 +174,14 @@ def _execute(nb: Path, out: Path, params: dict, key: str, root: Path, failed_dir
         tags = c.metadata.setdefault("tags", [])
         if "injected-parameters" in tags and "hide-cell" not in tags:
             tags.append("hide-cell")
+    seconds = time.perf_counter() - t0
     result.metadata[NB_META] = {"build_key": key, "params": params,
                                 "params_file": str(params_file) if params_file else None,
-                                "seconds": round(time.perf_counter() - t0, 1)}
+                                "seconds": round(seconds, 1)}
     nbformat.write(result, str(work))
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(work, out)
+    return seconds
 
 
 def build(params_file=None, only=None, tiny=False, root=".", progress=True, force=False, jobs=1) -> BuildReport:
@@ -249,19 +244,18 @@ def build(params_file=None, only=None, tiny=False, root=".", progress=True, forc
             continue
         params = _notebook_params(root / nb, all_params)
         key = _build_key(root / nb, params, code)
-        if not force and _staged_key(staged) == key:
+        last = _staged_meta(staged)
+        if not force and last.get("build_key") == key:
             report.skipped.append(nb.stem)
             print(f"{nb}: unchanged, skipped")
             continue
-        todo.append((nb, params, key))
+        todo.append((nb, params, key, last.get("seconds") or 0))
     # longest first (by the last build's times; a fresh clone keeps the TOC order), so the last to finish is short
-    todo.sort(key=lambda t: -(_staged_seconds(src / t[0]) or 0))
+    todo.sort(key=lambda t: -t[3])
 
     def run(item):
-        nb, params, key = item
-        t0 = time.perf_counter()
-        _execute(nb, src / nb, params, key, root, out_root / "failed", params_file, t0)
-        return time.perf_counter() - t0
+        nb, params, key, _ = item
+        return _execute(nb, src / nb, params, key, root, out_root / "failed", params_file)
 
     bar = tqdm(total=len(todo), desc="notebooks", unit="nb", disable=not progress)
     errors = []

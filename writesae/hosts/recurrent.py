@@ -344,7 +344,6 @@ class RecurrentHost:
         for e in edits:
             self._check_edit(e, (B, T + max_new_tokens))
         rows = [(e.seq, e) for e in edits]
-        at = lambda p: [x for x in rows if x[1].pos == p]  # noqa: E731
         if steer is not None:
             (layer, head), fn = steer
             self.cell(layer, head)
@@ -357,7 +356,7 @@ class RecurrentHost:
             if p >= T:
                 ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
             stream = self._embed(ids[:, p:p + 1])
-            ed = at(p)
+            ed = [x for x in rows if x[1].pos == p]
             logits, new, inputs, _, _ = self._run(stream, p, 0, states, edits=self._edits_by_layer(ed, offset=p),
                                                   keep_inputs=steer is not None)
             if steer is not None:
@@ -368,8 +367,8 @@ class RecurrentHost:
                         raise ValueError(f"steer returned an edit at position {e.pos} while at position {p}: "
                                          "it can only edit the position it is shown")
                 if extra:  # rerun p from the steered layer with the new edits
-                    before = {i: (new if i < layer else states).get(i) for i in range(len(self.layers))}
-                    before = {i: st for i, st in before.items() if st is not None}
+                    before = {**{i: st for i, st in states.items() if i >= layer},
+                              **{i: st for i, st in new.items() if i < layer}}
                     ed = ed + [(e.seq, e) for e in extra]
                     logits, new, _, _, _ = self._run(inputs[layer], p, layer, before,
                                                      edits=self._edits_by_layer(ed, offset=p))
