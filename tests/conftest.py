@@ -1,5 +1,7 @@
 """Shared test set-up.
 
+- Every test leaves the working directory as it found it (the suite reads ``params/*.yaml`` relative to the
+  repository root; a test that moved it would fail later, unrelated tests).
 - One torch thread (tiny models run far slower with two threads on a loaded 2-core machine).
 - fla's naive torch references (``fla/ops/*/naive.py``): the DeltaNet / GLA / RWKV-7 tests read them by file
   path, never importing fla (whose package needs Triton). ``FLA_SRC`` points at an ``fla`` package folder;
@@ -12,6 +14,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
@@ -37,3 +40,10 @@ def _fla_source():
 _src = _fla_source()
 if _src:
     os.environ["FLA_SRC"] = _src
+
+
+@pytest.fixture(autouse=True)
+def _same_working_directory():
+    before = os.getcwd()
+    yield
+    assert os.getcwd() == before, f"the test left the process in {os.getcwd()} (was {before})"

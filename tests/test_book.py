@@ -1,5 +1,6 @@
 """Build a one-notebook book with the project's real _config.yml and book/ pages."""
 import json
+import os
 import re
 import shutil
 from html.parser import HTMLParser
@@ -158,23 +159,41 @@ def test_jobs_run_notebooks_side_by_side(tmp_path, monkeypatch):
     for name, secs in (("a", 1.0), ("b", 3.0)):
         nb = nbformat.v4.new_notebook()
         nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-        nb.cells = [nbformat.v4.new_code_cell(f"import time\nt0 = time.time()\ntime.sleep({secs})\nprint(t0, time.time())")]
+        nb.cells = [nbformat.v4.new_code_cell(f"import time\nt0 = time.time()\ntime.sleep({secs})\nprint(t0, time.time())"),
+                    nbformat.v4.new_code_cell("import os\nprint(os.getcwd())")]
         nbformat.write(nb, tmp_path / "notebooks" / f"{name}.ipynb")
+    here, real_chdir = os.getcwd(), os.chdir
+    # the kernels start in the book's root without this process changing directory: a chdir per thread would
+    # race (each restores the directory it found, which may be the other's), leaving the caller elsewhere.
+    # (papermill's file handler "changes" to the directory it is already in: harmless, allowed.)
+    def chdir(path):
+        assert os.path.samefile(path, here), f"build changed the process directory to {path}"
+    monkeypatch.setattr(os, "chdir", chdir)
     report = book.build(root=tmp_path, progress=False, jobs=2)
-    assert report.executed == ["a", "b"]
+    monkeypatch.setattr(os, "chdir", real_chdir)
+    assert report.executed == ["a", "b"] and os.getcwd() == here
     spans = {}
     for name in "ab":
         staged = json.loads((tmp_path / "_build" / "src" / "notebooks" / f"{name}.ipynb").read_text())
         spans[name] = [float(x) for x in "".join(staged["cells"][0]["outputs"][0]["text"]).split()]
+        assert "".join(staged["cells"][1]["outputs"][0]["text"]).strip() == str(tmp_path)
         assert staged["metadata"]["writesae"]["seconds"] >= {"a": 1.0, "b": 3.0}[name]
     assert spans["a"][0] < spans["b"][1] and spans["b"][0] < spans["a"][1]  # they overlapped
     prof = {nb: (total, cells) for nb, total, cells in book.profile(tmp_path)}
     assert list(prof) == ["notebooks/a.ipynb", "notebooks/b.ipynb"] and prof["notebooks/b.ipynb"][0] >= 3.0
     assert prof["notebooks/b.ipynb"][1][0][0] >= 3.0 and prof["notebooks/b.ipynb"][1][0][1] == "import time"
-    started = []
-    monkeypatch.setattr(book, "_execute", lambda nb, *a: started.append(nb.stem) or book.time.sleep(0.1) or 0.1)
-    book.build(root=tmp_path, progress=False, jobs=1, force=True)
-    assert started == ["b", "a"]  # b took longer last time
+    # the next build starts the one that took longest last time (the recorded seconds, set here: the kernels'
+    # start-up varies by seconds, so the sleeps alone do not fix which of the two was longer)
+    monkeypatch.setattr(book, "_execute", lambda nb, *a: started.append(nb.stem) or 0.1)
+    for first in "ab":
+        for name in "ab":
+            path = tmp_path / "_build" / "src" / "notebooks" / f"{name}.ipynb"
+            staged = json.loads(path.read_text())
+            staged["metadata"]["writesae"]["seconds"] = 9.0 if name == first else 1.0
+            path.write_text(json.dumps(staged))
+        started = []
+        book.build(root=tmp_path, progress=False, jobs=1, force=True)
+        assert started == [first, "ab".replace(first, "")]
 
     bad = nbformat.v4.new_notebook()
     bad.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

@@ -163,7 +163,10 @@ def _execute(nb: Path, out: Path, params: dict, key: str, root: Path, failed_dir
     try:
         result = papermill.execute_notebook(
             str(root / nb), str(work), parameters=params, kernel_name="python3",
-            cwd=str(root), progress_bar=False, store_widget_state=True)
+            progress_bar=False, store_widget_state=True,
+            # the kernel starts in ``root`` (nbclient's resources path). Not papermill's ``cwd=``: that chdirs this
+            # whole process, and two notebooks running side by side would restore each other's directory.
+            resources={"metadata": {"path": str(root)}})
     except Exception as exc:
         failed = failed_dir / nb.name
         failed.parent.mkdir(parents=True, exist_ok=True)
