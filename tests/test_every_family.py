@@ -168,6 +168,12 @@ def test_substitution_native_is_zero_delete_is_not(host, sae, cell, ids, firings
     assert (df["win"] == (df["kl_atom"] < df["kl_delete"])).all()
     s, n, cos = df["atom_scale"], df["native_norm"], df["cos_native"]  # the state residual of the geometric rule
     assert np.allclose(df["resid_atom"], np.sqrt(s**2 + n**2 - 2 * s * n * cos) / n, rtol=1e-4)
+    # without a mean only each edit's position and the last are read out: the same KLs as the full read
+    few = S.substitute(host, sae, ids, sites, conditions=S.CONDITIONS, direction=S.DIRECTIONS, reads=("next", "final"))
+    full = df[df["read"] != "mean"].reset_index(drop=True)
+    assert len(few) == len(full) and (few["read"] == full["read"]).all()
+    for c in ("delete", "random", "atom"):
+        assert np.allclose(few[f"kl_{c}"], full[f"kl_{c}"], rtol=1e-4, atol=1e-7), c
     upd = S.substitute(host, sae, ids, sites.head(2), conditions=("native", "delete"), write="update", reads=("mean",))
     assert upd["kl_native"].abs().max() < 1e-10 and (upd["kl_delete"] > 0).all()
     sm = S.summarize(df, n_boot=20)

@@ -179,22 +179,25 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
                         kind, m = mats[cond]
                         rows.append(Edit(r, layer, head, p, kind, m, write=write))
                         keys.append((j, cond, p))
-                first = min(k[2] for k in keys)
+                # the positions read: every one from the first edit on for a mean, else each edit's and the last
+                first, T = min(k[2] for k in keys), ids.shape[1]
+                read = range(first, T) if "mean" in reads else sorted({k[2] for k in keys} | {T - 1})
                 if reuse_prefix:
-                    run = host.run_edits(ids_b, rows, positions=range(first, ids.shape[1]), prefix=pre)
+                    run = host.run_edits(ids_b, rows, positions=read, prefix=pre)
                 else:
                     run = host.run_edits(ids_b[r:r + 1], [e._replace(seq=0) for e in rows],
-                                         positions=range(first, ids.shape[1]), reuse_prefix=False)
+                                         positions=read, reuse_prefix=False)
                 base_r = run.base[0 if not reuse_prefix else r]
                 i0 = 0
                 while i0 < len(keys):  # the conditions of one firing: consecutive rows, one edited position
                     p = keys[i0][2]
-                    i1 = i0 + len(conditions)
-                    kl = kl_both(run.logits[i0:i1, p - first:], base_r[p - first:])
+                    i1, k = i0 + len(conditions), int(torch.searchsorted(run.positions, p))
+                    kl = kl_both(run.logits[i0:i1, k:], base_r[k:])  # positions p.. (all, or p and the last)
                     for n, (j, cond, _) in enumerate(keys[i0:i1]):
                         for d in directions:
                             x = kl[d][n]
-                            done[(j, d, cond)] = dict(next=float(x[0]), final=float(x[-1]), mean=float(x.mean()))
+                            done[(j, d, cond)] = {rd: float(x[0] if rd == "next" else x[-1] if rd == "final"
+                                                            else x.mean()) for rd in reads}
                     i0 = i1
             if progress:
                 print(f"substitution: sequence {s} done ({len(per_site)}/{len(sites)} firings)")

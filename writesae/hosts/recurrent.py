@@ -87,12 +87,14 @@ class RecurrentHost:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------- the engine
-    def _run(self, stream, start, first_layer, states, edits=None, record=None, keep_inputs=False):
+    def _run(self, stream, start, first_layer, states, edits=None, record=None, keep_inputs=False, read=None):
         """Run layers first_layer.. on ``stream`` (the input of layer first_layer at positions
         start..start+T-1) from per-layer states. edits / record: ``{layer: {step: [...]}}`` / ``{layer: steps}``.
+        read: the steps (an index tensor or a slice of 0..T-1) whose logits to compute (default all): the
+        read-out costs about as much as a few layers per position, so a caller reading a few positions says so.
 
-        Returns (logits, new_states, layer_inputs {layer: stream}, {layer: LayerOut} of recorded layers,
-        final residual)."""
+        Returns (logits at ``read``, new_states, layer_inputs {layer: stream}, {layer: LayerOut} of recorded
+        layers, final residual (every position))."""
         ctx = self._context(stream, start)
         new_states, inputs, recorded = dict(states), {}, {}
         for i in range(first_layer, len(self.layers)):
@@ -104,7 +106,8 @@ class RecurrentHost:
             if rec:
                 recorded[i] = out
         residual = self._residual(stream)
-        return self.unembed(residual).float(), new_states, inputs, recorded, residual
+        logits = self.unembed(residual if read is None else residual[:, read]).float()
+        return logits, new_states, inputs, recorded, residual
 
     def _positions(self, positions, T, what="positions"):
         """Sorted unique positions in 0..T-1; negative ones count from the end, as in Python."""
@@ -292,6 +295,7 @@ class RecurrentHost:
         starts = torch.tensor([min(e.pos for e in r) for r in rows], dtype=torch.long)
         seqs = torch.tensor([r[0].seq for r in rows], dtype=torch.long)
         if not reuse_prefix:
+            # the release's method: a full forward (every position read out) per row
             base = self._run(self._embed(input_ids), 0, 0, {})[0][:, positions].cpu()
             outs = []
             for r in tqdm(rows, disable=not progress, desc="naive edited runs"):
@@ -319,13 +323,13 @@ class RecurrentHost:
             l0 = min(e.layer for j in idx for e in rows[j])
             stream, states = pre.start(s, p, l0, len(idx))
             ed = self._edits_by_layer([(n, e) for n, j in enumerate(idx) for e in rows[j]], offset=p)
-            lg = self._run(stream, p, l0, states, edits=ed)[0]
             k0 = int(torch.searchsorted(positions, p))  # positions are sorted: those before p are unedited
-            at = positions[k0:] - p
+            at = positions[k0:] - p  # only these are read out; a contiguous run is a view, not a gather
+            read = slice(int(at[0]), int(at[-1]) + 1) if len(at) and int(at[-1] - at[0]) == len(at) - 1 else at
+            lg = self._run(stream, p, l0, states, edits=ed, read=read)[0]
             rows_ = torch.tensor(idx)
             out[rows_, :k0] = base[s, :k0]
-            out[rows_, k0:] = (lg[:, int(at[0]):int(at[-1]) + 1] if len(at) and int(at[-1] - at[0]) == len(at) - 1
-                               else lg[:, at]).cpu()  # a contiguous run of positions is a view, not a gather
+            out[rows_, k0:] = lg.cpu()
         return EditRun(out, starts, positions, base, seqs)
 
     @torch.no_grad()
@@ -350,7 +354,7 @@ class RecurrentHost:
         start = T if steer is None else T - 1  # with steer the last prompt position is a step like the others
         states, logits = {}, None
         if start:
-            logits, states, _, _, _ = self._run(self._embed(ids[:, :start]), 0, 0, {},
+            logits, states, _, _, _ = self._run(self._embed(ids[:, :start]), 0, 0, {}, read=slice(-1, None),
                                                 edits=self._edits_by_layer([x for x in rows if x[1].pos < start]))
         for p in range(start, T + max_new_tokens - 1):
             if p >= T:
