@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from writesae.data import ShardWriter, TensorStates
 from writesae.experiments.ground_truth import planted, recovery
 from writesae.sae import SAEConfig, WriteSAE, convert_reference_checkpoint
+from writesae import train as T
 from writesae.train import TIMING_KEYS, evaluate_sae, lr_at, read_log, train_on_tensors, train_sae
 
 DK, DV, N = 6, 5, 40
@@ -353,7 +354,7 @@ def test_resume_equals_straight_run(tmp_path, monkeypatch):
         train_on_tensors(S, cfg, tmp_path / "b", **{**kw, "lr": 1e-3})
 
 
-def test_train_sae_on_disk(tmp_path):
+def test_train_sae_on_disk(tmp_path, monkeypatch):
     S, _ = planted(n=640, d=6)
     w = ShardWriter(tmp_path / "states", {"params": {"model": "planted"}}, ["L0H1"], 6, 6)
     for i in range(4):
@@ -377,6 +378,14 @@ def test_train_sae_on_disk(tmp_path):
 
     tr = StateDataset(tmp_path / "states", "L0H1", "train", seed=0)
     torch.testing.assert_close(back.mean, tr.compute_mean())
+    # the states were read into memory (they fit): streamed from the shards instead, the same run bit for bit
+    assert isinstance(tr.in_memory(), TensorStates) and torch.equal(tr.in_memory().data, tr.states(np.arange(len(tr))))
+    monkeypatch.setattr(T, "IN_MEMORY_BYTES", 0)
+    streamed = train_sae(tmp_path / "states", (0, 1), cfg, tmp_path / "sae2", epochs=4, batch_size=64, lr=3e-3, warmup=5,
+                         progress=False)
+    for k, t in res.sae.state_dict().items():
+        assert torch.equal(t, streamed.sae.state_dict()[k]), k
+    assert streamed.log == res.log
 
 
 def test_training_does_not_depend_on_the_state_scale():

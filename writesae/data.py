@@ -436,6 +436,12 @@ class StateDataset:
         out = self._gather(field, self.indices[pos])
         return out[0] if scalar else out
 
+    def in_memory(self) -> "TensorStates":
+        """This split's states read once into memory (float32, ``4 d_k d_v`` bytes per state), as
+        :class:`TensorStates`: the same rows in the same order, so batches drawn with the same seed are
+        identical, each one an index into memory instead of reads from every shard it touches."""
+        return TensorStates(self.states(np.arange(len(self))), self.mean, self.cell)
+
     def meta(self) -> dict[str, np.ndarray]:
         """Per-state metadata of this split, aligned with its positions: token_ids, seq_ids,
         positions (int64), a, b (float32, this cell) and ``index`` (global row in the dataset)."""

@@ -43,6 +43,9 @@ STATS_SAMPLE = 16384
 VAL_SAMPLE = 8192
 """Periodic validation (picking the best checkpoint) reads at most this many validation states (a fixed
 seeded sample); the final metrics are over the whole validation split."""
+IN_MEMORY_BYTES = 1 << 30
+"""``train_sae`` reads a cell's states into memory (float32) when both splits fit in this many bytes (the
+book's datasets: ~64 MiB); larger ones stream from the shards batch by batch. Same batches either way."""
 TIMING_KEYS = ("seconds", "steps_per_s", "samples_per_s")
 """Throughput entries of the result metrics (they vary from run to run; everything else is reproducible)."""
 
@@ -607,6 +610,8 @@ def train_sae(
     train = StateDataset(data_dir, key, "train", seed=seed, val_frac=val_frac)
     val = StateDataset(data_dir, key, "val", seed=seed, val_frac=val_frac)
     man = train.manifest
+    if 4 * train.d_k * train.d_v * (len(train) + len(val)) <= IN_MEMORY_BYTES:  # the same batches, read from memory
+        train, val = train.in_memory(), val.in_memory()
     model = man.get("model") or (man.get("params") or {}).get("model")
     info = {"cell": key, "model": model, "data_dir": str(Path(data_dir).resolve()), "val_frac": val_frac}
     sae = WriteSAE(cfg, device=device, seed=seed)
