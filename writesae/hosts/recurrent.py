@@ -314,7 +314,10 @@ class RecurrentHost:
             if low < pre.from_layer:
                 raise ValueError(f"prefix= keeps states from layer {pre.from_layer} on, but an edit is on layer {low}: "
                                  f"build it with host.prefix(..., from_layer={low})")
-        base = pre.logits[:, positions].cpu()
+        contiguous = len(positions) and int(positions[-1] - positions[0]) == len(positions) - 1
+        # a contiguous run of positions is a view of the prefix's logits, not a copy of every sequence's
+        base = pre.logits[:, int(positions[0]):int(positions[-1]) + 1] if contiguous else pre.logits[:, positions]
+        base = base.cpu()
         out = torch.empty(len(rows), *base.shape[1:], dtype=base.dtype)
         groups = defaultdict(list)
         for j, r in enumerate(rows):
@@ -327,9 +330,16 @@ class RecurrentHost:
             at = positions[k0:] - p  # only these are read out; a contiguous run is a view, not a gather
             read = slice(int(at[0]), int(at[-1]) + 1) if len(at) and int(at[-1] - at[0]) == len(at) - 1 else at
             lg = self._run(stream, p, l0, states, edits=ed, read=read)[0]
-            rows_ = torch.tensor(idx)
-            out[rows_, :k0] = base[s, :k0]
-            out[rows_, k0:] = lg.cpu()
+            # the group's rows: a slice when consecutive (the usual case; an index_put into the large output
+            # costs as much as a few layers), else gathered
+            if idx == list(range(idx[0], idx[0] + len(idx))):
+                dst = out[idx[0]:idx[0] + len(idx)]
+                dst[:, :k0] = base[s, :k0]
+                dst[:, k0:] = lg
+            else:
+                rows_ = torch.tensor(idx)
+                out[rows_, :k0] = base[s, :k0]
+                out[rows_, k0:] = lg.cpu()
         return EditRun(out, starts, positions, base, seqs)
 
     @torch.no_grad()
