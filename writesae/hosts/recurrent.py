@@ -330,12 +330,12 @@ class RecurrentHost:
             at = positions[k0:] - p  # only these are read out; a contiguous run is a view, not a gather
             read = slice(int(at[0]), int(at[-1]) + 1) if len(at) and int(at[-1] - at[0]) == len(at) - 1 else at
             lg = self._run(stream, p, l0, states, edits=ed, read=read)[0]
-            # the group's rows: a slice when consecutive (the usual case; an index_put into the large output
+            # the group's rows: a slice when consecutive (the substitution's: an index_put into the large output
             # costs as much as a few layers), else gathered
             if idx == list(range(idx[0], idx[0] + len(idx))):
                 dst = out[idx[0]:idx[0] + len(idx)]
                 dst[:, :k0] = base[s, :k0]
-                dst[:, k0:] = lg
+                dst[:, k0:] = lg.cpu()
             else:
                 rows_ = torch.tensor(idx)
                 out[rows_, :k0] = base[s, :k0]
