@@ -155,11 +155,9 @@ def record(host, sae, input_ids, split=None, *, key="ce_recovered", progress=Tru
     stored = lambda: json.loads(cfg_json.read_text()).get("metrics") or {}  # noqa: E731
     # another process may be recording into the same cfg.json: decide, compute and write under its lock
     with computing(sae.path, lambda: (stored().get(key) or {}).get("params") == params) as todo:
-        metrics = {**(sae.info.get("metrics") or {}), **stored()}
+        metrics = sae.info["metrics"] = {**(sae.info.get("metrics") or {}), **stored()}
         if todo:
             metrics[key] = {**ce_losses(host, {cell_tuple(sae.info["cell"]): sae}, ids, split, progress=progress,
                                         **kw), "params": params}
-        sae.info["metrics"] = metrics
-        if todo:
             sae.save(sae.path)
     return metrics[key]

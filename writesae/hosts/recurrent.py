@@ -48,6 +48,13 @@ def tail(window, n):
     return F.pad(w, (0, 0) * (w.ndim - 2) + (n - w.shape[1], 0)) if w.shape[1] < n else w
 
 
+def as_slice(idx):
+    """Sorted unique indices (a list or a 1-D tensor) as a slice when they are a contiguous run, else as a
+    tensor: indexing with a slice is a view (a plain copy on assignment), with a tensor a gather (an index_put)."""
+    idx = torch.as_tensor(idx, dtype=torch.long)
+    return slice(int(idx[0]), int(idx[-1]) + 1) if len(idx) and int(idx[-1] - idx[0]) == len(idx) - 1 else idx
+
+
 def grow(state, i, new):
     """Window ``i`` of ``state`` (or nothing) followed by ``new`` ``(B, T, ...)``: the window after the call."""
     return new if state is None else torch.cat([state.windows[i].to(new), new], 1)
@@ -314,10 +321,7 @@ class RecurrentHost:
             if low < pre.from_layer:
                 raise ValueError(f"prefix= keeps states from layer {pre.from_layer} on, but an edit is on layer {low}: "
                                  f"build it with host.prefix(..., from_layer={low})")
-        contiguous = len(positions) and int(positions[-1] - positions[0]) == len(positions) - 1
-        # a contiguous run of positions is a view of the prefix's logits, not a copy of every sequence's
-        base = pre.logits[:, int(positions[0]):int(positions[-1]) + 1] if contiguous else pre.logits[:, positions]
-        base = base.cpu()
+        base = pre.logits[:, as_slice(positions)].cpu()  # a contiguous run of positions: a view, not a copy
         out = torch.empty(len(rows), *base.shape[1:], dtype=base.dtype)
         groups = defaultdict(list)
         for j, r in enumerate(rows):
@@ -327,19 +331,12 @@ class RecurrentHost:
             stream, states = pre.start(s, p, l0, len(idx))
             ed = self._edits_by_layer([(n, e) for n, j in enumerate(idx) for e in rows[j]], offset=p)
             k0 = int(torch.searchsorted(positions, p))  # positions are sorted: those before p are unedited
-            at = positions[k0:] - p  # only these are read out; a contiguous run is a view, not a gather
-            read = slice(int(at[0]), int(at[-1]) + 1) if len(at) and int(at[-1] - at[0]) == len(at) - 1 else at
-            lg = self._run(stream, p, l0, states, edits=ed, read=read)[0]
-            # the group's rows: a slice when consecutive (the substitution's: an index_put into the large output
-            # costs as much as a few layers), else gathered
-            if idx == list(range(idx[0], idx[0] + len(idx))):
-                dst = out[idx[0]:idx[0] + len(idx)]
-                dst[:, :k0] = base[s, :k0]
-                dst[:, k0:] = lg.cpu()
-            else:
-                rows_ = torch.tensor(idx)
-                out[rows_, :k0] = base[s, :k0]
-                out[rows_, k0:] = lg.cpu()
+            lg = self._run(stream, p, l0, states, edits=ed, read=as_slice(positions[k0:] - p))[0]  # only these
+            # consecutive rows (the substitution's) are written through a slice: an index_put into the large
+            # output costs as much as a few layers
+            rows_ = as_slice(idx)
+            out[rows_, :k0] = base[s, :k0]
+            out[rows_, k0:] = lg.cpu()
         return EditRun(out, starts, positions, base, seqs)
 
     @torch.no_grad()
