@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from .runtime import keep_freed_memory
+
 
 def _cells(spec, host):
     """"L1H4,L9H4" | "all" -> [(1, 4), (9, 4)]."""
@@ -193,6 +195,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         _threads(a.threads)
+        keep_freed_memory()
         rc = a.fn(a)
     except (ValueError, FileNotFoundError, RuntimeError) as err:  # ValueError includes writesae's CorruptFileError
         print(f"writesae {a.cmd}: {err}", file=sys.stderr)

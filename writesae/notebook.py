@@ -129,14 +129,16 @@ def glue_all(values: dict) -> None:
 
 def setup(namespace):
     """The section of a chapter notebook (a :class:`writesae.experiments.section.Section`) from its parameters
-    (its ``globals()`` after :func:`check_parameters`): seeds torch, sets its CPU threads, loads the host and
-    prints one line saying what the page runs on."""
+    (its ``globals()`` after :func:`check_parameters`): seeds torch, sets its CPU threads, keeps freed memory for
+    reuse (:mod:`writesae.runtime`), loads the host and prints one line saying what the page runs on."""
     import torch
 
     from . import pipeline
     from .experiments.section import Section
+    from .runtime import keep_freed_memory
 
     p = namespace
+    keep_freed_memory()
     torch.manual_seed(p["seed"])
     if p.get("threads"):
         torch.set_num_threads(p["threads"])

@@ -197,12 +197,28 @@ class _Selected(torch.autograd.Function):
         else:  # d pre / d v = X w, d pre / d w = X^T v, for the selected (b, i) pairs
             V, W = enc
             r, dk, dv = V.shape[1], V.shape[2], W.shape[2]
-            XW = (x @ W[idx].reshape(B, m * r, dv).mT).mT.reshape(B * m, r, dk)
-            XtV = (x.mT @ V[idx].reshape(B, m * r, dk).mT).mT.reshape(B * m, r, dv)
+            XW = (x @ _gather(W, idx).reshape(B, m * r, dv).mT).mT.reshape(B * m, r, dk)
+            XtV = (x.mT @ _gather(V, idx).reshape(B, m * r, dk).mT).mT.reshape(B * m, r, dv)
             ga = g.reshape(B * m, 1, 1)
             grads = (V.new_zeros(V.shape).index_add_(0, at, ga * XW), W.new_zeros(W.shape).index_add_(0, at, ga * XtV))
         gb = g.new_zeros(n).index_add_(0, at, g.reshape(-1)) if ctx.has_b else None
         return (None, None, gb, None, *grads)
+
+
+def _outer(V: Tensor, W: Tensor) -> Tensor:
+    """sum_r v_r w_r^T as (n, d_k, d_v) from factors V (n, r, d_k), W (n, r, d_v). Rank 1 without a gradient (the
+    TopK encoder's selection, atoms): by broadcasting, the same values as the batched matmul (one product per entry)
+    several times faster than n tiny GEMMs. Where a gradient flows the batched matmul stays: its backward sums in
+    another order than the broadcast's, and trained weights would change in the last bits."""
+    if V.shape[1] == 1 and not (torch.is_grad_enabled() and (V.requires_grad or W.requires_grad)):
+        return V[:, 0, :, None] * W[:, 0, None, :]
+    return V.mT @ W
+
+
+def _gather(P: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``P[idx]`` (idx of any shape): index_select on the flattened indices, the same values and gradient as
+    advanced indexing at a fraction of its cost (index_add_ instead of an accumulating index_put_ backward)."""
+    return P.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *P.shape[1:])
 
 
 def _compact(acts: Tensor) -> tuple[Tensor, Tensor]:
@@ -236,7 +252,7 @@ class WriteSAE(nn.Module):
         self.enc_v = self.enc_w = self.W_enc = self.dec_v = self.dec_w = self.W_dec = None
         self.b_enc = self.b_dec = self.log_threshold = None
         v, w = unit(n, r, dk), unit(n, r, dv)
-        outer = (v.mT @ w).reshape(n, -1)  # (n, d_in): atoms of the random factors
+        outer = _outer(v, w).reshape(n, -1)  # (n, d_in): atoms of the random factors
         # Decoder; encoders start as the transpose of the decoder (Gao et al. 2024).
         if cfg.variant in _DENSE_DECODER:
             self.W_dec = param(F.normalize(outer if cfg.variant == "bilinear_flat" else unit(n, dk * dv), dim=-1))
@@ -337,7 +353,7 @@ class WriteSAE(nn.Module):
             sel = self._check_indices(torch.as_tensor(indices, device=self.device, dtype=torch.long))
         if self.W_dec is not None:
             return self.W_dec[sel].reshape(-1, self.cfg.d_k, self.cfg.d_v)
-        return self.dec_v[sel].mT @ self.dec_w[sel]
+        return _outer(self.dec_v[sel], self.dec_w[sel])
 
     def atom(self, i: int) -> Tensor:
         """Decoder atom A_i, a (d_k, d_v) matrix."""
@@ -354,7 +370,7 @@ class WriteSAE(nn.Module):
             n, r = V.shape[:2]
             if dv <= B * r:
                 # Materialise the n encoder atoms (n x d_in, independent of B): one GEMM.
-                pre = x.reshape(B, -1) @ (V.mT @ W).reshape(n, -1).T
+                pre = x.reshape(B, -1) @ _outer(V, W).reshape(n, -1).T
             else:
                 # Small batch: v^T (X w) for all atoms via X @ W^T, (B, d_k, n r) intermediate.
                 Y = x @ W.reshape(n * r, dv).T
@@ -422,8 +438,8 @@ class WriteSAE(nn.Module):
             return out.reshape(B, dk, dv)
         # Gather the k active factor pairs, one batched matmul: (B, d_k, k r) @ (B, k r, d_v).
         kr = idx.shape[1] * self.cfg.rank
-        Vg = (self.dec_v[idx] * acts[..., None, None]).reshape(B, kr, dk)
-        Wg = self.dec_w[idx].reshape(B, kr, dv)
+        Vg = (_gather(self.dec_v, idx) * acts[..., None, None]).reshape(B, kr, dk)
+        Wg = _gather(self.dec_w, idx).reshape(B, kr, dv)
         return Vg.mT @ Wg
 
     def decode(self, top_acts: Tensor, top_indices: Tensor) -> Tensor:
@@ -454,10 +470,12 @@ class WriteSAE(nn.Module):
         rec = self._combine(acts, idx)
         if self.b_dec is not None:
             rec = rec + self.b_dec
-        e = x - rec
-        mse = e.pow(2).mean()
-        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
-        fvu = e.pow(2).sum() / total_var
+        neg_e = rec - x  # the error's negative: its square's backward needs no negation (the same values)
+        e2 = neg_e.pow(2)
+        mse = e2.mean()
+        with torch.no_grad():
+            total_var = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
+            fvu = e2.sum() / total_var
         auxk = pre.new_zeros(())
         if dead_mask is not None and self.cfg.k_aux > 0 and (n_dead := int(dead_mask.sum())) > 0:
             k_aux = min(self.cfg.k_aux, n_dead)
@@ -465,7 +483,7 @@ class WriteSAE(nn.Module):
             if selected:
                 aux_vals = _Selected.apply(aux_vals, x, self.b_enc, aux_idx, *enc)
             e_hat = self._combine(F.relu(aux_vals), aux_idx)
-            auxk = (e_hat - e.detach()).pow(2).mean()
+            auxk = (e_hat + neg_e.detach()).pow(2).mean()
         l0 = (acts > 0).sum(-1).to(x.dtype).mean()
         loss = mse + self.cfg.lambda_aux * auxk + sparsity_loss
         return ForwardOutput(rec * self.scale + self.mean, acts * self.scale, idx, mse, fvu, auxk, sparsity_loss, loss, l0)
