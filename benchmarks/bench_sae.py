@@ -1,9 +1,10 @@
 """Training throughput of WriteSAE: sparse vs dense decode, and vs FlatSAE.
 
-    python benchmarks/bench_sae.py [--sizes 64 128] [--batch 256] [--steps 3] [--device cpu] [--threads N]
+    python benchmarks/bench_sae.py [--sizes 64 128 | --book] [--batch 256] [--steps 3] [--device cpu] [--threads N]
 
-For each state size (d_k = d_v) it times full training steps (forward, AuxK off, backward, Adam)
-of four models at n_feat = 2048, k = 32:
+For each state size (d_k = d_v; ``--book``: the sizes and n_feat, k the book trains, ``BOOK_SIZES``) it times full
+training steps (forward, AuxK off, backward, Adam) of four models at n_feat = 2048, k = 32 (``--n-feat``, ``-k``,
+``--batch``):
 
     bilinear/sparse      WriteSAE as trained (the defaults): the decoder gathers the k active factor
                          pairs; the encoder's gradient goes through the k selected pre-activations only
@@ -25,9 +26,9 @@ All variants are checked equal (reconstruction and every gradient) before timing
 The bound assumes both decoders run at the same FLOP efficiency; the dense one also writes the
 (n, d) atom matrix and the dense code, so on a memory-starved machine it can exceed the bound.
 
-On a shared CPU, ``--threads 1`` avoids thread oversubscription (which can cost 5x here), and
-large fresh allocations pay page faults each step unless glibc keeps them, e.g.
-``MALLOC_MMAP_THRESHOLD_=1000000000000 MALLOC_TRIM_THRESHOLD_=1000000000000``.
+On a shared CPU, ``--threads 1`` avoids thread oversubscription (which can cost 5x here). The benchmark keeps
+freed memory in the process (``writesae.runtime.keep_freed_memory``, as the notebooks and the command line do), so
+a step's large allocations are not faulted in afresh every step.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import time
 
 import torch
 
+from writesae.runtime import keep_freed_memory
 from writesae.sae import SAEConfig, WriteSAE
 
 
@@ -85,11 +87,11 @@ def matmul_peak(B: int, n: int, d: int, device, reps: int = 3) -> float:
     return 2 * B * n * d / best
 
 
-def check_equal(d: int, n: int, k: int, B: int, device) -> float:
+def check_equal(dk: int, dv: int, n: int, k: int, B: int, device) -> float:
     """Max relative difference between the sparse and dense methods' reconstructions and gradients."""
-    cfg = SAEConfig("bilinear", d, d, n_feat=n, k=k)
+    cfg = SAEConfig("bilinear", dk, dv, n_feat=n, k=k)
     sae = WriteSAE(cfg, device=device, seed=1)
-    S = torch.randn(B, d, d, device=device)
+    S = torch.randn(B, dk, dv, device=device)
     dead = torch.zeros(n, dtype=torch.bool, device=device)
     dead[::2] = True  # exercise the AuxK decode too
     worst = 0.0
@@ -107,9 +109,44 @@ def check_equal(d: int, n: int, k: int, B: int, device) -> float:
     return worst
 
 
+# (d_k, d_v, n_feat, k, batch) of the SAEs the book trains on this CPU: chapters 01-07 (the embedded model's 32 x 32
+# heads), chapter 08's zoo at its batch of 32 (Qwen3.5 / Mamba-2 32 x 32, GLA 32 x 64, DeltaNet / RWKV-7 64 x 64; its
+# DeltaNet k sweep at n_feat 256)
+BOOK_SIZES = [(32, 32, 1024, 16, 256), (32, 32, 128, 8, 32), (32, 64, 128, 8, 32), (64, 64, 128, 8, 32),
+              (64, 64, 256, 32, 32)]
+
+
+def bench_size(dk: int, dv: int, n: int, k: int, B: int, steps: int, dev) -> None:
+    """Time the four methods on (d_k, d_v) states at n_feat n, k; print each against its limit."""
+    d = dk * dv
+    diff = check_equal(dk, dv, n, k, 16, dev)
+    peak = matmul_peak(B, n, d, dev)
+    S = torch.randn(B, dk, dv, device=dev).to(torch.bfloat16).float()
+    print(f"\n{dk}x{dv} states, n_feat {n}, k {k}, batch {B}: sparse == dense methods (max rel diff {diff:.1e}); "
+          f"dense fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
+    rows = {}
+    for name, variant, sparse, sparse_grad in [
+            ("bilinear/sparse", "bilinear", True, True), ("bilinear/dense-grad", "bilinear", True, False),
+            ("bilinear/dense", "bilinear", False, False), ("flat/sparse", "flat", True, True)]:  # fmt: skip
+        cfg = SAEConfig(variant, dk, dv, n_feat=n, k=k, sparse_decode=sparse, sparse_encoder_grad=sparse_grad)
+        t = time_steps(cfg, S, steps, dev)
+        flops = step_flops(sparse, sparse_grad, B, n, k, d, flat=variant == "flat")
+        rows[name] = t
+        print(f"  {name:20s} {B / t:9.0f} states/s  {t * 1e3:8.1f} ms/step  "
+              f"{flops / t / 1e9:7.1f} GFLOP/s = {flops / t / peak:5.1%} of matmul peak")  # fmt: skip
+    dec_bound = step_flops(False, False, B, n, k, 1) / step_flops(True, False, B, n, k, 1)
+    grad_bound = step_flops(True, False, B, n, k, 1) / step_flops(True, True, B, n, k, 1)
+    dec = rows["bilinear/dense"] / rows["bilinear/dense-grad"]
+    grad = rows["bilinear/dense-grad"] / rows["bilinear/sparse"]
+    print(f"  sparse/dense decode {dec:.2f}x (FLOP bound {dec_bound:.2f}x; {dec / dec_bound:.0%} of it); "
+          f"selected/dense encoder gradient {grad:.2f}x (bound {grad_bound:.2f}x; {grad / grad_bound:.0%}); "
+          f"WriteSAE vs FlatSAE {rows['flat/sparse'] / rows['bilinear/sparse']:.2f}x")  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128], help="square states d_k = d_v = size")
+    ap.add_argument("--book", action="store_true", help="the sizes the book trains (BOOK_SIZES) instead")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--n-feat", type=int, default=2048)
     ap.add_argument("-k", type=int, default=32)
@@ -117,35 +154,14 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
-    B, n, k, dev = args.batch, args.n_feat, args.k, args.device
-    print(f"device {dev}, torch {torch.__version__}, threads {torch.get_num_threads()}, batch {B}, n_feat {n}, k {k}, "
+    print(f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"median of {args.steps} training steps")  # fmt: skip
-    dec_bound = step_flops(False, False, B, n, k, 1) / step_flops(True, False, B, n, k, 1)
-    grad_bound = step_flops(True, False, B, n, k, 1) / step_flops(True, True, B, n, k, 1)
-    for size in args.sizes:
-        d = size * size
-        diff = check_equal(size, n, k, 16, dev)
-        peak = matmul_peak(B, n, d, dev)
-        S = torch.randn(B, size, size, device=dev).to(torch.bfloat16).float()
-        print(f"\n{size}x{size} states: sparse == dense methods (max rel diff {diff:.1e}); "
-              f"dense fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")  # fmt: skip
-        rows = {}
-        for name, variant, sparse, sparse_grad in [
-                ("bilinear/sparse", "bilinear", True, True), ("bilinear/dense-grad", "bilinear", True, False),
-                ("bilinear/dense", "bilinear", False, False), ("flat/sparse", "flat", True, True)]:  # fmt: skip
-            cfg = SAEConfig(variant, size, size, n_feat=n, k=k, sparse_decode=sparse, sparse_encoder_grad=sparse_grad)
-            t = time_steps(cfg, S, args.steps, dev)
-            flops = step_flops(sparse, sparse_grad, B, n, k, d, flat=variant == "flat")
-            rows[name] = t
-            print(f"  {name:20s} {B / t:9.0f} states/s  {t * 1e3:8.1f} ms/step  "
-                  f"{flops / t / 1e9:7.1f} GFLOP/s = {flops / t / peak:5.1%} of matmul peak")  # fmt: skip
-        dec = rows["bilinear/dense"] / rows["bilinear/dense-grad"]
-        grad = rows["bilinear/dense-grad"] / rows["bilinear/sparse"]
-        print(f"  sparse/dense decode {dec:.2f}x (FLOP bound {dec_bound:.2f}x; {dec / dec_bound:.0%} of it); "
-              f"selected/dense encoder gradient {grad:.2f}x (bound {grad_bound:.2f}x; {grad / grad_bound:.0%}); "
-              f"WriteSAE vs FlatSAE {rows['flat/sparse'] / rows['bilinear/sparse']:.2f}x")  # fmt: skip
+    sizes = BOOK_SIZES if args.book else [(s, s, args.n_feat, args.k, args.batch) for s in args.sizes]
+    for dk, dv, n, k, B in sizes:
+        bench_size(dk, dv, n, k, B, args.steps, args.device)
 
 
 if __name__ == "__main__":

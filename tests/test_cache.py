@@ -135,3 +135,32 @@ def test_two_processes_compute_an_artifact_once(tmp_path):
     assert got[0] == got[1] == [int(log.read_text())]
     n, sec = cache.seconds_by_kind(tmp_path)["res"]  # the computation's own time, recorded once
     assert n == 1 and 1.0 <= sec < 5.0
+
+
+def test_busy_while_an_artifact_is_being_computed(tmp_path):
+    d = tmp_path / "a"
+    assert not cache.busy(d)  # no folder, no lock
+    with cache.computing(d, lambda: False) as todo:
+        assert todo and cache.busy(d)  # flock: another open of the lock file conflicts, as another process's does
+    assert not cache.busy(d)
+
+
+def test_saes_trains_the_one_another_process_is_training_last(tmp_path, monkeypatch):
+    from writesae import pipeline
+
+    class Host:
+        def cell(self, layer, head):
+            return layer, head
+
+    cells = [(1, 0), (2, 0), (3, 0)]
+    dirs = {c: tmp_path / f"L{c[0]}H{c[1]}" for c in cells}
+    monkeypatch.setattr(pipeline, "_sae_key", lambda h, c, **kw: (dirs[tuple(c)], None, None))
+    trained = []
+    monkeypatch.setattr(pipeline, "sae", lambda h, c, **kw: trained.append(c) or f"SAE {c}")
+    with cache.computing(dirs[(1, 0)], lambda: False):  # another notebook is training (1, 0)'s SAE
+        got = pipeline.saes(Host(), cells, data={})
+    assert trained == [(2, 0), (3, 0), (1, 0)]
+    assert list(got) == cells and got[(1, 0)] == "SAE (1, 0)"
+    trained.clear()
+    pipeline.saes(Host(), cells, data={})  # nothing busy: the given order
+    assert trained == cells

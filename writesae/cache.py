@@ -200,6 +200,25 @@ def computing(d, done: Callable[[], bool]) -> Iterator[bool]:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def busy(d) -> bool:
+    """Whether another process is computing artifact folder ``d`` right now (holds its :func:`computing` lock);
+    False where there is no lock (Windows). For ordering work only: the answer may change at once."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        return False
+    lock = Path(d) / ".lock"
+    if not lock.exists():
+        return False
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
 def seconds_by_kind(root=None) -> dict[str, tuple[int, float]]:
     """{kind: (artifacts computed, seconds)} from the ``seconds.json`` that :func:`computing` leaves, most
     seconds first: where a build's compute time went, waits for other processes excluded."""

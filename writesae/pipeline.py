@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .cache import artifact_dir, atomic_write, computing, write_text
+from .cache import artifact_dir, atomic_write, busy, computing, write_text
 from .extract import embedded_text, extract, token_windows
 from .hosts import load_host
 from .sae import SAEConfig, WriteSAE
@@ -60,13 +60,9 @@ def states(h, cells, *, text="train", window=128, n_windows=256, positions_per_s
     return d
 
 
-def sae(h, cell, *, variant="bilinear", n_feat=2048, k=32, activation="topk", rank=1, epochs=20,
-        batch_size=256, lr=3e-4, seed=0, data=None, root=None, progress=True, **options):
-    """The best checkpoint of an SAE on ``cell`` trained on ``data`` (a dict of :func:`states` kwargs).
-    ``options``: further :class:`SAEConfig` fields (e.g. JumpReLU's ``l0_coeff``, ``jumprelu_init_threshold``),
-    part of the cache key only when given.
-
-    Training metrics (validation MSE, FVU, L0, alive/dead) are in ``sae.info["metrics"]``."""
+def _sae_key(h, cell, *, variant="bilinear", n_feat=2048, k=32, activation="topk", rank=1, epochs=20,
+             batch_size=256, lr=3e-4, seed=0, data=None, root=None, progress=True, **options):
+    """(cache folder, states folder, training arguments) of :func:`sae`'s SAE; extracts the states if missing."""
     bad = sorted(set(options) - set(SAEConfig.__dataclass_fields__))
     if bad:
         raise ValueError(f"unknown SAE option(s) {bad}: use fields of writesae.sae.SAEConfig")
@@ -75,16 +71,26 @@ def sae(h, cell, *, variant="bilinear", n_feat=2048, k=32, activation="topk", ra
     d_states = states(h, data.pop("cells", [[layer, head]]), root=root, progress=progress, **data)
     params = dict(trainer=TRAINER_VERSION, model=h.name, cell=[layer, head], variant=variant, n_feat=n_feat, k=k, activation=activation,
                   rank=rank, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, states=d_states.name, **options)
-    d = artifact_dir("sae", params, root)
+    cfg = dict(variant=variant, d_k=h.d_k, d_v=h.d_v, n_feat=n_feat, k=k, activation=activation, rank=rank, **options)
+    return artifact_dir("sae", params, root), d_states, dict(cell=(layer, head), cfg=cfg, epochs=epochs,
+                                                            batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+
+
+def sae(h, cell, **kw):
+    """The best checkpoint of an SAE on ``cell`` trained on ``data`` (a dict of :func:`states` kwargs).
+    Keywords: variant, n_feat, k, activation, rank, epochs, batch_size, lr, seed, data, root, progress; further
+    :class:`SAEConfig` fields (e.g. JumpReLU's ``l0_coeff``, ``jumprelu_init_threshold``) are part of the cache
+    key only when given.
+
+    Training metrics (validation MSE, FVU, L0, alive/dead) are in ``sae.info["metrics"]``."""
+    d, d_states, a = _sae_key(h, cell, **kw)
     best = d / "best"
     with computing(d, lambda: (best / "cfg.json").exists() and (d / "done").exists()) as todo:
         if todo:
-            cfg = SAEConfig(variant=variant, d_k=h.d_k, d_v=h.d_v, n_feat=n_feat, k=k, activation=activation,
-                            rank=rank, **options)
-            train_sae(d_states, (layer, head), cfg, d, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                      progress=progress)
+            train_sae(d_states, a["cell"], SAEConfig(**a["cfg"]), d, epochs=a["epochs"], batch_size=a["batch_size"],
+                      lr=a["lr"], seed=a["seed"], progress=a["progress"])
             write_text(d / "done", "ok\n")
-    return WriteSAE.load(best, expect_cell=(layer, head), expect_dims=(h.d_k, h.d_v))
+    return WriteSAE.load(best, expect_cell=a["cell"], expect_dims=(h.d_k, h.d_v))
 
 
 def savefig(fig, name, root=None, dpi=120):
@@ -108,5 +114,10 @@ def data_spec(h, cells, *, heads_layer=None, window=128, n_windows=256, position
 
 
 def saes(h, cells, data, **kw):
-    """{(layer, head): SAE} for ``cells``, each trained (once) on the dataset ``data`` (see :func:`sae`)."""
-    return {(int(l), int(hd)): sae(h, (l, hd), data=data, **kw) for l, hd in cells}
+    """{(layer, head): SAE} for ``cells`` (in their order), each trained (once) on the dataset ``data`` (see
+    :func:`sae`). One that another process is training right now (a notebook beside this one in ``writesae
+    book``) is taken last: this process trains the others meanwhile instead of waiting for it."""
+    cells = [tuple(int(x) for x in h.cell(*c)[:2]) for c in cells]
+    busy_now = {c for c in cells if busy(_sae_key(h, c, data=data, **kw)[0])}
+    got = {c: sae(h, c, data=data, **kw) for c in sorted(dict.fromkeys(cells), key=lambda c: c in busy_now)}
+    return {c: got[c] for c in cells}

@@ -118,8 +118,8 @@ class EncoderOutput(NamedTuple):
 
 
 class ForwardOutput(NamedTuple):
-    recon: Tensor
-    """(B, d_k, d_v) reconstructed state S_hat = M + b_dec + sum_i a_i A_i."""
+    recon: Tensor | None
+    """(B, d_k, d_v) reconstructed state S_hat = M + b_dec + sum_i a_i A_i (None when called with recon=False)."""
     top_acts: Tensor
     """(B, k) activations of the active atoms (BatchTopK/JumpReLU: width = most active in a row,
     zero-padded)."""
@@ -219,6 +219,27 @@ def _gather(P: Tensor, idx: Tensor) -> Tensor:
     """Rows ``P[idx]`` (idx of any shape): index_select on the flattened indices, the same values and gradient as
     advanced indexing at a fraction of its cost (index_add_ instead of an accumulating index_put_ backward)."""
     return P.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *P.shape[1:])
+
+
+class _SquaredError(torch.autograd.Function):
+    """(mean, sum, rec - x) of the squared error of ``rec`` against ``x`` (no gradient to x), the gradient to rec
+    in one pass, (rec - x) * (2 g / N): autograd through ``(rec - x).pow(2).mean()`` spends four passes over the
+    batch on it (the mean's expanded gradient, the power's copy, doubling and product), which at 64 x 64 states
+    cost more than the step's matmuls. The same values and gradient to the bit: doubling is exact, so both round
+    once, the product of the same two numbers."""
+
+    @staticmethod
+    def forward(ctx, rec, x):
+        neg_e = rec - x
+        e2 = neg_e.pow(2)
+        ctx.save_for_backward(neg_e)
+        ctx.mark_non_differentiable(neg_e)
+        return e2.mean(), e2.sum(), neg_e
+
+    @staticmethod
+    def backward(ctx, g, _sum, _neg_e):
+        (neg_e,) = ctx.saved_tensors
+        return neg_e * ((g / neg_e.numel()) * 2), None
 
 
 def _compact(acts: Tensor) -> tuple[Tensor, Tensor]:
@@ -451,11 +472,13 @@ class WriteSAE(nn.Module):
         return out + self.scale * self.b_dec if self.b_dec is not None else out
 
     # -- forward -----------------------------------------------------------------------------
-    def forward(self, S: Tensor, dead_mask: Tensor | None = None) -> ForwardOutput:
+    def forward(self, S: Tensor, dead_mask: Tensor | None = None, recon: bool = True) -> ForwardOutput:
         """Encode and decode states S (B, d_k, d_v); ``dead_mask`` (n_feat,) bool enables AuxK.
 
         ``mse``, ``auxk_loss`` and ``loss`` are in units of the scaled input (S - M) / c (what training
-        optimises); ``recon`` and ``top_acts`` are in state units."""
+        optimises); ``recon`` and ``top_acts`` are in state units. ``recon=False`` leaves the reconstruction in
+        state units out (``recon`` is None): the trainer reads only the losses, and at 64 x 64 states the two passes
+        over the batch that form it are a tenth of a step."""
         x = self._x(S)
         selected = self.cfg.activation == "topk" and self.cfg.sparse_encoder_grad and torch.is_grad_enabled()
         if selected:  # select without autograd (encode()'s values, to the bit), then let the gradient through
@@ -470,12 +493,10 @@ class WriteSAE(nn.Module):
         rec = self._combine(acts, idx)
         if self.b_dec is not None:
             rec = rec + self.b_dec
-        neg_e = rec - x  # the error's negative: its square's backward needs no negation (the same values)
-        e2 = neg_e.pow(2)
-        mse = e2.mean()
+        mse, sq_err, neg_e = _SquaredError.apply(rec, x)
         with torch.no_grad():
-            total_var = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
-            fvu = e2.sum() / total_var
+            total_var = (x.var(0, correction=0).sum() * len(x)).clamp_min(torch.finfo(x.dtype).tiny)
+            fvu = sq_err / total_var
         auxk = pre.new_zeros(())
         if dead_mask is not None and self.cfg.k_aux > 0 and (n_dead := int(dead_mask.sum())) > 0:
             k_aux = min(self.cfg.k_aux, n_dead)
@@ -486,7 +507,8 @@ class WriteSAE(nn.Module):
             auxk = (e_hat + neg_e.detach()).pow(2).mean()
         l0 = (acts > 0).sum(-1).to(x.dtype).mean()
         loss = mse + self.cfg.lambda_aux * auxk + sparsity_loss
-        return ForwardOutput(rec * self.scale + self.mean, acts * self.scale, idx, mse, fvu, auxk, sparsity_loss, loss, l0)
+        out = rec * self.scale + self.mean if recon else None
+        return ForwardOutput(out, acts * self.scale, idx, mse, fvu, auxk, sparsity_loss, loss, l0)
 
     # -- training helpers --------------------------------------------------------------------
     @torch.no_grad()

@@ -479,7 +479,7 @@ def fit(
                 group["lr"] = lr_at(step, total, lr, min_lr, warmup)
             S = S.to(device)
             dead_mask = since_active >= dead_after
-            out = net(S[rank::world] if world > 1 else S, dead_mask=dead_mask)
+            out = net(S[rank::world] if world > 1 else S, dead_mask=dead_mask, recon=False)
             finite &= torch.isfinite(out.loss.detach())
             due = (step + 1) % check_every == 0 or step + 1 == total or (max_steps is not None and step + 1 >= max_steps)
             if due and not _finite(finite, world):

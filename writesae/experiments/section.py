@@ -88,6 +88,13 @@ class Section:
         return pipeline.sae(self.host, tuple(cell or self.cell), n_feat=self.n_feat, k=self.k, epochs=self.epochs,
                             seed=self.seed, data=self.data, root=self.root, progress=self.progress, **kw)
 
+    def saes(self, cells=None, **kw) -> dict:
+        """{(layer, head): SAE} for ``cells`` (default: the section's cells and the headline cell); one that another
+        notebook is training now is taken last (:func:`writesae.pipeline.saes`)."""
+        cells = cells or dict.fromkeys([*self.cells, self.cell])
+        return pipeline.saes(self.host, cells, self.data, n_feat=self.n_feat, k=self.k, epochs=self.epochs,
+                             seed=self.seed, root=self.root, progress=self.progress, **kw)
+
     def describe(self) -> str:
         return (f"{self.host.name}, cell L{self.cell[0]}H{self.cell[1]}\n{self.eval_windows} held-out passages of "
                 f"{self.window} tokens\nSAEs: n_feat = {self.n_feat}, k = {self.k}, {self.epochs} epochs")
