@@ -222,11 +222,11 @@ def _gather(P: Tensor, idx: Tensor) -> Tensor:
 
 
 class _SquaredError(torch.autograd.Function):
-    """(mean, sum, rec - x) of the squared error of ``rec`` against ``x`` (no gradient to x), the gradient to rec
-    in one pass, (rec - x) * (2 g / N): autograd through ``(rec - x).pow(2).mean()`` spends four passes over the
-    batch on it (the mean's expanded gradient, the power's copy, doubling and product), which at 64 x 64 states
-    cost more than the step's matmuls. The same values and gradient to the bit: doubling is exact, so both round
-    once, the product of the same two numbers."""
+    """(mean, sum, rec - x) of the squared error of ``rec`` against ``x``; the gradient to rec in one pass,
+    (rec - x) * (2 g / N), and to x (where asked for) its negative. Autograd through ``(rec - x).pow(2).mean()``
+    spends four passes over the batch on it (the mean's expanded gradient, the power's copy, doubling and product),
+    which at 64 x 64 states cost more than the step's matmuls. The same values and gradient to the bit: doubling
+    is exact, so both round once, the product of the same two numbers."""
 
     @staticmethod
     def forward(ctx, rec, x):
@@ -239,7 +239,8 @@ class _SquaredError(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g, _sum, _neg_e):
         (neg_e,) = ctx.saved_tensors
-        return neg_e * ((g / neg_e.numel()) * 2), None
+        g_rec = neg_e * ((g / neg_e.numel()) * 2)
+        return g_rec, -g_rec if ctx.needs_input_grad[1] else None
 
 
 def _compact(acts: Tensor) -> tuple[Tensor, Tensor]:
