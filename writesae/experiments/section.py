@@ -91,7 +91,7 @@ class Section:
     def saes(self, cells=None, **kw) -> dict:
         """{(layer, head): SAE} for ``cells`` (default: the section's cells and the headline cell); one that another
         notebook is training now is taken last (:func:`writesae.pipeline.saes`)."""
-        cells = cells or dict.fromkeys([*self.cells, self.cell])
+        cells = cells or list(dict.fromkeys([*self.cells, self.cell]))
         return pipeline.saes(self.host, cells, self.data, n_feat=self.n_feat, k=self.k, epochs=self.epochs,
                              seed=self.seed, root=self.root, progress=self.progress, **kw)
 
