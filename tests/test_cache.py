@@ -154,9 +154,9 @@ def test_saes_trains_the_one_another_process_is_training_last(tmp_path, monkeypa
 
     cells = [(1, 0), (2, 0), (3, 0)]
     dirs = {c: tmp_path / f"L{c[0]}H{c[1]}" for c in cells}
-    monkeypatch.setattr(pipeline, "_sae_key", lambda h, c, **kw: (dirs[tuple(c)], None, None))
+    monkeypatch.setattr(pipeline, "_sae_key", lambda h, c, **kw: (dirs[tuple(c)], None, tuple(c)))
     trained = []
-    monkeypatch.setattr(pipeline, "sae", lambda h, c, **kw: trained.append(c) or f"SAE {c}")
+    monkeypatch.setattr(pipeline, "_trained", lambda h, d, d_states, c: trained.append(c) or f"SAE {c}")
     with cache.computing(dirs[(1, 0)], lambda: False):  # another notebook is training (1, 0)'s SAE
         got = pipeline.saes(Host(), cells, data={})
     assert trained == [(2, 0), (3, 0), (1, 0)]

@@ -83,7 +83,11 @@ def sae(h, cell, **kw):
     key only when given.
 
     Training metrics (validation MSE, FVU, L0, alive/dead) are in ``sae.info["metrics"]``."""
-    d, d_states, a = _sae_key(h, cell, **kw)
+    return _trained(h, *_sae_key(h, cell, **kw))
+
+
+def _trained(h, d, d_states, a):
+    """The SAE of cache folder ``d`` (from :func:`_sae_key`), trained first unless it is there."""
     best = d / "best"
     with computing(d, lambda: (best / "cfg.json").exists() and (d / "done").exists()) as todo:
         if todo:
@@ -118,6 +122,6 @@ def saes(h, cells, data, **kw):
     :func:`sae`). One that another process is training right now (a notebook beside this one in ``writesae
     book``) is taken last: this process trains the others meanwhile instead of waiting for it."""
     cells = [tuple(int(x) for x in h.cell(*c)[:2]) for c in cells]
-    busy_now = {c for c in cells if busy(_sae_key(h, c, data=data, **kw)[0])}
-    got = {c: sae(h, c, data=data, **kw) for c in sorted(dict.fromkeys(cells), key=lambda c: c in busy_now)}
+    keys = {c: _sae_key(h, c, data=data, **kw) for c in cells}
+    got = {c: _trained(h, *keys[c]) for c in sorted(keys, key=lambda c: busy(keys[c][0]))}
     return {c: got[c] for c in cells}

@@ -85,15 +85,17 @@ class Section:
 
     def sae(self, cell=None, **kw):
         """The section's SAE on ``cell`` (default: the headline cell); ``kw``: variant, activation, rank, ..."""
-        return pipeline.sae(self.host, tuple(cell or self.cell), n_feat=self.n_feat, k=self.k, epochs=self.epochs,
-                            seed=self.seed, data=self.data, root=self.root, progress=self.progress, **kw)
+        return pipeline.sae(self.host, tuple(cell or self.cell), **self._sae_kw(kw))
 
     def saes(self, cells=None, **kw) -> dict:
         """{(layer, head): SAE} for ``cells`` (default: the section's cells and the headline cell); one that another
         notebook is training now is taken last (:func:`writesae.pipeline.saes`)."""
-        cells = cells or list(dict.fromkeys([*self.cells, self.cell]))
-        return pipeline.saes(self.host, cells, self.data, n_feat=self.n_feat, k=self.k, epochs=self.epochs,
-                             seed=self.seed, root=self.root, progress=self.progress, **kw)
+        return pipeline.saes(self.host, cells or list(dict.fromkeys([*self.cells, self.cell])), **self._sae_kw(kw))
+
+    def _sae_kw(self, kw: dict) -> dict:
+        """The section's SAE keywords (n_feat, k, epochs, seed, its dataset, cache root, progress), ``kw`` added."""
+        return dict(n_feat=self.n_feat, k=self.k, epochs=self.epochs, seed=self.seed, data=self.data, root=self.root,
+                    progress=self.progress, **kw)
 
     def describe(self) -> str:
         return (f"{self.host.name}, cell L{self.cell[0]}H{self.cell[1]}\n{self.eval_windows} held-out passages of "
