@@ -92,18 +92,27 @@ def test_sparse_decode_equals_dense(variant):
         torch.testing.assert_close(p.grad, grads[k], atol=1e-6, rtol=1e-5)
 
 
+RULES = {"topk": {}, "batchtopk": {}, "jumprelu": dict(jumprelu_init_threshold=0.5, jumprelu_bandwidth=0.5)}
+
+
+@pytest.mark.parametrize("activation", list(RULES))
 @pytest.mark.parametrize("variant", ["bilinear", "flat", "rank", "tied", "matrix"])
-def test_sparse_encoder_gradient_equals_dense(variant):
-    sae = sae_of(variant)
+@pytest.mark.parametrize("n_dead", [N // 3, 2 * N // 3])
+def test_sparse_encoder_gradient_equals_dense(variant, activation, n_dead):
+    """Every sparsity rule's gradient through the selected entries equals autograd through all n_feat, AuxK's too:
+    its dead atoms as shared columns (n_dead <= k_aux) or its per-row top k_aux (n_dead > k_aux)."""
+    sae = sae_of(variant, activation=activation, k_aux=N // 2, **RULES[activation])
     with torch.no_grad():
         sae.b_enc.normal_()
     S = torch.randn(9, DK, DV)
     dead = torch.zeros(N, dtype=torch.bool)
-    dead[::3] = True  # AuxK's selection takes the same path
+    dead[torch.randperm(N, generator=torch.Generator().manual_seed(0))[:n_dead]] = True
     runs = []
     for sparse in (True, False):
         sae.cfg.sparse_encoder_grad = sparse
         sae.zero_grad()
+        if activation == "batchtopk":
+            sae.threshold.fill_(-1.0)  # the same threshold estimate in both runs
         out = sae(S, dead_mask=dead)
         out.loss.backward()
         runs.append((out, {k: p.grad.clone() for k, p in sae.named_parameters()}))

@@ -81,8 +81,9 @@ class SAEConfig:
     """Decode by gathering the k active atoms (cost ~ k); False multiplies the dense code
     by all n_feat atoms (for benchmarks and checks only)."""
     sparse_encoder_grad: bool = True
-    """TopK training: the encoder's gradient through the k selected pre-activations only (cost ~ k, the same
-    gradient); False backpropagates through all n_feat (for benchmarks and checks only)."""
+    """Training: the encoder's gradient through the selected pre-activations only (TopK's k, BatchTopK's and
+    JumpReLU's active atoms; cost ~ k, the same gradient); False backpropagates through all n_feat (for benchmarks
+    and checks only)."""
     jumprelu_init_threshold: float = 0.1
     """JumpReLU: initial threshold, in units of the scaled input (S - M) / c (c = the RMS of the
     centred training states, so thresholds do not depend on the host's state scale)."""
@@ -153,7 +154,8 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx, g):
         z, theta = ctx.saved_tensors
         rect = ((z - theta).abs() <= ctx.h / 2).to(g.dtype)
-        return g * (z > theta), (-(theta / ctx.h) * rect * g).sum(0), None
+        g_theta = -(theta / ctx.h) * rect * g  # theta (n,) broadcast over the batch, or gathered to z's shape
+        return g * (z > theta), g_theta.sum(0) if theta.ndim < z.ndim else g_theta, None
 
 
 class _Step(torch.autograd.Function):
@@ -178,7 +180,10 @@ class _Selected(torch.autograd.Function):
     the dense product spends B n d_in on a gradient that is zero outside the selection (TopK's loss sees nothing
     else). Same gradient, other summation order. The encoder is a matrix ``E`` (n, d_in) (one sparse (n, B) x
     (B, d_in) product) or bilinear factors ``V`` (n, r, d_k), ``W`` (n, r, d_v) (batched products with the
-    selected factors only: no (n, d_in) matrix is formed, which at 128 x 128 states is the larger cost)."""
+    selected factors only: no (n, d_in) matrix is formed, which at 128 x 128 states is the larger cost).
+
+    ``idx`` may instead be (m,) columns shared by every row (AuxK's dead atoms): then the gradient is dense
+    products, G = g^T X (m, d_in) and, for factors, G w and G^T v per column, not B m gathered rows."""
 
     @staticmethod
     def forward(ctx, values, x, b, idx, *enc):
@@ -189,6 +194,9 @@ class _Selected(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, idx, *enc = ctx.saved_tensors
+        if idx.ndim == 1:
+            gb, *grads = _columns_backward(g, x, idx, ctx.has_b, enc)
+            return (None, None, gb, None, *grads)
         (B, m), n, at = idx.shape, enc[0].shape[0], idx.reshape(-1)
         if len(enc) == 1:
             rows = torch.arange(B, device=idx.device).repeat_interleave(m)
@@ -203,6 +211,21 @@ class _Selected(torch.autograd.Function):
             grads = (V.new_zeros(V.shape).index_add_(0, at, ga * XW), W.new_zeros(W.shape).index_add_(0, at, ga * XtV))
         gb = g.new_zeros(n).index_add_(0, at, g.reshape(-1)) if ctx.has_b else None
         return (None, None, gb, None, *grads)
+
+
+def _columns_backward(g: Tensor, x: Tensor, cols: Tensor, has_b: bool, enc) -> tuple:
+    """(bias gradient or None, *encoder gradients) from the (B, m) gradient ``g`` of the pre-activations of the
+    columns ``cols`` (the same for every row of ``x``)."""
+    n, m = enc[0].shape[0], len(cols)
+    gb = g.new_zeros(n).index_add_(0, cols, g.sum(0)) if has_b else None
+    G = g.mT @ x.reshape(len(x), -1)  # (m, d_in): sum_b g_bj X_b
+    if len(enc) == 1:
+        return gb, enc[0].new_zeros(enc[0].shape).index_add_(0, cols, G)
+    V, W = enc  # d pre_j / d v_jr = X w_jr, d pre_j / d w_jr = X^T v_jr: summed over b, G_j w_jr and G_j^T v_jr
+    G = G.reshape(m, V.shape[2], W.shape[2])
+    gV = (G @ W.index_select(0, cols).mT).mT  # (m, r, d_k)
+    gW = (G.mT @ V.index_select(0, cols).mT).mT  # (m, r, d_v)
+    return gb, V.new_zeros(V.shape).index_add_(0, cols, gV), W.new_zeros(W.shape).index_add_(0, cols, gW)
 
 
 def _outer(V: Tensor, W: Tensor) -> Tensor:
@@ -370,12 +393,13 @@ class WriteSAE(nn.Module):
     def atoms(self, indices=None) -> Tensor:
         """Decoder atoms A_i as (len(indices), d_k, d_v) matrices (all atoms without indices)."""
         if indices is None:
-            sel = slice(None)
-        else:
-            sel = self._check_indices(torch.as_tensor(indices, device=self.device, dtype=torch.long))
+            if self.W_dec is not None:
+                return self.W_dec.reshape(-1, self.cfg.d_k, self.cfg.d_v)
+            return _outer(self.dec_v, self.dec_w)
+        sel = self._check_indices(torch.as_tensor(indices, device=self.device, dtype=torch.long).reshape(-1))
         if self.W_dec is not None:
-            return self.W_dec[sel].reshape(-1, self.cfg.d_k, self.cfg.d_v)
-        return _outer(self.dec_v[sel], self.dec_w[sel])
+            return _gather(self.W_dec, sel).reshape(-1, self.cfg.d_k, self.cfg.d_v)
+        return _outer(_gather(self.dec_v, sel), _gather(self.dec_w, sel))
 
     def atom(self, i: int) -> Tensor:
         """Decoder atom A_i, a (d_k, d_v) matrix."""
@@ -481,13 +505,26 @@ class WriteSAE(nn.Module):
         state units out (``recon`` is None): the trainer reads only the losses, and at 64 x 64 states the two passes
         over the batch that form it are a tenth of a step."""
         x = self._x(S)
-        selected = self.cfg.activation == "topk" and self.cfg.sparse_encoder_grad and torch.is_grad_enabled()
+        act = self.cfg.activation
+        selected = self.cfg.sparse_encoder_grad and torch.is_grad_enabled()
         if selected:  # select without autograd (encode()'s values, to the bit), then let the gradient through
-            with torch.no_grad():  # the selected entries only
+            with torch.no_grad():  # the selected entries only: no rule's loss sees the others
                 pre = self._pre(x)
+                if act == "topk":
+                    vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+                else:  # BatchTopK (its threshold's update included) and JumpReLU: rows zero-padded to one width
+                    vals, idx, _ = self._activate(pre)
             enc = (self.W_enc,) if self.W_enc is not None else self._enc_factors()
-            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
-            acts, sparsity_loss = F.relu(_Selected.apply(vals, x, self.b_enc, idx, *enc)), pre.new_zeros(())
+            z = F.relu(_Selected.apply(vals if act == "topk" else pre.gather(1, idx), x, self.b_enc, idx, *enc))
+            sparsity_loss = pre.new_zeros(())
+            if act == "topk":
+                acts = z
+            elif act == "batchtopk":
+                acts = z * (vals > 0)  # the padding: no value, no gradient
+            else:  # JumpReLU at the selected entries (the padding's threshold gradient too, as the dense rule gives)
+                theta, h = self.log_threshold.exp(), self.cfg.jumprelu_bandwidth
+                acts = _JumpReLU.apply(z, theta.index_select(0, idx.reshape(-1)).reshape(idx.shape), h)
+                sparsity_loss = self.cfg.l0_coeff * _Step.apply(pre, theta, h).sum(-1).mean()
         else:
             pre = self._pre(x)
             acts, idx, sparsity_loss = self._activate(pre)
@@ -496,16 +533,25 @@ class WriteSAE(nn.Module):
             rec = rec + self.b_dec
         mse, sq_err, neg_e = _SquaredError.apply(rec, x)
         with torch.no_grad():
-            total_var = (x.var(0, correction=0).sum() * len(x)).clamp_min(torch.finfo(x.dtype).tiny)
+            # the centred sum of squares, as a norm: torch's var over dim 0 takes ~12x longer on CPU (a tenth of a
+            # book-sized step); the FVU is logged only, so no trained weight depends on it
+            total_var = torch.linalg.vector_norm(x - x.mean(0)).square().clamp_min(torch.finfo(x.dtype).tiny)
             fvu = sq_err / total_var
         auxk = pre.new_zeros(())
         if dead_mask is not None and self.cfg.k_aux > 0 and (n_dead := int(dead_mask.sum())) > 0:
-            k_aux = min(self.cfg.k_aux, n_dead)
-            aux_vals, aux_idx = pre.masked_fill(~dead_mask.to(pre.device), -torch.inf).topk(k_aux, sorted=False)
-            if selected:
-                aux_vals = _Selected.apply(aux_vals, x, self.b_enc, aux_idx, *enc)
-            e_hat = self._combine(F.relu(aux_vals), aux_idx)
-            auxk = (e_hat + neg_e.detach()).pow(2).mean()
+            dead_mask = dead_mask.to(pre.device)
+            if n_dead <= self.cfg.k_aux:  # the top k_aux dead atoms are all of them: the same columns in every row,
+                dead = dead_mask.nonzero().flatten()  # so dense products over those m atoms (not B m gathered rows)
+                aux_vals = pre.index_select(1, dead)
+                if selected:
+                    aux_vals = _Selected.apply(aux_vals, x, self.b_enc, dead, *enc)
+                e_hat = (F.relu(aux_vals) @ self.atoms(dead).reshape(n_dead, -1)).reshape_as(x)
+            else:
+                aux_vals, aux_idx = pre.masked_fill(~dead_mask, -torch.inf).topk(self.cfg.k_aux, sorted=False)
+                if selected:
+                    aux_vals = _Selected.apply(aux_vals, x, self.b_enc, aux_idx, *enc)
+                e_hat = self._combine(F.relu(aux_vals), aux_idx)
+            auxk = _SquaredError.apply(e_hat, -neg_e)[0]  # mean (e_hat - e)^2, e = x - rec the residual
         l0 = (acts > 0).sum(-1).to(x.dtype).mean()
         loss = mse + self.cfg.lambda_aux * auxk + sparsity_loss
         out = rec * self.scale + self.mean if recon else None

@@ -418,7 +418,8 @@ def fit(
     }  # fmt: skip
     params = json.loads(json.dumps(params, default=str))
     info["train"] = params
-    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    # fused: one pass over each parameter per step instead of ~7 (a FlatSAE's step at the book's size: 3 ms of Adam, not 10)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=torch.device(device).type in ("cpu", "cuda"))
     since_active = torch.zeros(n, dtype=torch.long, device=device)
     state = {"step": 0, "best_val": None, "best_step": -1, "params": params}
     best_mem = None  # best weights when there is no out_dir
@@ -490,8 +491,9 @@ def fit(
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
-            fired = torch.zeros(n, dtype=torch.bool, device=device)
-            fired[out.top_indices[out.top_acts > 0]] = True
+            # index n collects the zero (padding) entries: no boolean-mask indexing, which costs more than the rest here
+            fired = torch.zeros(n + 1, dtype=torch.bool, device=device).index_fill_(
+                0, torch.where(out.top_acts > 0, out.top_indices, n).flatten(), True)[:n]
             if world > 1:  # an atom fired if it fired on any rank's share: the same dead counters everywhere
                 fired = fired.to(torch.uint8)
                 torch.distributed.all_reduce(fired, op=torch.distributed.ReduceOp.MAX)
