@@ -194,6 +194,14 @@ def test_jobs_run_notebooks_side_by_side(tmp_path, monkeypatch):
         started = []
         book.build(root=tmp_path, progress=False, jobs=1, force=True)
         assert started == [first, "ab".replace(first, "")]
+    # a params file's build_order goes first, whatever the last build's times (here "a" took longest)
+    (tmp_path / "order.yaml").write_text("build_order: [b]\n")
+    started = []
+    book.build(tmp_path / "order.yaml", root=tmp_path, progress=False, jobs=1, force=True)
+    assert started == ["b", "a"]
+    (tmp_path / "order.yaml").write_text("build_order: [b, nope]\n")
+    with pytest.raises(ValueError, match="build_order .* names \\['nope'\\]"):
+        book.build(tmp_path / "order.yaml", root=tmp_path, progress=False, jobs=1, force=True)
 
     bad = nbformat.v4.new_notebook()
     bad.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}

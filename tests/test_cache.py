@@ -164,3 +164,7 @@ def test_saes_trains_the_one_another_process_is_training_last(tmp_path, monkeypa
     trained.clear()
     pipeline.saes(Host(), cells, data={})  # nothing busy: the given order
     assert trained == cells
+    trained.clear()  # a list of specs (other variants, other cells): the same rule
+    with cache.computing(dirs[(2, 0)], lambda: False):
+        got = pipeline.sae_list(Host(), [dict(cell=c, variant="flat") for c in cells])
+    assert trained == [(1, 0), (3, 0), (2, 0)] and got == [f"SAE {c}" for c in cells]

@@ -23,6 +23,7 @@ so the static HTML shows ipywidgets. Parameters come from a YAML file in
     notebooks:             # optional per-notebook overrides, keyed by file stem
       03_substitution:
         n_firings: 500
+    build_order: [03_substitution, 01_write_and_atom]   # optional: started first, in this order (``jobs``)
 
 A notebook gets only the names its ``parameters`` cell defines (the same file
 works with ``papermill -f``, which injects everything).
@@ -196,8 +197,9 @@ def build(params_file=None, only=None, tiny=False, root=".", progress=True, forc
         notebooks keep their last executed copy (or, if they have none, are
         rendered unexecuted, with a note).
     force: re-execute even when inputs and parameters are unchanged.
-    jobs: notebooks executed at once, each in its own kernel (longest first, by the last build's times). They
-        share artifacts through the cache, whose per-artifact lock makes one compute what another waits for.
+    jobs: notebooks executed at once, each in its own kernel: first those the params file's ``build_order`` lists,
+        in its order, then the others longest first by the last build's times. They share artifacts through the
+        cache, whose per-artifact lock makes one compute what another waits for.
     progress: show a progress bar over notebooks.
     Returns a :class:`BuildReport`; prints each step's time and where the HTML is.
     """
@@ -253,8 +255,13 @@ def build(params_file=None, only=None, tiny=False, root=".", progress=True, forc
             print(f"{nb}: unchanged, skipped")
             continue
         todo.append((nb, params, key, last.get("seconds") or 0))
-    # longest first (by the last build's times; a fresh clone keeps the TOC order), so the last to finish is short
-    todo.sort(key=lambda t: -t[3])
+    # the params file's build_order first, in its order; the others longest first by the last build's times (a fresh
+    # clone keeps the TOC order), so the last to finish is short
+    order = [str(x) for x in all_params.get("build_order") or []]
+    if set(order) - {nb.stem for nb in notebooks}:
+        raise ValueError(f"build_order in {params_file} names {sorted(set(order) - {nb.stem for nb in notebooks})}, "
+                         "which _toc.yml does not list; use the notebooks' file stems")
+    todo.sort(key=lambda t: (order.index(t[0].stem) if t[0].stem in order else len(order), -t[3]))
 
     def run(item):
         nb, params, key, _ = item

@@ -104,7 +104,7 @@ def check_parameters(namespace, notebook):
              and not isinstance(v, types.ModuleType) and not callable(v)]
     # a shared parameter file (params/*.yaml) holds every section's names: a name another section defines is
     # not this notebook's business; a name no section defines is a typo
-    shared = {"notebooks"} | {k for p in NOTEBOOKS.glob("[0-9]*.ipynb") if p.stem != notebook for k in defaults(p.stem)}
+    shared = {"notebooks", "build_order"} | {k for p in NOTEBOOKS.glob("[0-9]*.ipynb") if p.stem != notebook for k in defaults(p.stem)}
     unknown = [k for k in given if k not in want and k not in shared]
     if unknown:
         raise ParameterError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for "

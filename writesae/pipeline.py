@@ -18,7 +18,8 @@ from .train import train_sae
 
 
 # Part of every SAE artifact's key: bump when training changes what a given set of parameters produces.
-TRAINER_VERSION = 2  # 2: input scale c (SAE trains on (S - M) / c)
+TRAINER_VERSION = 3  # 2: input scale c (SAE trains on (S - M) / c); 3: fused Adam, gradients through the selected
+# entries for every rule, AuxK by columns (the same math, other rounding: trained weights differ in the last bits)
 
 
 @functools.lru_cache(maxsize=4)
@@ -119,9 +120,15 @@ def data_spec(h, cells, *, heads_layer=None, window=128, n_windows=256, position
 
 def saes(h, cells, data, **kw):
     """{(layer, head): SAE} for ``cells`` (in their order), each trained (once) on the dataset ``data`` (see
-    :func:`sae`). One that another process is training right now (a notebook beside this one in ``writesae
-    book``) is taken last: this process trains the others meanwhile instead of waiting for it."""
+    :func:`sae`), in the order of :func:`sae_list`."""
     cells = [tuple(int(x) for x in h.cell(*c)[:2]) for c in cells]
-    keys = {c: _sae_key(h, c, data=data, **kw) for c in cells}
-    got = {c: _trained(h, *keys[c]) for c in sorted(keys, key=lambda c: busy(keys[c][0]))}
-    return {c: got[c] for c in cells}
+    return dict(zip(cells, sae_list(h, [dict(kw, cell=c, data=data) for c in cells])))
+
+
+def sae_list(h, specs):
+    """[SAE] for ``specs`` (dicts of :func:`sae`'s keywords, ``cell`` included), in their order, each trained once.
+    One that another process is training right now (a notebook beside this one in ``writesae book``) is taken
+    last: this process trains the others meanwhile instead of waiting for it."""
+    keys = [_sae_key(h, s["cell"], **{k: v for k, v in s.items() if k != "cell"}) for s in specs]
+    got = {i: _trained(h, *keys[i]) for i in sorted(range(len(keys)), key=lambda i: busy(keys[i][0]))}
+    return [got[i] for i in range(len(keys))]

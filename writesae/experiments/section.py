@@ -92,6 +92,13 @@ class Section:
         notebook is training now is taken last (:func:`writesae.pipeline.saes`)."""
         return pipeline.saes(self.host, cells or list(dict.fromkeys([*self.cells, self.cell])), **self._sae_kw(kw))
 
+    def sae_table(self, specs, ce_passages=16) -> pd.DataFrame:
+        """:meth:`sae_row` of each spec (a dict of SAE keywords, ``cell`` optional), one row each in their order. The
+        SAEs are trained first, one that another notebook is training now last (:func:`writesae.pipeline.sae_list`)."""
+        specs = [dict(s, cell=tuple(s.get("cell") or self.cell)) for s in specs]
+        pipeline.sae_list(self.host, [self._sae_kw(s) for s in specs])
+        return pd.DataFrame([self.sae_row(ce_passages=ce_passages, **s) for s in specs])
+
     def _sae_kw(self, kw: dict) -> dict:
         """The section's SAE keywords (n_feat, k, epochs, seed, its dataset, cache root, progress), ``kw`` added."""
         return dict(n_feat=self.n_feat, k=self.k, epochs=self.epochs, seed=self.seed, data=self.data, root=self.root,
@@ -157,7 +164,7 @@ class Section:
         heads = [(layer, h) for h in range(self.host.n_heads)]
         key = dict(self.key(heads[0], **sae_kw), cell=None, layer=layer, ce_passages=ce_passages)
         return cache.cached_json("ce_layer", key, lambda: _ce.ce_losses(
-            self.host, {c: self.sae(c, **sae_kw) for c in heads}, self.eval_ids[:ce_passages], progress=False),
+            self.host, self.saes(heads, **sae_kw), self.eval_ids[:ce_passages], progress=False),
             self.root)
 
     def _ce_columns(self, sae, n) -> dict:
