@@ -168,7 +168,8 @@ def main(argv=None):
     b.add_argument("--force", action="store_true", help="re-execute notebooks even when unchanged")
     b.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="notebooks executed side by side, one kernel (one thread) each; they share the artifact "
-                        "cache, computing each artifact once (default: 2, or 1 on a 1-core machine)")
+                        "cache, computing each artifact once; started in the params file's build_order, then longest "
+                        "first by the last build's times (default: 2, or 1 on a 1-core machine)")
     b.add_argument("--profile", action="store_true", help="only print where the last build's seconds went")
     b.add_argument("--top", type=int, default=3, help="slowest cells shown per notebook (default 3)")
     b.set_defaults(fn=cmd_book)
