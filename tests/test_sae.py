@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from writesae.data import ShardWriter, TensorStates
@@ -192,6 +193,25 @@ def test_auxk_trains_dead_atoms_only_when_dead():
     (out.auxk_loss).backward()
     g = sae.dec_v.grad.flatten(1).norm(dim=1)
     assert (g[~dead] == 0).all() and (g[dead] > 0).sum() >= min(sae.cfg.k_aux, int(dead.sum())) - 1
+
+
+@pytest.mark.parametrize("variant", ["bilinear", "flat", "rank"])
+def test_auxk_by_columns_equals_gathered_rows(variant):
+    """With at most k_aux dead atoms AuxK decodes them as columns shared by every row (one dense product); its loss
+    equals the per-row gathered decode of the same atoms (the path taken when more than k_aux are dead)."""
+    sae = sae_of(variant)
+    S = torch.randn(16, DK, DV)
+    dead = torch.zeros(N, dtype=torch.bool)
+    dead[[1, 7, 8, 30]] = True
+    out = sae(S, dead_mask=dead)
+    with torch.no_grad():
+        x = (S - sae.mean) / sae.scale
+        pre = sae._pre(x)
+        idx = dead.nonzero().flatten().expand(len(S), -1)
+        rec = sae._combine(out.top_acts / sae.scale, out.top_indices) + sae.b_dec
+        e_hat = sae._combine(F.relu(pre.gather(1, idx)), idx)
+    assert float(out.auxk_loss) > 0
+    torch.testing.assert_close(out.auxk_loss, (e_hat - (x - rec)).pow(2).mean())
 
 
 def test_jumprelu_l0_is_count_above_threshold_and_thresholds_learn():
