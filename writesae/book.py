@@ -53,6 +53,7 @@ import yaml
 __all__ = ["build", "profile", "print_profile", "screenshot", "toc_documents", "load_params", "BuildReport"]
 
 NB_META = "writesae"
+BUILD_KEYS = ("notebooks", "build_order")  # a params file's keys for the build, not parameters of a notebook
 SUFFIXES = (".ipynb", ".md", ".rst")
 
 
@@ -100,7 +101,7 @@ def _notebook_params(nb_path: Path, all_params: dict) -> dict:
     import papermill
 
     declared = papermill.inspect_notebook(str(nb_path))
-    merged = {k: v for k, v in all_params.items() if k != "notebooks"}
+    merged = {k: v for k, v in all_params.items() if k not in BUILD_KEYS}
     overrides = (all_params.get("notebooks") or {}).get(nb_path.stem) or {}
     unknown = sorted(set(overrides) - set(declared))
     if unknown:
@@ -258,9 +259,9 @@ def build(params_file=None, only=None, tiny=False, root=".", progress=True, forc
     # the params file's build_order first, in its order; the others longest first by the last build's times (a fresh
     # clone keeps the TOC order), so the last to finish is short
     order = [str(x) for x in all_params.get("build_order") or []]
-    if set(order) - {nb.stem for nb in notebooks}:
-        raise ValueError(f"build_order in {params_file} names {sorted(set(order) - {nb.stem for nb in notebooks})}, "
-                         "which _toc.yml does not list; use the notebooks' file stems")
+    if unknown := sorted(set(order) - {nb.stem for nb in notebooks}):
+        raise ValueError(f"build_order in {params_file} names {unknown}, which _toc.yml does not list; use the "
+                         "notebooks' file stems")
     todo.sort(key=lambda t: (order.index(t[0].stem) if t[0].stem in order else len(order), -t[3]))
 
     def run(item):

@@ -98,13 +98,15 @@ def _literal(name, text, what):
 def check_parameters(namespace, notebook):
     """Validate and normalise the parameters in ``namespace`` (a notebook's ``globals()``, right after its
     parameters cells) against the notebook's ``parameters`` cell; raises :class:`ParameterError`."""
+    from .book import BUILD_KEYS
+
     want = defaults(notebook)
     ignore = {"In", "Out", "get_ipython", "exit", "quit", "open"}
     given = [k for k, v in namespace.items() if not k.startswith("_") and k not in ignore
              and not isinstance(v, types.ModuleType) and not callable(v)]
     # a shared parameter file (params/*.yaml) holds every section's names: a name another section defines is
     # not this notebook's business; a name no section defines is a typo
-    shared = {"notebooks", "build_order"} | {k for p in NOTEBOOKS.glob("[0-9]*.ipynb") if p.stem != notebook for k in defaults(p.stem)}
+    shared = set(BUILD_KEYS) | {k for p in NOTEBOOKS.glob("[0-9]*.ipynb") if p.stem != notebook for k in defaults(p.stem)}
     unknown = [k for k in given if k not in want and k not in shared]
     if unknown:
         raise ParameterError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} for "

@@ -177,7 +177,7 @@ class _Step(torch.autograd.Function):
 class _Selected(torch.autograd.Function):
     """Pre-activations at selected indices (B, m), given their values (computed without autograd); the gradient
     reaches the encoder and its bias through those entries only: B m d_in multiply-adds, where autograd through
-    the dense product spends B n d_in on a gradient that is zero outside the selection (TopK's loss sees nothing
+    the dense product spends B n d_in on a gradient that is zero outside the selection (the loss sees nothing
     else). Same gradient, other summation order. The encoder is a matrix ``E`` (n, d_in) (one sparse (n, B) x
     (B, d_in) product) or bilinear factors ``V`` (n, r, d_k), ``W`` (n, r, d_v) (batched products with the
     selected factors only: no (n, d_in) matrix is formed, which at 128 x 128 states is the larger cost).
@@ -230,7 +230,7 @@ def _columns_backward(g: Tensor, x: Tensor, cols: Tensor, has_b: bool, enc) -> t
 
 def _outer(V: Tensor, W: Tensor) -> Tensor:
     """sum_r v_r w_r^T as (n, d_k, d_v) from factors V (n, r, d_k), W (n, r, d_v). Rank 1 without a gradient (the
-    TopK encoder's selection, atoms): by broadcasting, the same values as the batched matmul (one product per entry)
+    encoder's selection, atoms): by broadcasting, the same values as the batched matmul (one product per entry)
     several times faster than n tiny GEMMs. Where a gradient flows the batched matmul stays: its backward sums in
     another order than the broadcast's, and trained weights would change in the last bits."""
     if V.shape[1] == 1 and not (torch.is_grad_enabled() and (V.requires_grad or W.requires_grad)):
@@ -472,10 +472,13 @@ class WriteSAE(nn.Module):
 
     # -- decoder -----------------------------------------------------------------------------
     def _combine(self, acts: Tensor, idx: Tensor) -> Tensor:
-        """sum_j acts[:, j] A_{idx[:, j]} as (B, d_k, d_v): no mean, no bias."""
+        """sum_j acts[:, j] A_{idx[:, j]} as (B, d_k, d_v): no mean, no bias. ``idx`` may be (m,) columns shared by
+        every row (AuxK's dead atoms): then one dense product with those m atoms."""
         B = acts.shape[0]
         dk, dv = self.cfg.d_k, self.cfg.d_v
         acts = acts.to(self.dtype)
+        if idx.ndim == 1:
+            return (acts @ self.atoms(idx).reshape(len(idx), -1)).reshape(B, dk, dv)
         if not self.cfg.sparse_decode:
             dense = acts.new_zeros(B, self.cfg.n_feat).scatter(1, idx, acts)
             return (dense @ self.atoms().reshape(self.cfg.n_feat, -1)).reshape(B, dk, dv)
@@ -541,16 +544,13 @@ class WriteSAE(nn.Module):
         if dead_mask is not None and self.cfg.k_aux > 0 and (n_dead := int(dead_mask.sum())) > 0:
             dead_mask = dead_mask.to(pre.device)
             if n_dead <= self.cfg.k_aux:  # the top k_aux dead atoms are all of them: the same columns in every row,
-                dead = dead_mask.nonzero().flatten()  # so dense products over those m atoms (not B m gathered rows)
-                aux_vals = pre.index_select(1, dead)
-                if selected:
-                    aux_vals = _Selected.apply(aux_vals, x, self.b_enc, dead, *enc)
-                e_hat = (F.relu(aux_vals) @ self.atoms(dead).reshape(n_dead, -1)).reshape_as(x)
+                aux_idx = dead_mask.nonzero().flatten()  # so dense products over those m atoms (not B m gathered rows)
+                aux_vals = pre.index_select(1, aux_idx)
             else:
                 aux_vals, aux_idx = pre.masked_fill(~dead_mask, -torch.inf).topk(self.cfg.k_aux, sorted=False)
-                if selected:
-                    aux_vals = _Selected.apply(aux_vals, x, self.b_enc, aux_idx, *enc)
-                e_hat = self._combine(F.relu(aux_vals), aux_idx)
+            if selected:
+                aux_vals = _Selected.apply(aux_vals, x, self.b_enc, aux_idx, *enc)
+            e_hat = self._combine(F.relu(aux_vals), aux_idx)
             auxk = _SquaredError.apply(e_hat, -neg_e)[0]  # mean (e_hat - e)^2, e = x - rec the residual
         l0 = (acts > 0).sum(-1).to(x.dtype).mean()
         loss = mse + self.cfg.lambda_aux * auxk + sparsity_loss

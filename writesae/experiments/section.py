@@ -96,8 +96,8 @@ class Section:
         """:meth:`sae_row` of each spec (a dict of SAE keywords, ``cell`` optional), one row each in their order. The
         SAEs are trained first, one that another notebook is training now last (:func:`writesae.pipeline.sae_list`)."""
         specs = [dict(s, cell=tuple(s.get("cell") or self.cell)) for s in specs]
-        pipeline.sae_list(self.host, [self._sae_kw(s) for s in specs])
-        return pd.DataFrame([self.sae_row(ce_passages=ce_passages, **s) for s in specs])
+        saes = pipeline.sae_list(self.host, [self._sae_kw(s) for s in specs])
+        return pd.DataFrame([self._sae_row(s["cell"], sae, ce_passages) for s, sae in zip(specs, saes)])
 
     def _sae_kw(self, kw: dict) -> dict:
         """The section's SAE keywords (n_feat, k, epochs, seed, its dataset, cache root, progress), ``kw`` added."""
@@ -147,7 +147,9 @@ class Section:
         stored in the SAE's cfg.json): CE loss recovered against zero and mean ablation of the state, the
         perplexity change, and what zeroing the state costs (nats; when that is tiny the ratio is noise)."""
         cell = tuple(cell or self.cell)
-        s = self.sae(cell, **sae_kw)
+        return self._sae_row(cell, self.sae(cell, **sae_kw), ce_passages)
+
+    def _sae_row(self, cell, s, ce_passages) -> dict:
         m = s.info["metrics"]
         name, enc, dec = VARIANTS.get(s.cfg.variant, (s.cfg.variant, "", ""))
         if s.cfg.variant == "rank":
