@@ -63,7 +63,7 @@ def time_steps(cfg: SAEConfig, S: torch.Tensor, steps: int, device) -> float:
     for i in range(steps + 1):
         sync(device)
         t0 = time.perf_counter()
-        out = sae(S)
+        out = sae(S, recon=False)  # as the trainer: the losses only
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()

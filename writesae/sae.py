@@ -244,26 +244,26 @@ def _gather(P: Tensor, idx: Tensor) -> Tensor:
     return P.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *P.shape[1:])
 
 
-class _SquaredError(torch.autograd.Function):
-    """(mean, sum, rec - x) of the squared error of ``rec`` against ``x``; the gradient to rec in one pass,
-    (rec - x) * (2 g / N), and to x (where asked for) its negative. Autograd through ``(rec - x).pow(2).mean()``
-    spends four passes over the batch on it (the mean's expanded gradient, the power's copy, doubling and product),
-    which at 64 x 64 states cost more than the step's matmuls. The same values and gradient to the bit: doubling
-    is exact, so both round once, the product of the same two numbers."""
+class _SquaredNorm(torch.autograd.Function):
+    """(mean, sum) of the squares of the error ``d`` (rec - x, or AuxK's e_hat - e); the gradient in one pass,
+    d * (2 g / N). Autograd through ``d.pow(2).mean()`` spends four passes over the batch on it (the mean's
+    expanded gradient, the power's copy, doubling and product), and the forward two more (the squares, then their
+    mean): at 64 x 64 states more than the step's matmuls. The sum is one read (a dot product); the gradient is
+    autograd's to the bit (doubling is exact, so both round once, the product of the same two numbers), the
+    values differ from ``pow(2).mean()`` in their last bits (summation order). The sum takes no gradient (the
+    FVU, logged only)."""
 
     @staticmethod
-    def forward(ctx, rec, x):
-        neg_e = rec - x
-        e2 = neg_e.pow(2)
-        ctx.save_for_backward(neg_e)
-        ctx.mark_non_differentiable(neg_e)
-        return e2.mean(), e2.sum(), neg_e
+    def forward(ctx, d):
+        flat = d.reshape(-1)
+        sq = torch.dot(flat, flat)
+        ctx.save_for_backward(d)
+        return sq / d.numel(), sq
 
     @staticmethod
-    def backward(ctx, g, _sum, _neg_e):
-        (neg_e,) = ctx.saved_tensors
-        g_rec = neg_e * ((g / neg_e.numel()) * 2)
-        return g_rec, -g_rec if ctx.needs_input_grad[1] else None
+    def backward(ctx, g, _sum):
+        (d,) = ctx.saved_tensors
+        return d * ((g / d.numel()) * 2)
 
 
 def _compact(acts: Tensor) -> tuple[Tensor, Tensor]:
@@ -459,7 +459,7 @@ class WriteSAE(nn.Module):
 
     def _x(self, S: Tensor) -> Tensor:
         """Centred, scaled states (S - M) / c."""
-        return (self._check(S) - self.mean) / self.scale
+        return torch.sub(self._check(S), self.mean).div_(self.scale)
 
     def pre_acts(self, S: Tensor) -> Tensor:
         """All n_feat pre-activations (B, n_feat) of states S (B, d_k, d_v), bias included, in state units."""
@@ -533,13 +533,15 @@ class WriteSAE(nn.Module):
             acts, idx, sparsity_loss = self._activate(pre)
         rec = self._combine(acts, idx)
         if self.b_dec is not None:
-            rec = rec + self.b_dec
-        mse, sq_err, neg_e = _SquaredError.apply(rec, x)
+            rec = rec.add_(self.b_dec)  # in place: each pass over a fresh (B, d_k, d_v) tensor is a cache-cold write
+        neg_e = rec - x
+        mse, sq_err = _SquaredNorm.apply(neg_e)
         with torch.no_grad():
-            # the centred sum of squares, as a norm: torch's var over dim 0 takes ~12x longer on CPU (a tenth of a
-            # book-sized step); the FVU is logged only, so no trained weight depends on it
-            total_var = torch.linalg.vector_norm(x - x.mean(0)).square().clamp_min(torch.finfo(x.dtype).tiny)
-            fvu = sq_err / total_var
+            # sum ||x_b - mean||^2 as sum ||x_b||^2 - B ||mean||^2: two reads, where torch's var over dim 0 takes ~12x
+            # longer on CPU (a tenth of a book-sized step); the FVU is logged only, no trained weight depends on it
+            flat, mean_x = x.reshape(-1), x.mean(0).reshape(-1)
+            total_var = torch.dot(flat, flat) - len(x) * torch.dot(mean_x, mean_x)
+            fvu = sq_err / total_var.clamp_min(torch.finfo(x.dtype).tiny)
         auxk = pre.new_zeros(())
         if dead_mask is not None and self.cfg.k_aux > 0 and (n_dead := int(dead_mask.sum())) > 0:
             dead_mask = dead_mask.to(pre.device)
@@ -551,7 +553,7 @@ class WriteSAE(nn.Module):
             if selected:
                 aux_vals = _Selected.apply(aux_vals, x, self.b_enc, aux_idx, *enc)
             e_hat = self._combine(F.relu(aux_vals), aux_idx)
-            auxk = _SquaredError.apply(e_hat, -neg_e)[0]  # mean (e_hat - e)^2, e = x - rec the residual
+            auxk = _SquaredNorm.apply(e_hat.add_(neg_e.detach()))[0]  # mean (e_hat - e)^2, e = x - rec = -neg_e
         l0 = (acts > 0).sum(-1).to(x.dtype).mean()
         loss = mse + self.cfg.lambda_aux * auxk + sparsity_loss
         out = rec * self.scale + self.mean if recon else None
