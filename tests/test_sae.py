@@ -125,14 +125,16 @@ def test_sparse_encoder_gradient_equals_dense(variant, activation, n_dead):
         torch.testing.assert_close(ga[k], gb[k], atol=1e-6, rtol=1e-5)
 
 
-def test_loss_gradient_reaches_the_input_and_recon_false_leaves_it_out():
+def test_loss_gradient_reaches_the_input_and_recon_false_leaves_out_the_metrics():
     """The squared error's own backward (one pass) gives the loss's true gradient, to the states too (gradcheck in
     float64 with autograd through the encoder; AuxK off: its target, the residual, is detached on purpose)."""
     sae = WriteSAE(SAEConfig("bilinear", DK, DV, n_feat=N, k=4, sparse_encoder_grad=False), dtype=torch.float64, seed=0)
     S = torch.randn(5, DK, DV, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda S: sae(S).loss, (S,))
     out = sae(S.detach(), recon=False)
-    assert out.recon is None and torch.equal(out.loss, sae(S.detach()).loss)
+    full = sae(S.detach())
+    assert out.recon is None and out.fvu is None and out.l0 is None
+    assert torch.equal(out.loss, full.loss) and torch.equal(out.top_indices, full.top_indices) and full.fvu > 0
 
 
 def test_forward_fields_and_atoms():

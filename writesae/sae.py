@@ -128,8 +128,8 @@ class ForwardOutput(NamedTuple):
     """(B, k) indices of the active atoms."""
     mse: Tensor
     """Mean squared reconstruction error per state element."""
-    fvu: Tensor
-    """Fraction of variance unexplained: ||S - S_hat||^2 / ||S - batch mean||^2."""
+    fvu: Tensor | None
+    """Fraction of variance unexplained: ||S - S_hat||^2 / ||S - batch mean||^2 (None with recon=False)."""
     auxk_loss: Tensor
     """AuxK loss (Gao et al. 2024): MSE of the top-k_aux dead atoms fitting the residual
     (0 without a dead mask or dead atoms)."""
@@ -137,8 +137,8 @@ class ForwardOutput(NamedTuple):
     """JumpReLU L0 penalty l0_coeff * mean L0 (0 for the other activations)."""
     loss: Tensor
     """Training loss: mse + lambda_aux * auxk_loss + sparsity_loss."""
-    l0: Tensor
-    """Mean number of non-zero activations per state."""
+    l0: Tensor | None
+    """Mean number of non-zero activations per state (None with recon=False)."""
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -504,9 +504,10 @@ class WriteSAE(nn.Module):
         """Encode and decode states S (B, d_k, d_v); ``dead_mask`` (n_feat,) bool enables AuxK.
 
         ``mse``, ``auxk_loss`` and ``loss`` are in units of the scaled input (S - M) / c (what training
-        optimises); ``recon`` and ``top_acts`` are in state units. ``recon=False`` leaves the reconstruction in
-        state units out (``recon`` is None): the trainer reads only the losses, and at 64 x 64 states the two passes
-        over the batch that form it are a tenth of a step."""
+        optimises); ``recon`` and ``top_acts`` are in state units. ``recon=False`` returns the losses and the code
+        only (``recon``, ``fvu`` and ``l0`` are None): the trainer's call on the steps it does not log, where the
+        passes over the batch that form them were a tenth of a step at 64 x 64 states (the reconstruction) and the
+        FVU's variance another 2% at the book's 32 x 32."""
         x = self._x(S)
         act = self.cfg.activation
         selected = self.cfg.sparse_encoder_grad and torch.is_grad_enabled()
@@ -536,13 +537,15 @@ class WriteSAE(nn.Module):
             rec = rec.add_(self.b_dec)  # in place: each pass over a fresh (B, d_k, d_v) tensor is a cache-cold write
         neg_e = rec - x
         mse, sq_err = _SquaredNorm.apply(neg_e)
-        with torch.no_grad():
-            # sum ||x_b - mean||^2 as sum ||x_b||^2 - B ||mean||^2: two reads, where torch's var over dim 0 takes ~12x
-            # longer on CPU (a tenth of a book-sized step); the FVU is logged only, no trained weight depends on it
-            flat, mean_x = x.reshape(-1), x.mean(0).reshape(-1)
-            total_var = torch.dot(flat, flat) - len(x) * torch.dot(mean_x, mean_x)
-            fvu = sq_err / total_var.clamp_min(torch.finfo(x.dtype).tiny)
-        auxk = pre.new_zeros(())
+        loss, auxk, fvu, l0 = mse, pre.new_zeros(()), None, None
+        if recon:
+            with torch.no_grad():
+                # sum ||x_b - mean||^2 as sum ||x_b||^2 - B ||mean||^2: two reads, where torch's var over dim 0 takes
+                # ~12x longer on CPU (a tenth of a book-sized step); the FVU is logged only, no weight depends on it
+                flat, mean_x = x.reshape(-1), x.mean(0).reshape(-1)
+                total_var = torch.dot(flat, flat) - len(x) * torch.dot(mean_x, mean_x)
+                fvu = sq_err / total_var.clamp_min(torch.finfo(x.dtype).tiny)
+                l0 = (acts > 0).sum(-1).to(x.dtype).mean()
         if dead_mask is not None and self.cfg.k_aux > 0 and (n_dead := int(dead_mask.sum())) > 0:
             dead_mask = dead_mask.to(pre.device)
             if n_dead <= self.cfg.k_aux:  # the top k_aux dead atoms are all of them: the same columns in every row,
@@ -554,8 +557,9 @@ class WriteSAE(nn.Module):
                 aux_vals = _Selected.apply(aux_vals, x, self.b_enc, aux_idx, *enc)
             e_hat = self._combine(F.relu(aux_vals), aux_idx)
             auxk = _SquaredNorm.apply(e_hat.add_(neg_e.detach()))[0]  # mean (e_hat - e)^2, e = x - rec = -neg_e
-        l0 = (acts > 0).sum(-1).to(x.dtype).mean()
-        loss = mse + self.cfg.lambda_aux * auxk + sparsity_loss
+            loss = loss + self.cfg.lambda_aux * auxk
+        if act == "jumprelu":
+            loss = loss + sparsity_loss
         out = rec * self.scale + self.mean if recon else None
         return ForwardOutput(out, acts * self.scale, idx, mse, fvu, auxk, sparsity_loss, loss, l0)
 

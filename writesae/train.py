@@ -480,7 +480,8 @@ def fit(
                 group["lr"] = lr_at(step, total, lr, min_lr, warmup)
             S = S.to(device)
             dead_mask = since_active >= dead_after
-            out = net(S[rank::world] if world > 1 else S, dead_mask=dead_mask, recon=False)
+            logged = (step + 1) % log_every == 0 or step + 1 == total  # the FVU and L0 only where they are logged
+            out = net(S[rank::world] if world > 1 else S, dead_mask=dead_mask, recon=logged)
             finite &= torch.isfinite(out.loss.detach())
             due = (step + 1) % check_every == 0 or step + 1 == total or (max_steps is not None and step + 1 >= max_steps)
             if due and not _finite(finite, world):
@@ -511,7 +512,7 @@ def fit(
                             if buf in opt.state.get(p, {}):
                                 opt.state[p][buf][dead] = 0
                     since_active[dead] = 0
-            if step % log_every == 0 or step == total:
+            if logged:
                 row = dict(loss=out.loss.item(), mse=out.mse.item() * float(sae.scale) ** 2, fvu=out.fvu.item(), l0=out.l0.item(),
                            dead=float(dead_mask.float().mean()))
                 log(step=step, split="train", **row, lr=opt.param_groups[0]["lr"])
