@@ -250,14 +250,15 @@ class _SquaredNorm(torch.autograd.Function):
     expanded gradient, the power's copy, doubling and product), and the forward two more (the squares, then their
     mean): at 64 x 64 states more than the step's matmuls. The sum is one read (a dot product); the gradient is
     autograd's to the bit (doubling is exact, so both round once, the product of the same two numbers), the
-    values differ from ``pow(2).mean()`` in their last bits (summation order). The sum takes no gradient (the
-    FVU, logged only)."""
+    values differ from ``pow(2).mean()`` in their last bits (summation order). The sum is not differentiable (it
+    serves the FVU, logged only)."""
 
     @staticmethod
     def forward(ctx, d):
         flat = d.reshape(-1)
         sq = torch.dot(flat, flat)
         ctx.save_for_backward(d)
+        ctx.mark_non_differentiable(sq)
         return sq / d.numel(), sq
 
     @staticmethod
