@@ -3,6 +3,8 @@ Qwen3.5-0.8B's shape, and the projected H100-hours of the paper's headline cell.
 
     python benchmarks/bench_scale.py                 # on a GPU: bf16, flash-linear-attention's kernels
     python benchmarks/bench_scale.py --small         # anywhere: a small config that proves the path runs
+    python benchmarks/bench_scale.py --passages 2 --steps 5 --firings 4   # without a GPU: the full
+                                                     # configuration in fp32 on the CPU (13 min, 13 GiB here)
 
 Model: ``Qwen3_5TextConfig`` with hidden 1024, 24 layers (3 Gated DeltaNet : 1 full attention), 16 value heads
 of 128 x 128 (16 key heads), as the paper describes Qwen3.5-0.8B; intermediate 3584, 8 attention heads / 2 kv
@@ -18,7 +20,8 @@ Measured, side by side in one run:
    condition amounts to), with the KLs of the two checked equal.
 Projection for the headline cell (5,000 passages x 1,024 tokens, states at every position of one cell, 80% of
 them for 20 epochs, 4,851 firings x 3 conditions), next to the paper's ~6 H100-hours per canonical SAE
-configuration (~180 in all). Peak GPU memory is reported (target: under 40 GiB).
+configuration (~180 in all). Peak memory is printed after each stage: the GPU's allocated tensors (target: under
+40 GiB), or on a CPU the process's resident set.
 """
 from __future__ import annotations
 
@@ -65,6 +68,15 @@ def timed(fn, device):
     return out, time.perf_counter() - t0
 
 
+def peak_memory(device) -> str:
+    """Peak memory so far: the GPU's allocated tensors, or this process's resident set on a CPU."""
+    if device.type == "cuda":
+        return f"peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB (target < 40 GiB)"
+    import resource
+
+    return f"peak resident memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.1f} GiB"
+
+
 def matmul_peak(device, dtype, n=4096, reps=5):
     """Dense square-matmul FLOP/s of this device at ``dtype`` (best of ``reps``)."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -95,7 +107,7 @@ def main():
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     print(f"model: hidden {cfg.hidden_size}, {L} layers, {host.n_heads} value heads of {host.d_k} x {host.d_v}, "
-          f"vocab {cfg.vocab_size}, {dtype}, {device}")
+          f"vocab {cfg.vocab_size}, {dtype}, {device}; {peak_memory(device)}")
 
     # 1. extraction (every position from 8 on, of each cell)
     P = T - 8
@@ -103,7 +115,7 @@ def main():
         _, dt = timed(lambda: extract(host, ids, cells, d, positions_per_seq=P, batch_size=4 if a.small else 8,
                                       progress=False), device)
     states_per_s = n_pass * P * len(cells) / dt
-    print(f"extraction: {n_pass * P * len(cells)} states in {dt:.1f} s = {states_per_s:,.0f} states/s")
+    print(f"extraction: {n_pass * P * len(cells)} states in {dt:.1f} s = {states_per_s:,.0f} states/s; {peak_memory(device)}")
 
     # 2. SAE training at n_feat 2048, k 32 on d_k x d_v states (bench_sae's step and FLOP count)
     sae_cfg, B = SAEConfig("bilinear", host.d_k, host.d_v, n_feat=2048, k=32), 256
@@ -117,13 +129,14 @@ def main():
     if device.type == "cuda":
         peaks["bf16"] = matmul_peak(device, torch.bfloat16)
     frac = ", ".join(f"{flops / v:.0%} of the {k_} matmul peak ({v / 1e12:.2f} TFLOP/s)" for k_, v in peaks.items())
-    print(f"SAE training (n_feat 2048, k 32, batch {B}, fp32): {samples_per_s:,.0f} samples/s; {frac}")
+    print(f"SAE training (n_feat 2048, k 32, batch {B}, fp32): {samples_per_s:,.0f} samples/s; {frac}; "
+          f"{peak_memory(device)}")
 
     # 3. substitution: prefix reuse vs a full forward per condition, KLs checked equal
     cell = cells[len(cells) // 2]
     sub_sae = WriteSAE(SAEConfig("bilinear", host.d_k, host.d_v, n_feat=512, k=16), device=device, seed=0)
     with torch.no_grad():
-        sub_sae.set_mean(host.trace(ids[:2], cells=[cell], positions=range(8, T, 8))[cell].state.flatten(0, 1).mean(0))
+        sub_sae.set_mean(host.trace(ids[:2], cells=[cell], positions=range(8, T, 8), logits=False)[cell].state.flatten(0, 1).mean(0))
     fir = firings.collect(host, sub_sae, cell, ids[:4])
     sites = firings.select(fir, "top1", max_firings=a.firings or (8 if a.small else 48), seed=0)
     kw = dict(conditions=("atom", "delete", "random"))
@@ -133,8 +146,8 @@ def main():
     diff = max(float((fast[f"kl_{c}"] - naive[f"kl_{c}"]).abs().max()) for c in kw["conditions"])
     assert diff < (1e-6 if dtype == torch.float32 else 1e-2), f"substitution paths disagree by {diff}"
     fir_s, fir_naive = len(sites) / t_fast, len(sites) / t_naive
-    print(f"substitution at L{cell[0]}H{cell[1]}: {fir_s:.2f} firings/s vs the release's method {fir_naive:.2f} "
-          f"({fir_s / fir_naive:.2f}x; max |KL diff| {diff:.1e})")
+    print(f"substitution at L{cell[0]}H{cell[1]}: {fir_s:.3g} firings/s vs the release's method {fir_naive:.3g} "
+          f"({fir_s / fir_naive:.2f}x; max |KL diff| {diff:.1e}); {peak_memory(device)}")
 
     # projection for the headline cell
     n_states = PAPER["passages"] * PAPER["window"]
@@ -146,8 +159,7 @@ def main():
           + f"; total {sum(hours.values()):.2f} (paper: ~{PAPER['h100_hours_per_sae']:.0f} H100-hours per canonical SAE "
           f"configuration, ~{PAPER['h100_hours_total']:.0f} in all; release's substitution method: "
           f"{PAPER['firings'] / fir_naive / 3600:.2f} h)")
-    if device.type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB (target < 40 GiB)")
+    print(peak_memory(device))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main():
         sae = pipeline.sae(host, cell, n_feat=512, k=16, data=dict(n_windows=256, window=a.window), progress=False)
     else:
         sae = WriteSAE(SAEConfig("bilinear", host.d_k, host.d_v, n_feat=512, k=16), seed=0)
-        sae.set_mean(host.trace(ids, cells=[cell])[cell].state.flatten(0, 1).mean(0))
+        sae.set_mean(host.trace(ids, cells=[cell], logits=False)[cell].state.flatten(0, 1).mean(0))
     fir = firings.collect(host, sae, cell, ids)
     sites = firings.select(fir, "top1", max_firings=a.seqs * a.firings, seed=0)
     conds = ("atom", "delete", "random")

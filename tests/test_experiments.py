@@ -119,6 +119,26 @@ def test_prefix_reuse_gives_the_naive_kls(host, sae, ids, sites):
         assert np.allclose(fast[c], naive[c], rtol=1e-4, atol=1e-12)
 
 
+def test_kl_in_position_slices_is_the_same_numbers():
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(40, 512, generator=g)
+    z = z0 + torch.randn(3, 40, 512, generator=g)
+    z[1, 7, 3] += 80  # a position in the float64 branch
+    whole, sliced = S.kl_both(z, z0), S.kl_both(z, z0, max_bytes=4 * 3 * 512 * 6)  # 6 positions a slice
+    for d in S.DIRECTIONS:
+        assert sliced[d].shape == (3, 40) and torch.equal(sliced[d], whole[d])
+
+
+def test_substitution_within_a_small_logits_budget_gives_the_same_kls(host, sae, ids, sites):
+    one_window = 4 * ids.shape[1] * host.vocab_size
+    wide = S.substitute(host, sae, ids, sites, chunk=4, trace_batch=4)
+    narrow = S.substitute(host, sae, ids, sites, chunk=4, trace_batch=4, logits_bytes=one_window)  # 1 window, 1 firing
+    assert len(narrow) == len(wide) == len(sites) * 3
+    for c in ("kl_atom", "kl_delete", "kl_random"):
+        assert np.allclose(narrow[c], wide[c], rtol=1e-5, atol=1e-12)
+    assert (narrow["win"] == wide["win"]).all()
+
+
 def test_geometric_rule_is_the_state_residual(host, sae, ids, sites):
     for scaling in ("coef", "norm"):
         df = S.substitute(host, sae, ids, sites, conditions=("atom", "delete"), scaling=scaling, reads=("next",))

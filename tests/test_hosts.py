@@ -142,6 +142,20 @@ def test_traced_last_state_is_the_librarys_state(fam, ids):
     assert tr.positions.tolist() == [7, T - 1]
 
 
+def test_a_traced_head_keeps_only_its_states_and_skips_the_logits_on_request(fam, ids):
+    _, _, host = fam
+    layer = host.recurrent_layers[-1]
+    # every head of the layer (its states kept as views) against one head (a copy of it only); recording the
+    # same steps of the same layer, the runs are the same to the bit
+    full = host.trace(ids, cells=[(layer, h) for h in range(host.n_heads)], positions=[3, 20])
+    few = host.trace(ids, cells=[(layer, 1)], positions=[3, 20], logits=False)
+    assert few.logits is None and full.logits.shape == (3, T, host.vocab_size)
+    for name in few[(layer, 1)]._fields:
+        a, b = getattr(few[(layer, 1)], name), getattr(full[(layer, 1)], name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    assert set(few.cells) == {(layer, 1)}
+
+
 def test_replace_by_itself_is_a_noop(fam, ids):
     _, _, host = fam
     layer = host.recurrent_layers[1]
@@ -364,9 +378,12 @@ def test_chunked_and_stepwise_recurrence_agree():
         return kernel(r, S)
 
     o1, S1, _ = recurrence.run(S0, rule, record=[5], chunk=chunk, min_chunk=64)
-    o2, S2, _ = recurrence.run(S0, rule, record=[5])
+    o2, S2, kept = recurrence.run(S0, rule, record=[5])
     assert calls == [74]  # positions 6..79 in one chunked call; 0..5 step by step
     assert (o1 - o2).abs().max() < 1e-5 and (S1 - S2).abs().max() < 1e-5
+    _, _, one = recurrence.run(S0, rule, record=recurrence.Record((5,), (1,)))  # head 1 only
+    assert one[5][1].shape == (B, 1, dk, dv) and torch.equal(one[5][1][:, 0], kept[5][1][:, 1])
+    assert torch.equal(one[5][0][:, 0], kept[5][0][:, 1])
 
 
 def test_scaled_edits_use_the_write_norm():

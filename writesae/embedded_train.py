@@ -547,7 +547,7 @@ def memory_table(host, ids) -> list[dict]:
 
     rows = []
     with torch.no_grad():
-        tr = host.trace(ids)
+        tr = host.trace(ids, logits=False)
         for c in host.cells:
             t = tr[(c.layer, c.head)]
             a = t.a if t.a.ndim == 2 else t.a.mean(-1)

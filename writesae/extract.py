@@ -76,7 +76,7 @@ def extract(host, windows, cells, out_dir, *, positions_per_seq=32, min_pos=8, b
         ids = windows[s * batch_size:(s + 1) * batch_size]
         g = torch.Generator().manual_seed(seed * 1_000_003 + s)
         pos = (torch.randperm(T - min_pos, generator=g)[:positions_per_seq] + min_pos).sort().values
-        tr = host.trace(ids, cells=[(c.layer, c.head) for c in cells], positions=pos)
+        tr = host.trace(ids, cells=[(c.layer, c.head) for c in cells], positions=pos, logits=False)
         B, P = ids.shape[0], len(pos)
         out = {"token_ids": ids[:, pos].reshape(-1),
                "seq_ids": (torch.arange(B)[:, None] + s * batch_size).expand(B, P).reshape(-1),

@@ -62,7 +62,7 @@ def collect(host, sae, cell, ids, *, min_pos=8, batch_size=16, chunk=8192, progr
     factors = _rank1_factors(sae)
     parts = []
     for s0 in range(0, N, batch_size):
-        tr = host.trace(ids[s0:s0 + batch_size], cells=[(layer, head)])[(layer, head)]
+        tr = host.trace(ids[s0:s0 + batch_size], cells=[(layer, head)], logits=False)[(layer, head)]
         B = tr.q.shape[0]
         P = T - min_pos
         sl = (slice(None), slice(min_pos, None))

@@ -13,7 +13,7 @@ def cell_memory(host, ids, min_pos=8) -> pd.DataFrame:
     gate b_t, ||W_t||_F / ||S_t||_F (1 means the state is just the current write) and the forget gate's
     half-life in tokens (ln 0.5 / ln a, at the median a)."""
     ids = torch.as_tensor(ids)
-    tr = host.trace(ids, positions=range(min_pos, ids.shape[1]))
+    tr = host.trace(ids, positions=range(min_pos, ids.shape[1]), logits=False)
     rows = []
     for c in host.cells:
         t = tr[(c.layer, c.head)]

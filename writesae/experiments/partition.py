@@ -88,8 +88,8 @@ def reader_heads(host, sae, cell, ids, firings, features, *, n_sites=8, batch=4,
             A = sae.atom(int(f)).float()
             edits = [Edit(r, layer, head, int(p), "add", float(c) * A) for r, (p, c) in enumerate(zip(chunk["pos"], chunk["coef"]))]
             p0 = int(chunk["pos"].min())
-            base = host.trace(x, cells=later, positions=range(p0, x.shape[1]))
-            edit = host.trace(x, cells=later, positions=range(p0, x.shape[1]), edits=edits)
+            base = host.trace(x, cells=later, positions=range(p0, x.shape[1]), logits=False)
+            edit = host.trace(x, cells=later, positions=range(p0, x.shape[1]), edits=edits, logits=False)
             for c in later:
                 d = (edit[c].out - base[c].out).norm(dim=-1)
                 o = base[c].out.norm(dim=-1)

@@ -197,7 +197,7 @@ def memory_table(host, ids, layers=None) -> pd.DataFrame:
     rows = []
     for layer in (host.recurrent_layers if layers is None else layers):
         cells = [(c.layer, c.head) for c in host.cells if c.layer == layer]
-        tr = host.trace(ids, cells=cells)
+        tr = host.trace(ids, cells=cells, logits=False)
         for c in cells:
             t = tr[c]
             a = t.a if t.a.ndim == 2 else t.a.mean(-1)

@@ -71,7 +71,8 @@ class CellTrace(NamedTuple):
 
 
 class Trace(NamedTuple):
-    """Result of :meth:`host.trace`: per-cell traces, the traced positions and the logits ``(B, T, V)``."""
+    """Result of :meth:`host.trace`: per-cell traces, the traced positions and the logits ``(B, T, V)`` (None
+    from ``trace(..., logits=False)``)."""
 
     cells: dict
     positions: torch.Tensor

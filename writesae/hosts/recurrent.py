@@ -180,47 +180,55 @@ class RecurrentHost:
         return self.model(input_ids=self._ids(input_ids).to(self.device)).logits.float()
 
     @staticmethod
-    def _cell_trace(out, head, positions):
-        """The :class:`CellTrace` of one head from a recorded :class:`LayerOut`."""
+    def _cell_trace(out, head, positions, slot=None):
+        """The :class:`CellTrace` of one head from a recorded :class:`LayerOut`; ``slot``: the head's place in
+        the kept states where the layer recorded a few heads (a :class:`writesae.ops.recurrence.Record`)."""
         P = torch.tensor(positions, dtype=torch.long)
         r = out.rule
         pick = lambda x: None if x is None else x[:, P, head]  # noqa: E731
         q, k, v, g, b, e, f = (pick(x) for x in r)
-        S = torch.stack([out.kept[p][1][:, head] for p in positions], 1)
-        Sp = torch.stack([out.kept[p][0][:, head] for p in positions], 1)
+        slot = head if slot is None else slot
+        S = torch.stack([out.kept[p][1][:, slot] for p in positions], 1)
+        Sp = torch.stack([out.kept[p][0][:, slot] for p in positions], 1)
         update = S - recurrence.decay(Sp, g)
         return CellTrace(q=q, k=k, v=v, a=g.exp(), b=b, write=recurrence.native_write(k, v, b), state=S,
                          prev_state=Sp, out=torch.einsum("bpkv,bpk->bpv", S, q), update=update, e=e, f=f)
 
-    def _traced(self, input_ids, cells, positions, edits):
+    def _traced(self, input_ids, cells, positions, edits, logits=True):
+        """(cells, positions, ``_run``'s outputs, {cell: CellTrace}); each layer keeps the states of its traced
+        heads only, and ``logits=False`` computes none (at a 248k vocabulary they are 1 GB per 1,024-token window)."""
         ids = self._ids(input_ids)
         T = ids.shape[1]
         cells = self.cells if cells is None else [self.cell(int(c[0]), int(c[1])) for c in cells]
         positions = self._positions(positions, T)
         for e in edits:
             self._check_edit(e, ids.shape)
-        layers = sorted({c.layer for c in cells})
-        run = self._run(self._embed(ids), 0, 0, {}, record={l: positions for l in layers},
-                        edits=self._edits_by_layer([(e.seq, e) for e in self._norm_edits(edits, T)]))
-        return cells, positions, run
+        heads = {l: sorted({c.head for c in cells if c.layer == l}) for l in {c.layer for c in cells}}
+        heads = {l: h if len(h) < self.n_heads else None for l, h in heads.items()}  # None: all, kept as views
+        run = self._run(self._embed(ids), 0, 0, {}, record={l: recurrence.Record(positions, h) for l, h in heads.items()},
+                        edits=self._edits_by_layer([(e.seq, e) for e in self._norm_edits(edits, T)]),
+                        read=None if logits else slice(0, 0))
+        slot = lambda c: None if heads[c.layer] is None else heads[c.layer].index(c.head)  # noqa: E731
+        traced = {c: self._cell_trace(run[3][c.layer], c.head, positions, slot(c)) for c in cells}
+        return cells, positions, run, traced
 
     @torch.no_grad()
-    def trace(self, input_ids, cells=None, positions=None, edits=()) -> Trace:
+    def trace(self, input_ids, cells=None, positions=None, edits=(), logits=True) -> Trace:
         """One batched forward returning, for each cell, what the recurrence used at ``positions``
-        (default: all; negative ones count from the end) plus the logits. ``cells``: list of (layer, head);
-        default all cells. ``edits``: Edits (``seq`` = batch row) applied during the run."""
-        cells, positions, (logits, _, _, rec, _) = self._traced(input_ids, cells, positions, edits)
-        out = {(c.layer, c.head): self._cell_trace(rec[c.layer], c.head, positions) for c in cells}
-        return Trace(out, torch.tensor(positions, dtype=torch.long), logits)
+        (default: all; negative ones count from the end) plus the logits (``logits=False``: None, and no
+        read-out computed). ``cells``: list of (layer, head); default all cells. ``edits``: Edits (``seq`` =
+        batch row) applied during the run."""
+        cells, positions, run, traced = self._traced(input_ids, cells, positions, edits, logits)
+        out = {(c.layer, c.head): traced[c] for c in cells}
+        return Trace(out, torch.tensor(positions, dtype=torch.long), run[0] if logits else None)
 
     @torch.no_grad()
     def readout(self, cell, input_ids, edits=()) -> Readout:
         """Trace ``cell`` at every position and keep what carries its head output to the logits: the
         per-position ``context`` of :meth:`head_out` and the final residual stream (see :class:`Readout`)."""
-        (c,), positions, (logits, _, _, rec, residual) = self._traced(input_ids, [cell], None, edits)
-        out = rec[c.layer]
-        context = self._read_context(out.read, c.head)
-        return Readout(self._cell_trace(out, c.head, positions), context, residual.float(), logits)
+        (c,), positions, (logits, _, _, rec, residual), traced = self._traced(input_ids, [cell], None, edits)
+        context = self._read_context(rec[c.layer].read, c.head)
+        return Readout(traced[c], context, residual.float(), logits)
 
     @staticmethod
     def _read_context(read, head):
