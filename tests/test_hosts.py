@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from writesae.hosts import Edit, load_host, tiny_config
+from writesae.hosts import Edit, load_host, recurrent, tiny_config
 
 TOL = 1e-4
 T = 96
@@ -220,6 +220,15 @@ def test_batch_equals_single_runs_and_naive(fam, ids):
     assert (host.run_edits(ids, late, prefix=pre).logits - naive.logits[[2, 5]]).abs().max() < TOL
     with pytest.raises(ValueError, match=f"from_layer={l0}"):
         host.run_edits(ids, [rows[0]], prefix=host.prefix(ids, [12], from_layer=l2))
+    # logits beyond the prefix's budget (a large vocabulary): unembedded at the read positions only, same numbers
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recurrent, "PREFIX_LOGITS_BYTES", 0)
+        lazy = host.prefix(ids, [33, T - 1], cells=[(l2, 3)], from_layer=l2)
+        assert lazy.trace.logits is None and lazy.out.shape[:2] == (3, T) and lazy.out.shape[2] != host.vocab_size
+        got = host.run_edits(ids, late, positions=[30, 40, T - 1], prefix=lazy)
+        want = host.run_edits(ids, late, positions=[30, 40, T - 1], prefix=pre)
+        assert (got.logits - want.logits).abs().max() < TOL and (got.base - want.base).abs().max() < TOL
+        assert got.base.shape == (3, 3, host.vocab_size)
 
 
 def test_every_row_at_position_zero_and_negative_positions(fam, ids):

@@ -41,6 +41,10 @@ from tqdm.auto import tqdm
 from ..ops import recurrence
 from .base import Cell, CellTrace, Edit, EditRun, LayerState, Readout, Trace
 
+# The largest unedited logits (bytes, float32) a prefix keeps whole; beyond it (a 248k vocabulary: one
+# 1,024-token window is 1 GB) each edited run unembeds only the positions it reads.
+PREFIX_LOGITS_BYTES = 2 ** 30
+
 
 def tail(window, n):
     """The last ``n`` rows (dim 1) of a window, left-padded with zeros when it is shorter."""
@@ -271,18 +275,25 @@ class RecurrentHost:
         :meth:`run_edits` (``prefix=``) to reuse it across calls. ``cells``: also trace these cells at
         ``positions`` (``prefix.trace``, a :class:`Trace`), from the same pass. ``from_layer``: keep states
         only for the layers from this one on (edits below it are then refused); keeping a state at a position
-        makes the recurrence step there, so a late edit's prefix is cheaper with it."""
+        makes the recurrence step there, so a late edit's prefix is cheaper with it.
+
+        The unedited logits are kept whole where they fit in ``PREFIX_LOGITS_BYTES`` (float32), else each run
+        unembeds the final residual at the positions it reads (``prefix.trace.logits`` is then None)."""
         input_ids = self._ids(input_ids).to(self.device)
-        positions = self._positions(positions, input_ids.shape[1])
+        N, T = input_ids.shape
+        positions = self._positions(positions, T)
         cells = [self.cell(int(c[0]), int(c[1])) for c in cells]
         record = {l: [p - 1 for p in positions if p > 0] if l >= from_layer else [] for l in self.recurrent_layers}
         for c in cells:
             record[c.layer] = sorted(set(record[c.layer]) | set(positions))
-        logits, states, inputs, rec, _ = self._run(self._embed(input_ids), 0, 0, {}, record=record, keep_inputs=True)
+        whole = 4 * N * T * self.vocab_size <= PREFIX_LOGITS_BYTES
+        logits, states, inputs, rec, residual = self._run(self._embed(input_ids), 0, 0, {}, record=record,
+                                                          keep_inputs=True, read=None if whole else slice(0, 0))
         kept = {l: rec[l].kept if l in rec else {} for l in self.recurrent_layers}
         trace = Trace({(c.layer, c.head): self._cell_trace(rec[c.layer], c.head, positions) for c in cells},
-                      torch.tensor(positions, dtype=torch.long), logits)
-        return _Prefix(self, input_ids, logits, inputs, states, kept, positions, trace, from_layer)
+                      torch.tensor(positions, dtype=torch.long), logits if whole else None)
+        return _Prefix(self, input_ids, logits if whole else residual, inputs, states, kept, positions, trace,
+                       from_layer, whole)
 
     @torch.no_grad()
     def run_edits(self, input_ids, edits, positions=None, reuse_prefix=True, prefix=None, progress=False) -> EditRun:
@@ -329,7 +340,7 @@ class RecurrentHost:
             if low < pre.from_layer:
                 raise ValueError(f"prefix= keeps states from layer {pre.from_layer} on, but an edit is on layer {low}: "
                                  f"build it with host.prefix(..., from_layer={low})")
-        base = pre.logits[:, as_slice(positions)].cpu()  # a contiguous run of positions: a view, not a copy
+        base = pre.base(as_slice(positions)).cpu()  # a contiguous run of positions: a view, not a copy
         out = torch.empty(len(rows), *base.shape[1:], dtype=base.dtype)
         groups = defaultdict(list)
         for j, r in enumerate(rows):
@@ -398,10 +409,14 @@ class RecurrentHost:
 class _Prefix:
     """Cached unedited run of a batch of sequences; builds batched start states for edited runs."""
 
-    def __init__(self, host, input_ids, logits, inputs, states, kept, positions, trace, from_layer=0):
-        self.host, self.input_ids, self.logits = host, input_ids, logits
+    def __init__(self, host, input_ids, out, inputs, states, kept, positions, trace, from_layer=0, whole=True):
+        self.host, self.input_ids, self.out, self.whole = host, input_ids, out, whole  # logits, or the residual
         self.inputs, self.final, self.kept = inputs, states, kept
         self.positions, self.trace, self.from_layer = positions, trace, from_layer
+
+    def base(self, read):
+        """Unedited logits ``(N, len(read), V)`` at the steps ``read`` (an index tensor or a slice)."""
+        return self.out[:, read] if self.whole else self.host.unembed(self.out[:, read]).float()
 
     def start(self, seq, pos, first_layer, n):
         """(stream (n, T-pos, D), states) to run layers first_layer.. from position pos, n copies."""
