@@ -170,9 +170,9 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
         mine = sites[sites["seq"].isin(batch)]
         # one unedited pass per batch of sequences: the states every edited run starts from, and the trace
         # of the cell at the firings (the writes the conditions replace)
-        pre = host.prefix(ids_b, sorted(mine["pos"].unique()), cells=[(layer, head)], from_layer=layer) if reuse_prefix else None
-        ct = (pre.trace if reuse_prefix else host.trace(ids_b, cells=[(layer, head)], positions=sorted(mine["pos"].unique()),
-                                                        logits=False))
+        at = sorted(mine["pos"].unique())
+        pre = host.prefix(ids_b, at, cells=[(layer, head)], from_layer=layer) if reuse_prefix else None
+        ct = pre.trace if reuse_prefix else host.trace(ids_b, cells=[(layer, head)], positions=at, logits=False)
         col = {int(p): i for i, p in enumerate(ct.positions.tolist())}
         ct = ct[(layer, head)]
         for r, s in enumerate(batch):

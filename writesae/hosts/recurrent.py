@@ -209,9 +209,9 @@ class RecurrentHost:
             self._check_edit(e, ids.shape)
         heads = {l: sorted({c.head for c in cells if c.layer == l}) for l in {c.layer for c in cells}}
         heads = {l: h if len(h) < self.n_heads else None for l, h in heads.items()}  # None: all, kept as views
-        run = self._run(self._embed(ids), 0, 0, {}, record={l: recurrence.Record(positions, h) for l, h in heads.items()},
-                        edits=self._edits_by_layer([(e.seq, e) for e in self._norm_edits(edits, T)]),
-                        read=None if logits else slice(0, 0))
+        record = {l: recurrence.Record(positions, h) for l, h in heads.items()}
+        run = self._run(self._embed(ids), 0, 0, {}, record=record, read=None if logits else slice(0, 0),
+                        edits=self._edits_by_layer([(e.seq, e) for e in self._norm_edits(edits, T)]))
         slot = lambda c: None if heads[c.layer] is None else heads[c.layer].index(c.head)  # noqa: E731
         traced = {c: self._cell_trace(run[3][c.layer], c.head, positions, slot(c)) for c in cells}
         return cells, positions, run, traced
