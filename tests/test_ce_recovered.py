@@ -36,6 +36,9 @@ def test_clean_loss_is_the_models_and_identity_recovers_everything(host, ids):
     assert res["loss_sae"] == pytest.approx(res["loss_clean"], abs=1e-5)  # S_hat = S: nothing changes
     assert res["loss_zero"] != pytest.approx(res["loss_clean"], abs=1e-4)  # zeroing the state does something
     assert res["ce_recovered"] == pytest.approx(1.0, abs=1e-2) and abs(res["ppl_change"]) < 1e-4
+    one = ce_losses(host, {(cell.layer, cell.head): lambda S: S}, ids, SPLIT, conditions=("sae", "zero"),
+                    batch=2, progress=False, logits_bytes=1)  # a passage per call, as at a large vocabulary
+    assert all(one[k] == pytest.approx(res[k], rel=1e-6) for k in ("loss_clean", "loss_sae", "loss_zero"))
     zero = ce_losses(host, {(cell.layer, cell.head): torch.zeros_like}, ids, SPLIT, conditions=("sae", "zero"),
                      progress=False)
     assert zero["loss_sae"] == pytest.approx(zero["loss_zero"], abs=1e-6) and zero["ce_recovered"] == pytest.approx(0, abs=1e-6)

@@ -53,6 +53,8 @@ def test_influence_is_the_deletion_kl_of_each_cell():
     run = host.run_edits(ids, [Edit(0, l, h, 12, "delete")], positions=range(12, 24))
     want = S.kl_by_position(run.logits, run.base[0]).mean()
     assert inf["influence"].iloc[-1] == pytest.approx(float(want), rel=1e-5) and (inf["influence"] > 0).all()
+    one = zoo.influence_table(host, ids, positions=[12], logits_bytes=1)  # a head per run (a large vocabulary)
+    assert np.allclose(one["influence"], inf["influence"], rtol=1e-5, atol=0)
 
 
 def test_metrics_path_finds_the_zoo_folders(tmp_path):

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..cache import computing
 from ..hosts import Edit
+from .substitution import LOGITS_BYTES, rows_within
 
 __all__ = ["ce_losses", "record", "CONDITIONS"]
 
@@ -61,15 +62,16 @@ def _mean(sae, like):
 
 
 @torch.no_grad()
-def ce_losses(host, saes, input_ids, split=None, *, conditions=CONDITIONS, batch=8, progress=True) -> dict:
+def ce_losses(host, saes, input_ids, split=None, *, conditions=CONDITIONS, batch=8, progress=True,
+              logits_bytes=LOGITS_BYTES) -> dict:
     """Cross-entropy with the states of ``saes``' cells spliced at ``split`` (see the module docstring).
 
     saes: ``{(layer, head): WriteSAE}`` (one cell, or every head of a layer: replaced together); a value may
     also be any callable mapping states (B, d_k, d_v) to reconstructions. input_ids: (N, T) passages.
     split: the first position that starts from the spliced state (default T // 2; 1 <= split <= T - 2).
-    batch: passages per host call. Returns loss_clean and loss_<condition> (mean nats per token), with
-    ce_recovered (against zero ablation), ce_recovered_mean (against mean ablation), ppl_change
-    (exp(loss_sae - loss_clean) - 1), split, n_tokens, n_passages and cells."""
+    batch: passages per host call (fewer where their logits would exceed ``logits_bytes``). Returns loss_clean
+    and loss_<condition> (mean nats per token), with ce_recovered (against zero ablation), ce_recovered_mean
+    (against mean ablation), ppl_change (exp(loss_sae - loss_clean) - 1), split, n_tokens, n_passages and cells."""
     ids = torch.as_tensor(input_ids)
     ids = ids[None] if ids.ndim == 1 else ids
     N, T = ids.shape
@@ -89,6 +91,7 @@ def ce_losses(host, saes, input_ids, split=None, *, conditions=CONDITIONS, batch
             by_cell[c.layer, c.head].check_cell(c)
     pos, scored = split - 1, list(range(split, T - 1))  # edited state position; positions read for the loss
     targets = ids[:, split + 1:]
+    batch = min(batch, rows_within(host, len(scored) * (len(conditions) + 1), logits_bytes))  # edited rows and base
     sums = {k: 0.0 for k in ("clean", *conditions)}
     for s0 in tqdm(range(0, N, batch), disable=not progress, desc="CE loss recovered"):
         chunk = ids[s0:s0 + batch]
@@ -135,7 +138,7 @@ def record(host, sae, input_ids, split=None, *, key="ce_recovered", progress=Tru
 
     The SAE must know its cell (``sae.info["cell"]``, set by the trainer) and, to be stored, the directory
     it was loaded from (``sae.path``: every SAE from ``writesae.pipeline.sae``); otherwise the result is
-    only returned. ``kw``: :func:`ce_losses` options (batch, conditions)."""
+    only returned. ``kw``: :func:`ce_losses` options (batch, conditions, logits_bytes)."""
     from ..data import cell_tuple
 
     if not sae.info.get("cell"):
@@ -144,7 +147,8 @@ def record(host, sae, input_ids, split=None, *, key="ce_recovered", progress=Tru
     ids = ids[None] if ids.ndim == 1 else ids
     params = dict(model=host.name, passages=_fingerprint(ids), shape=list(ids.shape),
                   split=ids.shape[1] // 2 if split is None else int(split), **{k: list(v) if isinstance(v, tuple) else v
-                                                                           for k, v in kw.items() if k != "batch"})
+                                                                           for k, v in kw.items()
+                                                                           if k not in ("batch", "logits_bytes")})
     old = (sae.info.get("metrics") or {}).get(key)
     if isinstance(old, dict) and old.get("params") == params:
         return old

@@ -40,7 +40,8 @@ from ..hosts import Edit
 from . import firings as _firings
 from . import partition as _partition
 
-__all__ = ["READS", "DIRECTIONS", "CONDITIONS", "SCALINGS", "condition_matrices", "kl_by_position", "kl_both",
+__all__ = ["READS", "DIRECTIONS", "CONDITIONS", "SCALINGS", "LOGITS_BYTES", "rows_within", "condition_matrices",
+           "kl_by_position", "kl_both",
            "substitute", "summarize", "binned", "population", "substitute_cells", "passage_nll",
            "passage_summary"]
 
@@ -70,6 +71,14 @@ def condition_matrices(atom, coef, native, scaling, generator):
     scale = coef * norm if scaling == "coef" else native.norm()
     return {"atom": ("replace", atom / norm * scale), "delete": ("delete", None),
             "random": ("replace", random_rank1(*atom.shape, generator) * scale), "native": ("replace", native)}
+
+
+LOGITS_BYTES = 2 ** 30  # float32 logits a measurement holds at once (a 248k vocabulary: 1 GB per 1,024 positions)
+
+
+def rows_within(host, positions: int, budget: int = LOGITS_BYTES) -> int:
+    """How many rows of float32 logits over ``positions`` positions fit in ``budget`` bytes (at least one)."""
+    return max(1, budget // (4 * positions * host.vocab_size))
 
 
 def kl_by_position(logits, base, direction="patched||base"):
@@ -120,7 +129,7 @@ def _native(ct, r, p, write):
 @torch.no_grad()
 def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random"), scaling="coef", write="additive",
                direction="patched||base", reads=READS, chunk=8, trace_batch=16, reuse_prefix=True, seed=0,
-               resume=None, progress=False, logits_bytes=2 ** 30) -> pd.DataFrame:
+               resume=None, progress=False, logits_bytes=LOGITS_BYTES) -> pd.DataFrame:
     """Substitution test at each firing of ``sites`` (rows of :func:`writesae.experiments.firings.select`:
     seq, pos, layer, head, feature, coef, ...; one cell) on the windows ``ids``.
 
@@ -152,9 +161,8 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
     sae.check_cell(host.cell(layer, head))
     ids = torch.as_tensor(ids)
     sites = sites.reset_index(drop=True)
-    window_bytes = 4 * ids.shape[1] * host.vocab_size  # one window's float32 logits
-    trace_batch = max(1, min(trace_batch, logits_bytes // window_bytes))
-    chunk = max(1, min(chunk, logits_bytes // (window_bytes * len(conditions))))
+    trace_batch = min(trace_batch, rows_within(host, ids.shape[1], logits_bytes))
+    chunk = min(chunk, rows_within(host, ids.shape[1] * len(conditions), logits_bytes))
     per_site, kls = [], {}
     seqs = sorted(sites["seq"].unique())
     for b0 in range(0, len(seqs), trace_batch):

@@ -250,7 +250,7 @@ def memory(host, *, window=128, n_windows=2, seed=0, influence=True) -> pd.DataF
 
 
 @torch.no_grad()
-def influence_table(host, ids, positions=None) -> pd.DataFrame:
+def influence_table(host, ids, positions=None, logits_bytes=_sub.LOGITS_BYTES) -> pd.DataFrame:
     """Per cell: how much its writes matter downstream, ``influence`` = the median over ``positions`` (default
     three spread over each window) of the mean KL(patched || base) from the edit to the window's end when that
     position's write is deleted. One prefix per window, every head of a
@@ -264,11 +264,13 @@ def influence_table(host, ids, positions=None) -> pd.DataFrame:
         for layer in host.recurrent_layers:
             heads = [c.head for c in host.cells if c.layer == layer]
             for p in positions:
-                run = host.run_edits(ids[s:s + 1], [Edit(0, layer, h, p, "delete") for h in heads],
-                                     positions=range(p, T), prefix=pre)
-                kl = _sub.kl_by_position(run.logits, run.base[0]).mean(-1)
-                for h, x in zip(heads, kl.tolist()):
-                    kls.setdefault(f"L{layer}H{h}", []).append(x)
+                step = _sub.rows_within(host, T - p, logits_bytes)  # heads per run: every one, unless the logits
+                for h0 in range(0, len(heads), step):                # of a large vocabulary do not fit
+                    run = host.run_edits(ids[s:s + 1], [Edit(0, layer, h, p, "delete") for h in heads[h0:h0 + step]],
+                                         positions=range(p, T), prefix=pre)
+                    kl = _sub.kl_by_position(run.logits, run.base[0]).mean(-1)
+                    for h, x in zip(heads[h0:h0 + step], kl.tolist()):
+                        kls.setdefault(f"L{layer}H{h}", []).append(x)
     return pd.DataFrame(dict(cell=list(kls), influence=[float(np.median(v)) for v in kls.values()]))
 
 
