@@ -57,28 +57,40 @@ def step_flops(sparse: bool, sparse_grad: bool, B: int, n: int, k: int, d: int, 
     return float(enc + dec)
 
 
-def time_steps(cfg: SAEConfig, S: torch.Tensor, steps: int, device, gemm: tuple[int, int, int] | None = None):
+def time_steps(cfg: SAEConfig, S: torch.Tensor, steps: int, device, gemm: tuple[int, int, int] | None = None,
+               compiled: bool = False):
     """Seconds of each of ``steps`` training steps (after a warm-up step) as the trainer takes them, and with
     ``gemm`` = (B, n, d), of a dense fp32 (B, d) @ (d, n) GEMM timed just before each step (the faster of two runs):
-    this CPU's throughput drifts by 10-30% within minutes, so a step is compared with the GEMM of its own moment."""
+    this CPU's throughput drifts by 10-30% within minutes, so a step is compared with the GEMM of its own moment.
+    ``compiled``: the loss through ``torch.compile`` (the trainer does not; ``--compile`` measures what it would
+    gain). Returns (step seconds, GEMM seconds, warm-up seconds: the compile for a compiled step)."""
     sae = WriteSAE(cfg, device=device, seed=0)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4, fused=torch.device(device).type in ("cpu", "cuda"))  # as the trainer
+    loss = _loss(sae, compiled)
     a, b = (torch.randn(gemm[0], gemm[2], device=device), torch.randn(gemm[2], gemm[1], device=device)) if gemm else (None, None)
-    step_s, gemm_s = [], []
+    step_s, gemm_s, warmup = [], [], 0.0
     for i in range(steps + 1):
         if gemm:
             g = min(_seconds(lambda: a @ b, device) for _ in range(2))
-        t = _seconds(lambda: _step(sae, opt, S), device)
+        t = _seconds(lambda: _step(loss, opt, S), device)
         if i:
             step_s.append(t)
             gemm_s += [g] if gemm else []
-    return step_s, gemm_s
+        else:
+            warmup = t
+    return step_s, gemm_s, warmup
 
 
-def _step(sae, opt, S):
-    out = sae(S, recon=False)  # as the trainer on the steps it does not log: the losses only
+def _loss(sae, compiled):
+    """The training loss of states S, as the trainer computes it on the steps it does not log (losses only)."""
+    fn = lambda S: sae(S, recon=False).loss  # noqa: E731
+    return torch.compile(fn) if compiled else fn
+
+
+def _step(loss, opt, S):
+    value = loss(S)
     opt.zero_grad(set_to_none=True)
-    out.loss.backward()
+    value.backward()
     opt.step()
 
 
@@ -119,7 +131,33 @@ BOOK_SIZES = [(32, 32, 1024, 16, 256), (32, 32, 128, 8, 32), (32, 64, 128, 8, 32
               (64, 64, 256, 32, 32)]
 
 
-def bench_size(dk: int, dv: int, n: int, k: int, B: int, steps: int, dev) -> None:
+def _row(name, cfg, S, steps, dev, flops, compiled=False) -> tuple[float, float]:
+    """Time one method and print its row; (median seconds of a step, seconds of the warm-up step)."""
+    B, n, d = len(S), cfg.n_feat, cfg.d_k * cfg.d_v
+    step_s, gemm_s, warmup = time_steps(cfg, S, steps, dev, gemm=(B, n, d), compiled=compiled)
+    t, peak = statistics.median(step_s), 2 * B * n * d / statistics.median(gemm_s)
+    frac = statistics.median(flops * g / (2 * B * n * d * s) for s, g in zip(step_s, gemm_s))
+    print(f"  {name:20s} {B / t:9.0f} states/s  {t * 1e3:8.1f} ms/step  {flops / t / 1e9:7.1f} GFLOP/s = "
+          f"{frac:5.1%} of the matmul throughput alongside ({peak / 1e9:.1f} GFLOP/s)")  # fmt: skip
+    return t, warmup
+
+
+def check_compiled(cfg, S, device) -> float:
+    """Max relative difference of the loss and every gradient between the eager and the compiled loss."""
+    sae = WriteSAE(cfg, device=device, seed=2)
+    results = []
+    for compiled in (False, True):
+        sae.zero_grad()
+        value = _loss(sae, compiled)(S)
+        value.backward()
+        results.append([value.detach()] + [p.grad.detach().clone() for p in sae.parameters()])
+    worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(*results))
+    if worst > 1e-4:
+        raise AssertionError(f"compiled and eager steps differ: max relative difference {worst:.2e}")
+    return worst
+
+
+def bench_size(dk: int, dv: int, n: int, k: int, B: int, steps: int, dev, compiled: bool = False) -> None:
     """Time the four methods on (d_k, d_v) states at n_feat n, k; print each against its limit."""
     d = dk * dv
     diff = check_equal(dk, dv, n, k, 16, dev)
@@ -130,13 +168,7 @@ def bench_size(dk: int, dv: int, n: int, k: int, B: int, steps: int, dev) -> Non
             ("bilinear/sparse", "bilinear", True, True), ("bilinear/dense-grad", "bilinear", True, False),
             ("bilinear/dense", "bilinear", False, False), ("flat/sparse", "flat", True, True)]:  # fmt: skip
         cfg = SAEConfig(variant, dk, dv, n_feat=n, k=k, sparse_decode=sparse, sparse_encoder_grad=sparse_grad)
-        step_s, gemm_s = time_steps(cfg, S, steps, dev, gemm=(B, n, d))
-        flops = step_flops(sparse, sparse_grad, B, n, k, d, flat=variant == "flat")
-        t, peak = statistics.median(step_s), 2 * B * n * d / statistics.median(gemm_s)
-        frac = statistics.median(flops * g / (2 * B * n * d * s) for s, g in zip(step_s, gemm_s))
-        rows[name] = t
-        print(f"  {name:20s} {B / t:9.0f} states/s  {t * 1e3:8.1f} ms/step  {flops / t / 1e9:7.1f} GFLOP/s = "
-              f"{frac:5.1%} of the matmul throughput alongside ({peak / 1e9:.1f} GFLOP/s)")  # fmt: skip
+        rows[name] = _row(name, cfg, S, steps, dev, step_flops(sparse, sparse_grad, B, n, k, d, flat=variant == "flat"))[0]
     dec_bound = step_flops(False, False, B, n, k, 1) / step_flops(True, False, B, n, k, 1)
     grad_bound = step_flops(True, False, B, n, k, 1) / step_flops(True, True, B, n, k, 1)
     dec = rows["bilinear/dense"] / rows["bilinear/dense-grad"]
@@ -144,6 +176,11 @@ def bench_size(dk: int, dv: int, n: int, k: int, B: int, steps: int, dev) -> Non
     print(f"  sparse/dense decode {dec:.2f}x (FLOP bound {dec_bound:.2f}x; {dec / dec_bound:.0%} of it); "
           f"selected/dense encoder gradient {grad:.2f}x (bound {grad_bound:.2f}x; {grad / grad_bound:.0%}); "
           f"WriteSAE vs FlatSAE {rows['flat/sparse'] / rows['bilinear/sparse']:.2f}x")  # fmt: skip
+    if compiled:
+        cfg = SAEConfig("bilinear", dk, dv, n_feat=n, k=k)
+        t, first = _row("bilinear/compiled", cfg, S, steps, dev, step_flops(True, True, B, n, k, d), compiled=True)
+        print(f"  torch.compile: {rows['bilinear/sparse'] / t:.2f}x over eager, its first step (compiling) {first:.1f} s; "
+              f"loss and gradients equal to eager's within {check_compiled(cfg, S, dev):.1e} (relative)")
 
 
 def main():
@@ -156,6 +193,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--compile", action="store_true", help="also the default model with its loss through torch.compile")
     args = ap.parse_args()
     keep_freed_memory()
     if args.threads:
@@ -164,7 +202,7 @@ def main():
           f"median of {args.steps} training steps")  # fmt: skip
     sizes = BOOK_SIZES if args.book else [(s, s, args.n_feat, args.k, args.batch) for s in args.sizes]
     for dk, dv, n, k, B in sizes:
-        bench_size(dk, dv, n, k, B, args.steps, args.device)
+        bench_size(dk, dv, n, k, B, args.steps, args.device, args.compile)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def main():
     # 2. SAE training at n_feat 2048, k 32 on d_k x d_v states (bench_sae's step and FLOP count)
     sae_cfg, B = SAEConfig("bilinear", host.d_k, host.d_v, n_feat=2048, k=32), 256
     d = host.d_k * host.d_v
-    step_s, gemm_s = bench_sae.time_steps(sae_cfg, torch.randn(B, host.d_k, host.d_v, device=device), a.steps, device,
+    step_s, gemm_s, _ = bench_sae.time_steps(sae_cfg, torch.randn(B, host.d_k, host.d_v, device=device), a.steps, device,
                                           gemm=(B, sae_cfg.n_feat, d))
     sec = statistics.median(step_s)
     samples_per_s = B / sec

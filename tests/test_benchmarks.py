@@ -1,6 +1,7 @@
 """The benchmarks run at tiny sizes and their equality checks hold (the timings are for the README, not asserted)."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,13 @@ def test_bench_sae_prints_each_method_against_the_gemm_beside_it():
     assert "sparse == dense methods" in out  # it raises when the methods' reconstructions or gradients differ
     fractions = [float(f) for f in re.findall(r"= +([0-9.]+)% of the matmul throughput alongside", out)]
     assert len(fractions) == 4 and all(0 <= f < 200 for f in fractions)  # one line per method
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile's CPU code needs a C compiler")
+def test_bench_sae_compiled_step_equals_the_eager_one():
+    out = run("bench_sae.py", "--sizes", "8", "--n-feat", "64", "-k", "4", "--batch", "16", "--steps", "2", "--compile")
+    diff = float(re.search(r"gradients equal to eager's within ([0-9.e+-]+)", out).group(1))
+    assert diff < 1e-4 and "bilinear/compiled" in out  # bench_sae raises above 1e-4; the line says how close
 
 
 def test_bench_scale_small_config_checks_the_substitution_against_the_release_method():
