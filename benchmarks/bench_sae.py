@@ -11,6 +11,7 @@ training steps (forward, AuxK off, backward, Adam) of four models at n_feat = 20
     bilinear/dense-grad  the same, but autograd through all n_feat pre-activations
     bilinear/dense       and the decoder multiplying the dense code by all n_feat atoms
     flat/sparse          FlatSAE (dense encoder and dense-atom decoder, gathered by embedding_bag)
+    bilinear/compiled    with ``--compile``: the first, its loss through ``torch.compile`` (checked equal to eager)
 
 and prints each number next to its limit:
 
