@@ -118,7 +118,8 @@ class LayerOut(NamedTuple):
 
     hidden: the stream after the layer; state: its :class:`LayerState` after the last position.
     rule: the recurrence's inputs (:class:`writesae.ops.recurrence.Rule`, ``None`` for non-recurrent layers);
-    kept: ``{step: (S_{t-1}, S_t)}`` at the recorded steps; read: per-head inputs of
+    kept: ``{step: (S_{t-1}, S_t)}`` at the recorded steps (of the recorded heads only, where ``record`` was a
+    :class:`writesae.ops.recurrence.Record` of some); read: per-head inputs of
     ``host.head_out`` besides the head output itself, each ``(B, T, H, ...)`` (e.g. the output gate)."""
 
     hidden: torch.Tensor

@@ -16,7 +16,8 @@ attributes
 ``_block(i, stream, ctx, state, edits, record) -> LayerOut``
     Layer i over T positions from ``state`` (a :class:`LayerState`, or ``None`` at position 0). A recurrent
     block builds its :class:`writesae.ops.recurrence.Rule` and runs :func:`writesae.ops.recurrence.run`
-    with ``edits`` (``{step: [...]}``) and ``record`` (steps whose states to keep). Its state's windows
+    with ``edits`` (``{step: [...]}``) and ``record`` (steps whose states to keep, as they come: a list, or a
+    :class:`writesae.ops.recurrence.Record` naming the heads too). Its state's windows
     hold every input position seen so far (time on dim 1), so a run can restart anywhere.
 ``_residual(stream) -> (B, T, hidden)``
     The residual part of the stream (default: all of it).
