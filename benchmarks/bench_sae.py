@@ -72,8 +72,8 @@ def time_steps(cfg: SAEConfig, S: torch.Tensor, steps: int, device, gemm: tuple[
     step_s, gemm_s, warmup = [], [], 0.0
     for i in range(steps + 1):
         if gemm:
-            g = min(_seconds(lambda: a @ b, device) for _ in range(2))
-        t = _seconds(lambda: _step(loss, opt, S), device)
+            g = min(timed(lambda: a @ b, device)[1] for _ in range(2))
+        t = timed(lambda: _step(loss, opt, S), device)[1]
         if i:
             step_s.append(t)
             gemm_s += [g] if gemm else []
@@ -95,12 +95,21 @@ def _step(loss, opt, S):
     opt.step()
 
 
-def _seconds(fn, device) -> float:
+def timed(fn, device):
+    """(fn's output, its seconds), the device synchronised before and after."""
     sync(device)
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     sync(device)
-    return time.perf_counter() - t0
+    return out, time.perf_counter() - t0
+
+
+def _worst(results, what: str) -> float:
+    """Max relative difference between two runs' lists of tensors; raises above 1e-4."""
+    worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(*results))
+    if worst > 1e-4:
+        raise AssertionError(f"{what} differ: max relative difference {worst:.2e}")
+    return worst
 
 
 def check_equal(dk: int, dv: int, n: int, k: int, B: int, device) -> float:
@@ -110,7 +119,6 @@ def check_equal(dk: int, dv: int, n: int, k: int, B: int, device) -> float:
     S = torch.randn(B, dk, dv, device=device)
     dead = torch.zeros(n, dtype=torch.bool, device=device)
     dead[::2] = True  # exercise the AuxK decode too
-    worst = 0.0
     results = []
     for sparse in (True, False):
         cfg.sparse_decode = cfg.sparse_encoder_grad = sparse
@@ -118,11 +126,7 @@ def check_equal(dk: int, dv: int, n: int, k: int, B: int, device) -> float:
         out = sae(S, dead_mask=dead)
         out.loss.backward()
         results.append([out.recon.detach()] + [p.grad.detach().clone() for p in sae.parameters()])
-    for a, b in zip(*results):
-        worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)))
-    if worst > 1e-4:
-        raise AssertionError(f"sparse and dense methods differ: max relative difference {worst:.2e}")
-    return worst
+    return _worst(results, "sparse and dense methods")
 
 
 # (d_k, d_v, n_feat, k, batch) of the SAEs the book trains on this CPU: chapters 01-07 (the embedded model's 32 x 32
@@ -152,10 +156,7 @@ def check_compiled(cfg, S, device) -> float:
         value = _loss(sae, compiled)(S)
         value.backward()
         results.append([value.detach()] + [p.grad.detach().clone() for p in sae.parameters()])
-    worst = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(*results))
-    if worst > 1e-4:
-        raise AssertionError(f"compiled and eager steps differ: max relative difference {worst:.2e}")
-    return worst
+    return _worst(results, "compiled and eager steps")
 
 
 def bench_size(dk: int, dv: int, n: int, k: int, B: int, steps: int, dev, compiled: bool = False) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 
 import torch
 
@@ -55,19 +54,6 @@ def config(small):
                              layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 6, tie_word_embeddings=True)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
-
-
 def peak_memory(device) -> str:
     """Peak memory so far: the GPU's allocated tensors, or this process's resident set on a CPU."""
     if device.type == "cuda":
@@ -80,7 +66,7 @@ def peak_memory(device) -> str:
 def matmul_peak(device, dtype, n=4096, reps=5):
     """Dense square-matmul FLOP/s of this device at ``dtype`` (best of ``reps``)."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = min(timed(lambda: a @ b, device)[1] for _ in range(reps))
+    best = min(bench_sae.timed(lambda: a @ b, device)[1] for _ in range(reps))
     return 2 * n ** 3 / best
 
 
@@ -112,8 +98,8 @@ def main():
     # 1. extraction (every position from 8 on, of each cell)
     P = T - 8
     with tempfile.TemporaryDirectory() as d:
-        _, dt = timed(lambda: extract(host, ids, cells, d, positions_per_seq=P, batch_size=4 if a.small else 8,
-                                      progress=False), device)
+        _, dt = bench_sae.timed(lambda: extract(host, ids, cells, d, positions_per_seq=P,
+                                                batch_size=4 if a.small else 8, progress=False), device)
     states_per_s = n_pass * P * len(cells) / dt
     print(f"extraction: {n_pass * P * len(cells)} states in {dt:.1f} s = {states_per_s:,.0f} states/s; {peak_memory(device)}")
 
@@ -140,9 +126,9 @@ def main():
     fir = firings.collect(host, sub_sae, cell, ids[:4])
     sites = firings.select(fir, "top1", max_firings=a.firings or (8 if a.small else 48), seed=0)
     kw = dict(conditions=("atom", "delete", "random"))
-    fast, t_fast = timed(lambda: substitution.substitute(host, sub_sae, ids[:4], sites, **kw), device)
-    naive, t_naive = timed(lambda: substitution.substitute(host, sub_sae, ids[:4], sites, reuse_prefix=False, **kw),
-                           device)
+    fast, t_fast = bench_sae.timed(lambda: substitution.substitute(host, sub_sae, ids[:4], sites, **kw), device)
+    naive, t_naive = bench_sae.timed(
+        lambda: substitution.substitute(host, sub_sae, ids[:4], sites, reuse_prefix=False, **kw), device)
     diff = max(float((fast[f"kl_{c}"] - naive[f"kl_{c}"]).abs().max()) for c in kw["conditions"])
     assert diff < (1e-6 if dtype == torch.float32 else 1e-2), f"substitution paths disagree by {diff}"
     fir_s, fir_naive = len(sites) / t_fast, len(sites) / t_naive

@@ -266,10 +266,11 @@ def influence_table(host, ids, positions=None, logits_bytes=_sub.LOGITS_BYTES) -
             for p in positions:
                 step = _sub.rows_within(host, T - p, logits_bytes)  # heads per run: every one, unless the logits
                 for h0 in range(0, len(heads), step):                # of a large vocabulary do not fit
-                    run = host.run_edits(ids[s:s + 1], [Edit(0, layer, h, p, "delete") for h in heads[h0:h0 + step]],
+                    hs = heads[h0:h0 + step]
+                    run = host.run_edits(ids[s:s + 1], [Edit(0, layer, h, p, "delete") for h in hs],
                                          positions=range(p, T), prefix=pre)
                     kl = _sub.kl_by_position(run.logits, run.base[0]).mean(-1)
-                    for h, x in zip(heads[h0:h0 + step], kl.tolist()):
+                    for h, x in zip(hs, kl.tolist()):
                         kls.setdefault(f"L{layer}H{h}", []).append(x)
     return pd.DataFrame(dict(cell=list(kls), influence=[float(np.median(v)) for v in kls.values()]))
 
