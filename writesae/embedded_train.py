@@ -267,9 +267,52 @@ def build_model(family=None):
     return AutoModelForCausalLM.from_config(model_config(family))
 
 
-def run_dir(family=None) -> Path:
-    """Checkpoints and logs of one training: the default model in WORK, a zoo member in WORK/zoo/<family>."""
-    return WORK if family is None else WORK / "zoo" / family
+def run_dir(family=None, task="text") -> Path:
+    """Checkpoints and logs of one training: the default model in WORK, a zoo member in WORK/zoo/<family>, a
+    recall-trained one in WORK/recall/<family>."""
+    return WORK if family is None else WORK / ("zoo" if task == "text" else "recall") / family
+
+
+# Recall training (``--task recall``): a zoo member trained further on its corpus with associative-recall
+# passages woven in (writesae.recall), so that its heads store what is read later. Windows of RECALL_SEQ
+# tokens; a curriculum grows the passages' pairs (2 -> 8) and prose gaps (16 -> 256 tokens) over the first
+# RECALL_RAMP steps. The loss adds the mean cross-entropy of the answers to the language-model loss.
+RECALL_SEQ, RECALL_BATCH, RECALL_STEPS, RECALL_RAMP, RECALL_LR = 512, 4, 3000, 1500, 1e-3
+
+
+def recall_level(step: int) -> tuple[int, int]:
+    """(max pairs, max gap) of the curriculum at ``step``."""
+    from . import recall
+
+    f = min(1.0, step / RECALL_RAMP)
+    return 2 + round(f * (recall.MAX_PAIRS - 2)), 16 + round(f * (recall.MAX_GAP - 16))
+
+
+def recall_batch(voc, data: np.ndarray, step: int, bs=RECALL_BATCH, seq=RECALL_SEQ):
+    """(tokens (bs, seq+1), answer mask (bs, seq)) of one training step, fixed by (SEED, step)."""
+    import torch
+
+    from . import recall
+
+    rng = np.random.default_rng([SEED, 1, step])
+    pairs, gap = recall_level(step)
+    rows = [recall.window(voc, data, rng, seq + 1, pairs, gap) for _ in range(bs)]
+    x = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))
+    mask = torch.from_numpy(np.stack([r[1][:-1] for r in rows]))
+    return x, mask
+
+
+def recall_eval(model, passages) -> tuple[float, list]:
+    """Held-out recall accuracy of ``model`` over ``passages``, overall and by distance."""
+    import torch
+
+    from . import recall
+
+    model.eval()
+    with torch.no_grad():
+        correct = [recall.accuracy(model(input_ids=torch.from_numpy(p.ids)[None]).logits[0], p) for p in passages]
+    model.train()
+    return float(np.concatenate(correct).mean()), recall.by_distance(passages, correct)
 
 
 def batch_at(data: np.ndarray, step: int, bs=BATCH, seq=SEQ):
@@ -344,42 +387,69 @@ def train(args):
 
     torch.set_num_threads(args.threads)
     prepare()
-    fam = args.family
-    BATCH, SEQ = (globals()["BATCH"], globals()["SEQ"]) if fam is None else (ZOO_BATCH, ZOO_SEQ)
+    fam, task = args.family, args.task
+    if fam is None:
+        BATCH, SEQ = globals()["BATCH"], globals()["SEQ"]
+    else:
+        BATCH, SEQ = (ZOO_BATCH, ZOO_SEQ) if task == "text" else (RECALL_BATCH, RECALL_SEQ)
     data = np.load(WORK / "train.npy")
-    val = eval_windows(np.load(WORK / "val.npy"), n=64 * 256 // SEQ, seq=SEQ)
+    val_ids = np.load(WORK / "val.npy")
+    val = eval_windows(val_ids, n=64 * 256 // SEQ, seq=SEQ)
     model = build_model(fam)
     nparams = sum(p.numel() for p in model.parameters())
-    total = args.tokens // (BATCH * SEQ)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    ckpt = run_dir(fam) / "ckpt"
+    total, peak, warmup = args.tokens // (BATCH * SEQ), 2e-3, 100
+    if task == "recall":
+        from transformers import AutoTokenizer
+
+        from . import recall
+
+        voc = recall.vocab(AutoTokenizer.from_pretrained(OUT))
+        probes = recall.heldout(voc, val_ids, 64)
+        total, peak, warmup = RECALL_STEPS, RECALL_LR, 50
+    opt = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=0.1)
+    ckpt = run_dir(fam, task) / "ckpt"
     state = {"step": 0, "elapsed_s": 0.0, "total_steps": total, "evals": []}
     if not args.fresh and (ckpt / "state.json").exists():
         state = load_ckpt(model, opt, ckpt)
         total = state["total_steps"]
         log("resumed at step", state["step"])
+    elif task == "recall":  # start from the shipped zoo member
+        load_ckpt_weights(model, OUT / fam)
+        log("initialised from", OUT / fam)
     log(f"params {nparams:,}; steps {total} x {BATCH}x{SEQ} = {total * BATCH * SEQ:,} tokens")
     t0, last_ck = time.time() - state["elapsed_s"], time.time()
     bar = tqdm(range(state["step"], total), initial=state["step"], total=total,
                mininterval=10, smoothing=0.05)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total)
-        x = batch_at(data, step, BATCH, SEQ)
+            g["lr"] = lr_at(step, total, peak, warmup)
+        if task == "recall":
+            x, mask = recall_batch(voc, data, step, BATCH, SEQ)
+        else:
+            x = batch_at(data, step, BATCH, SEQ)
         logits = model(input_ids=x[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+        if task == "recall":
+            answers = torch.nn.functional.cross_entropy(logits[mask], x[:, 1:][mask])
+            loss = loss + answers
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_at(step, total):.2e}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_at(step, total, peak, warmup):.2e}")
         state["step"] = step + 1
         state["elapsed_s"] = time.time() - t0
-        if (step + 1) % 200 == 0 or step + 1 == total:
+        every = 100 if task == "recall" else 200
+        if (step + 1) % every == 0 or step + 1 == total:
             vl = eval_loss(model, val)
-            state["evals"].append([step + 1, round(loss.item(), 4), round(vl, 4)])
+            row = [step + 1, round(loss.item(), 4), round(vl, 4)]
+            if task == "recall":
+                acc, by_d = recall_eval(model, probes)
+                row += [round(acc, 4), [r[3] for r in by_d], list(recall_level(step))]
+            state["evals"].append(row)
             log(f"step {step + 1}/{total} train {loss.item():.3f} val {vl:.3f} "
-                f"tok/s {(step + 1 - 0) * BATCH * SEQ / state['elapsed_s']:.0f}")
+                + (f"recall {row[3]:.3f} by distance {row[4]} level {row[5]} " if task == "recall" else "")
+                + f"tok/s {(step + 1) * BATCH * SEQ / state['elapsed_s']:.0f}")
         if time.time() - last_ck > 300 or step + 1 == total:
             save_ckpt(model, opt, state, ckpt)
             last_ck = time.time()
@@ -662,10 +732,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--family", choices=sorted(ZOO), default=None,
                     help="train a zoo member (writesae/embedded/<family>/) instead of the default model")
+    ap.add_argument("--task", choices=["text", "recall"], default="text",
+                    help="recall: train a zoo member further with associative-recall passages woven in "
+                         "(writesae.recall; needs --family)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--resume", action="store_true", help="(default when a checkpoint exists)")
     ap.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start over")
     ap.add_argument("--export-only", action="store_true")
+    ap.add_argument("--no-export", action="store_true", help="train (or resume) only; export later")
     ap.add_argument("--influence-only", action="store_true",
                     help="add the cells' influence to an exported zoo member's metrics.json and exit")
     ap.add_argument("--bench", action="store_true", help="time a few steps and exit")
@@ -676,9 +750,15 @@ def main():
         return bench(args)
     if args.influence_only:
         return add_influence(args.family, args.out)
+    if args.task == "recall" and args.family is None:
+        ap.error("--task recall trains a zoo member further: name it with --family")
     if not args.export_only:
         train(args)
-    if args.family is None:
+    if args.no_export:
+        return
+    if args.task == "recall":
+        export_recall(args.family, args.out)
+    elif args.family is None:
         export(args.out)
     else:
         export_zoo(args.family, args.out)
