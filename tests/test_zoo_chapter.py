@@ -237,4 +237,10 @@ def test_shipped_influence_is_the_chapters_measurement():
     shipped = zoo.memory(host).set_index("cell")["influence"]
     fresh = zoo.measure_influence(host).set_index("cell")["influence"]
     assert len(shipped) == len(host.cells) and shipped.notna().all()
-    assert np.allclose(shipped.loc[fresh.index], fresh, rtol=1e-4, atol=1e-12)
+    # Another CPU sums the float32 forward in another order: its logits differ by about delta (~100 ulp of logits
+    # of magnitude ~10 after 8 layers). KL ~ Var(d) / 2 for a logit difference d, so a KL moves by about
+    # 2 sqrt(2 KL) delta + delta^2: 3% of a 1e-8 influence, 0.1% of a 1e-3 one.
+    delta = 1e-5
+    tol = 2 * np.sqrt(2 * fresh.abs()) * delta + delta ** 2
+    assert ((shipped.loc[fresh.index] - fresh).abs() <= tol).all()
+    assert not ((shipped.loc[fresh.index] * 1.5 - fresh).abs() <= tol).all()  # the bound still tells numbers apart
