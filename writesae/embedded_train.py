@@ -718,6 +718,94 @@ Median decay per step and median share ||W_t|| / ||S_t|| of the state's norm tha
     log("exported", family, "to", out, {k: v for k, v in metrics.items() if k != "memory"})
 
 
+RECALL_PASSAGES, RECALL_INFLUENCE_PASSAGES = 256, 2  # held-out passages for accuracy / for each cell's influence
+
+
+def export_recall(family, root=OUT):
+    """Export a recall-trained zoo member to ``root/recall/<family>/`` (load it as
+    ``"embedded:<family>-recall"``): bf16 weights, config, metrics (held-out text loss beside the zoo member's,
+    recall accuracy by distance, the memory table with each cell's influence on prose and on recall answers)
+    and a model card."""
+    import torch
+
+    from .experiments import recall as rx
+    from .hosts import load_host
+
+    torch.set_num_threads(1)
+    ckpt, out = run_dir(family, "recall") / "ckpt", Path(root) / "recall" / family
+    state = json.loads((ckpt / "state.json").read_text())
+    model = build_model(family)
+    load_ckpt_weights(model, ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    host = load_host(str(out), device="cpu")
+    win = eval_windows(np.load(WORK / "val.npy"), n=64, seq=ZOO_SEQ)
+    val_loss = eval_loss(host.model, win)
+    zoo = json.loads((OUT / family / "metrics.json").read_text())
+    answers = rx.answers(host, rx.passages(host, RECALL_PASSAGES))
+    by_d = rx.by_distance(answers)
+    mem = with_influence(host, memory_table(host, win[:4, :ZOO_SEQ]))
+    infl = rx.influence_summary(rx.influence(host, rx.passages(host, RECALL_INFLUENCE_PASSAGES), offsets=(0,)))
+    recall_kl = infl.set_index("cell")["median_kl"]
+    mem = [dict(m, recall_influence=float(recall_kl[m["cell"]])) for m in mem]
+    nparams = sum(p.numel() for p in host.model.parameters())
+    metrics = dict(family=family, task="recall", params=nparams, steps=state["step"],
+                   train_tokens=state["step"] * RECALL_BATCH * RECALL_SEQ, wall_s=round(state["elapsed_s"]),
+                   context=RECALL_SEQ, heldout_tokens=int(win[:, 1:].numel()), heldout_loss=round(val_loss, 4),
+                   zoo_heldout_loss=zoo["heldout_loss"], recall_passages=RECALL_PASSAGES,
+                   recall_accuracy=round(float(answers["correct"].mean()), 4),
+                   recall_by_distance=by_d.round(4).to_dict("records"), memory=mem)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    acc_rows = "\n".join(f"| {r['distance']} | {r['n']} | {r['accuracy']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] |"
+                         for r in metrics["recall_by_distance"])
+    mem_rows = "\n".join(f"| {m['cell']} | {m['decay']:.3f} | {m['write_share']:.3f} | {m['influence']:.2e} | "
+                         f"{m['recall_influence']:.3g} |" for m in mem)
+    card = f"""# WriteSAE recall model: {family}
+
+The zoo's {family} model (`../../{family}/`) trained further on its corpus with associative-recall passages
+woven in (`writesae.recall`: "Remember: river red, horse four. <prose> Recall: horse four, river red."), so that
+its heads store what is read later. Reproduce with
+`python -m writesae.embedded_train --family {family} --task recall` (resumable). Load it as
+`load_host("embedded:{family}-recall")`. {nparams:,} parameters, weights bf16 on disk, float32 on load.
+
+## Training
+
+From the zoo member's weights: AdamW (betas 0.9/0.95, wd 0.1), peak LR {RECALL_LR}, 50 warm-up steps, cosine to 10%,
+batch {RECALL_BATCH}x{RECALL_SEQ} windows of training prose with recall passages woven in; a curriculum grows the
+pairs per passage (2 -> 8) and the prose gap (16 -> 256 tokens) over the first {RECALL_RAMP} steps; the loss is the
+language-model loss plus the mean cross-entropy of the answers. {state['step']} steps =
+{metrics['train_tokens']:,} tokens in {state['elapsed_s'] / 60:.1f} min on one CPU thread.
+Curve (step, train loss, held-out text loss, held-out recall accuracy, by distance, curriculum level):
+{state['evals']}
+
+## Evaluation
+
+Held-out text loss ({metrics['heldout_tokens']:,} tokens): {val_loss:.3f} nats/token (the zoo member before recall
+training: {zoo['heldout_loss']:.3f}).
+
+Recall accuracy on {RECALL_PASSAGES} held-out passages (8 pairs, gaps of 0-256 held-out tokens): {metrics['recall_accuracy']:.3f}.
+
+| distance (tokens) | pairs | accuracy [95% Wilson] |
+|---|---|---|
+{acc_rows}
+
+## Memory per cell
+
+Decay and write share on 4 held-out prose windows; influence: median KL of deleting one write (prose, as the
+zoo's); recall influence: median KL at the answer when the write at a pair's value token is deleted
+({RECALL_INFLUENCE_PASSAGES} passages x 8 pairs).
+
+| cell | decay | write share | influence (prose) | recall influence |
+|---|---|---|---|---|
+{mem_rows}
+"""
+    (out / "MODEL_CARD.md").write_text(card)
+    log("exported recall", family, "to", out, {k: v for k, v in metrics.items() if k not in ("memory",)})
+
+
 def load_ckpt_weights(model, ckpt: Path):
     from safetensors.torch import load_file
     weights = load_file(str(ckpt / "model.safetensors"))

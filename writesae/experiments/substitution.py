@@ -138,6 +138,9 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
     (``||atom matrix - N|| / ||N||``; deletion's is 1), geom_win (resid_atom < 1), read, direction,
     ``kl_<condition>`` for each condition, win (kl_atom < kl_delete) and chain (kl_atom < kl_delete < kl_random).
     ``direction`` may be a tuple (e.g. ``DIRECTIONS``) to store both from the same runs.
+    Sites with an ``answer`` column (a later position of the same sequence) allow the read ``"answer"``: the KL
+    there; with a ``target`` column (a token) too, ``hit_<condition>`` says whether the edited model's top
+    prediction at the answer is still the target (the recall chapter's accuracy).
     ``reuse_prefix=False`` runs every condition as a full forward from position 0 (the naive reference).
     ``resume``: a folder (inside the cached table's artifact folder, so keyed by the same parameters) where
     each batch of ``trace_batch`` sequences is stored when done; an interrupted run picks up there.
@@ -147,8 +150,9 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
     """
     directions = (direction,) if isinstance(direction, str) else tuple(direction)
     for r in reads:
-        if r not in READS:
-            raise ValueError(f"read {r!r} is not one of {READS}")
+        if r not in READS and not (r == "answer" and "answer" in sites):
+            raise ValueError(f"read {r!r} is not one of {READS}" + (" ('answer' needs an answer column in sites)"
+                                                                     if r == "answer" else ""))
     for c in conditions:
         if c not in CONDITIONS:
             raise ValueError(f"condition {c!r} is not one of {CONDITIONS}")
@@ -163,7 +167,7 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
     sites = sites.reset_index(drop=True)
     trace_batch = min(trace_batch, rows_within(host, ids.shape[1], logits_bytes))
     chunk = min(chunk, rows_within(host, ids.shape[1] * len(conditions), logits_bytes))
-    per_site, kls = [], {}
+    per_site, kls, hits = [], {}, {}
     seqs = sorted(sites["seq"].unique())
     for b0 in range(0, len(seqs), trace_batch):
         part = None if resume is None else Path(resume) / f"batch_{b0:06d}.json"
@@ -171,6 +175,7 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
             got = json.loads(part.read_text())
             per_site += got["sites"]
             kls.update({(j, d, c): v for j, d, c, v in got["kls"]})
+            hits.update({(j, c): v for j, c, v in got.get("hits", [])})
             continue
         n0, done = len(per_site), {}
         batch = seqs[b0:b0 + trace_batch]
@@ -201,9 +206,11 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
                         kind, m = mats[cond]
                         rows.append(Edit(r, layer, head, p, kind, m, write=write))
                         keys.append((j, cond, p))
-                # the positions read: every one from the first edit on for a mean, else each edit's and the last
+                # the positions read: every one from the first edit on for a mean, else each edit's, the last
+                # and the sites' answers
                 first, T = min(k[2] for k in keys), ids.shape[1]
-                read = range(first, T) if "mean" in reads else sorted({k[2] for k in keys} | {T - 1})
+                answers = {int(sites.loc[k[0], "answer"]) for k in keys} if "answer" in sites else set()
+                read = range(first, T) if "mean" in reads else sorted({k[2] for k in keys} | {T - 1} | answers)
                 if reuse_prefix:
                     run = host.run_edits(ids_b, rows, positions=read, prefix=pre)
                 else:
@@ -215,17 +222,22 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
                     p = keys[i0][2]
                     i1, k = i0 + len(conditions), int(torch.searchsorted(run.positions, p))
                     kl = kl_both(run.logits[i0:i1, k:], base_r[k:])  # positions p.. (all, or p and the last)
+                    if answers:  # the answer's place among the positions read from p on
+                        q = int(torch.searchsorted(run.positions[k:], int(sites.loc[keys[i0][0], "answer"])))
                     for n, (j, cond, _) in enumerate(keys[i0:i1]):
                         for d in directions:
                             x = kl[d][n]
                             done[(j, d, cond)] = {rd: float(x[0] if rd == "next" else x[-1] if rd == "final"
-                                                            else x.mean()) for rd in reads}
+                                                            else x[q] if rd == "answer" else x.mean()) for rd in reads}
+                        if "target" in sites:  # is the answer still the model's top prediction?
+                            hits[(j, cond)] = int(run.logits[i0 + n, k + q].argmax()) == int(sites.loc[j, "target"])
                     i0 = i1
             if progress:
                 print(f"substitution: sequence {s} done ({len(per_site)}/{len(sites)} firings)")
         kls.update(done)
         if part is not None:
-            write_text(part, json.dumps(dict(sites=per_site[n0:], kls=[[j, d, c, v] for (j, d, c), v in done.items()])))
+            write_text(part, json.dumps(dict(sites=per_site[n0:], kls=[[j, d, c, v] for (j, d, c), v in done.items()],
+                                             hits=[[j, c, hits[(j, c)]] for j, c in sorted({(j, c) for j, _, c in done}) if (j, c) in hits])))
     geo = pd.DataFrame(per_site).set_index("firing").sort_index()
     geo["geom_win"] = geo["resid_atom"] < 1
     base = sites.assign(firing=sites.index, scaling=scaling, write=write).join(geo, on="firing")
@@ -235,6 +247,8 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
             t = base.assign(read=rd, direction=d)
             for cond in conditions:
                 t[f"kl_{cond}"] = [kls[(j, d, cond)][rd] for j in t["firing"]]
+                if hits:
+                    t[f"hit_{cond}"] = [hits[(j, cond)] for j in t["firing"]]
             out.append(t)
     df = pd.concat(out, ignore_index=True)
     if "atom" in conditions and "delete" in conditions:

@@ -1,0 +1,168 @@
+"""The recall task (writesae.recall), its training batches, and the recall chapter's measurements
+(writesae.experiments.recall) against independent recomputations."""
+import numpy as np
+import pytest
+import torch
+
+from writesae import embedded_train, pipeline, recall
+from writesae.experiments import firings as _firings
+from writesae.experiments import recall as rx
+from writesae.experiments import substitution as sub
+from writesae.hosts import EMBEDDED_DIR, Edit, load_host
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(EMBEDDED_DIR)
+
+
+@pytest.fixture(scope="module")
+def voc(tok):
+    return recall.vocab(tok)
+
+
+@pytest.fixture(scope="module")
+def host():
+    return pipeline.host("embedded:gdn", "cpu")
+
+
+def test_vocab_words_are_single_distinct_tokens(tok, voc):
+    assert len(voc.keys) == 32 and len(voc.values) == 32
+    assert not set(voc.keys) & set(voc.values) and len(set(voc.keys)) == 32
+    for t in list(voc.keys[:3]) + list(voc.values[:3]):
+        assert tok.encode(tok.decode([int(t)]), add_special_tokens=False) == [int(t)]
+
+
+def test_vocab_refuses_a_tokenizer_without_the_words():
+    class Bytes:  # every word splits into several tokens
+        def encode(self, s, add_special_tokens=False):
+            return list(s.encode())
+
+    with pytest.raises(ValueError, match=r"only 0 keys and 0 values are single tokens"):
+        recall.vocab(Bytes())
+
+
+def test_passage_ground_truth(voc, tok):
+    rng = np.random.default_rng(3)
+    gap = np.arange(100, 117)
+    p = recall.passage(voc, rng, 5, gap)
+    assert np.array_equal(p.ids[p.write_at], p.values) and np.array_equal(p.ids[p.write_at - 1], p.keys)
+    assert np.array_equal(p.ids[p.ask_at], p.keys) and np.array_equal(p.ids[p.ask_at + 1], p.values)
+    assert len(set(p.keys)) == 5 and len(set(p.values)) == 5
+    assert (p.ask_at - p.write_at > len(gap)).all()
+    assert not np.array_equal(np.argsort(p.ask_at), np.arange(5))  # asked in another order (seed 3)
+    text = tok.decode(p.ids[:p.write_at[1] + 2].tolist())
+    assert text.startswith(" Remember:") and text.count(",") == 2
+    with pytest.raises(ValueError, match="n_pairs must be between 1 and 32"):
+        recall.passage(voc, rng, 0, gap)
+
+
+def test_window_masks_exactly_the_answers(voc):
+    prose = np.random.default_rng(0).integers(100, 8000, 20_000)
+    toks, mask = recall.window(voc, prose, np.random.default_rng(1), 513, 8, 64)
+    assert toks.shape == (513,) and mask.shape == (513,) and mask.sum() > 8
+    at = np.flatnonzero(mask)
+    assert np.isin(toks[at], voc.keys).all() and np.isin(toks[at + 1], voc.values).all()
+    # every masked key's value is the one stated for it earlier in the window
+    for i in at:
+        stated = np.flatnonzero(toks[:i - 1] == toks[i])
+        assert toks[stated[-1] + 1] == toks[i + 1]
+
+
+def test_training_batches_are_fixed_by_step_and_grow(voc):
+    data = np.random.default_rng(0).integers(100, 8000, 50_000).astype(np.uint16)
+    x, m = embedded_train.recall_batch(voc, data, 7, bs=2, seq=128)
+    y, n = embedded_train.recall_batch(voc, data, 7, bs=2, seq=128)
+    assert x.shape == (2, 129) and m.shape == (2, 128) and torch.equal(x, y) and torch.equal(m, n)
+    assert np.isin(x[:, 1:][m].numpy(), voc.values).all()
+    assert embedded_train.recall_level(0) == (2, 16)
+    assert embedded_train.recall_level(embedded_train.RECALL_RAMP) == (8, 256) == embedded_train.recall_level(10 ** 6)
+
+
+def test_heldout_passages_are_fixed_and_spread(voc):
+    prose = np.random.default_rng(0).integers(100, 8000, 20_000)
+    a, b = recall.heldout(voc, prose, 6), recall.heldout(voc, prose, 6)
+    assert all(np.array_equal(p.ids, q.ids) for p, q in zip(a, b))
+    d = np.array([min(p.ask_at - p.write_at) for p in a])
+    assert (np.diff(d) > 0).all()  # gaps 0 .. 256 spread evenly
+
+
+def test_answers_read_the_models_prediction_at_the_question(host):
+    ps = rx.passages(host, 3, n_pairs=2, max_gap=20)
+    df = rx.answers(host, ps, batch=2)
+    assert len(df) == 6
+    r = df.iloc[4]
+    lp = host.logits(torch.from_numpy(ps[r.seq].ids)[None]).log_softmax(-1)[0, r.ask_at]
+    assert r.p_value == pytest.approx(float(lp[r.value].exp()), rel=1e-4)
+    assert r.correct == (int(lp.argmax()) == r.value)
+    t = rx.by_distance(df.assign(correct=[True, False] * 3), edges=(0, 1000))
+    assert t.loc[0, "n"] == 6 and t.loc[0, "accuracy"] == 0.5 and t.loc[0, "lo"] < 0.5 < t.loc[0, "hi"]
+
+
+def test_influence_is_the_kl_of_an_independent_deletion(host):
+    ps = rx.passages(host, 1, n_pairs=2, max_gap=10)
+    inf = rx.influence(host, ps, cells=[(5, 2), (0, 1)], offsets=(-1, 0))
+    assert len(inf) == 2 * 2 * 2 and set(inf["token"]) == {"key", "value"}
+    ids = torch.from_numpy(ps[0].ids)[None]
+    base = host.logits(ids)
+    for r in inf.itertuples():
+        pos = ps[0].write_at[r.pair] + r.offset
+        edited = host.trace(ids, cells=[(r.layer, r.head)], edits=[Edit(0, r.layer, r.head, int(pos), "delete")]).logits
+        lp, lb = edited[0, ps[0].ask_at[r.pair]].double().log_softmax(-1), base[0, ps[0].ask_at[r.pair]].double().log_softmax(-1)
+        want = float((lp.exp() * (lp - lb)).sum())
+        assert abs(r.kl - want) <= 1e-6 + 1e-3 * want
+        assert r.hit == (int(lp.argmax()) == ps[0].values[r.pair])
+    assert (inf["kl"] > 0).any()
+    s = rx.influence_summary(inf)
+    assert len(s) == 4 and (s["n"] == 2).all() and list(s["median_kl"]) == sorted(s["median_kl"], reverse=True)
+
+
+@pytest.fixture(scope="module")
+def sae(host, tmp_path_factory):
+    return pipeline.sae(host, (5, 2), n_feat=32, k=4, epochs=1, root=tmp_path_factory.mktemp("cache"),
+                        data=dict(n_windows=8, window=64, positions_per_seq=16), progress=False)
+
+
+def test_substitution_reads_the_answer_and_keeps_score(host, sae):
+    ps = rx.passages(host, 2, n_pairs=2, max_gap=12)
+    sites = rx.sites(host, sae, (5, 2), ps)
+    assert len(sites) + sites.attrs["unfired"] == 4
+    assert (sites["pos"] == sites["write_at"]).all() and (sites["answer"] == sites["ask_at"]).all()
+    df = sub.substitute(host, sae, rx.padded(ps), sites, reads=("answer", "next"), conditions=("atom", "delete"))
+    ans = df[df["read"] == "answer"].reset_index(drop=True)
+    assert {"hit_atom", "hit_delete"} <= set(df.columns)
+    ids = rx.padded(ps)
+    base = host.logits(ids)
+    for r in ans.itertuples():  # deletion's KL at the answer, recomputed with an independent edited forward
+        edited = host.trace(ids[r.seq:r.seq + 1], cells=[(5, 2)], edits=[Edit(0, 5, 2, r.pos, "delete")]).logits
+        lp, lb = edited[0, r.answer].double().log_softmax(-1), base[r.seq, r.answer].double().log_softmax(-1)
+        want = float((lp.exp() * (lp - lb)).sum())
+        assert abs(r.kl_delete - want) <= 1e-6 + 1e-3 * want
+        assert r.hit_delete == (int(lp.argmax()) == r.target)
+    with pytest.raises(ValueError, match="'answer' needs an answer column"):
+        sub.substitute(host, sae, ids, sites.drop(columns="answer"), reads=("answer",))
+
+
+def test_alignment_cosines_and_purity(host, sae):
+    ps = rx.passages(host, 4, n_pairs=4, max_gap=8)
+    sites = rx.sites(host, sae, (5, 2), ps)
+    per, atoms = rx.alignment(host, sae, (5, 2), sites, ps)
+    assert len(per) == len(sites)
+    for c in ("cos_k", "cos_v", "cos_k_word", "cos_v_word", "cos_k_other", "cos_v_other"):
+        assert ((per[c] >= 0) & (per[c] <= 1 + 1e-6)).all()
+    r = per.iloc[0]  # the value factor against the v the model wrote at that site
+    tr = host.trace(rx.padded(ps), cells=[(5, 2)], logits=False)[(5, 2)]
+    v = tr.v[int(sites.loc[0, "seq"]), int(sites.loc[0, "pos"])]
+    w = _firings._rank1_factors(sae)[1][int(r.feature)].detach().float()
+    assert r.cos_v == pytest.approx(float(abs(w @ v) / (w.norm() * v.norm())), abs=1e-5)
+    assert ((atoms["key_purity"] >= 0) & (atoms["key_purity"] <= 1)).all()
+
+
+def test_recall_models_load_by_name_or_say_how_to_train_them(tmp_path, monkeypatch):
+    import writesae.hosts as hosts
+
+    monkeypatch.setattr(hosts, "EMBEDDED_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"embedded_train --family gdn --task recall"):
+        load_host("embedded:gdn-recall")
