@@ -124,11 +124,15 @@ def _resolve(source):
     cache (no network: a name that is neither fails at once, saying what to do)."""
     if source == "embedded" or source.startswith("embedded:"):
         fam = source.split(":", 1)[1] if ":" in source else "gdn"
+        fam, recall = (fam[:-len("-recall")], True) if fam.endswith("-recall") else (fam, False)
         _family(fam)
         path = EMBEDDED_DIR if ":" not in source else EMBEDDED_DIR / ZOO_DIRS.get(FAMILIES[fam], fam)
+        if recall:  # the zoo member trained further on recall passages: embedded/recall/<family>
+            path = path.parent / "recall" / path.name
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"the embedded {fam} model is missing from {path}: train it with "
-                                    f"`python -m writesae.embedded_train --family {fam}`")
+                                    f"`python -m writesae.embedded_train --family {path.name}"
+                                    + (" --task recall`" if recall else "`"))
         return str(path)
     if os.path.isdir(source):
         if not os.path.exists(os.path.join(source, "config.json")):
@@ -154,7 +158,7 @@ def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=
     """Load a model as a host.
 
     source: ``"embedded"`` (the shipped Gated DeltaNet model) or ``"embedded:<family>"`` (the zoo: gdn,
-    mamba2, deltanet, gla, rwkv7), ``"tiny"`` / ``"tiny:<family>"`` (a seeded random tiny model, no
+    mamba2, deltanet, gla, rwkv7; ``"embedded:<family>-recall"``: the member trained further on recall passages), ``"tiny"`` / ``"tiny:<family>"`` (a seeded random tiny model, no
     tokenizer), a local directory or a hub name of a real checkpoint (e.g. ``"Qwen/Qwen3.5-0.8B"``,
     ``"fla-hub/rwkv7-1.5B-world"``; offline, from the local cache), a transformers config (random init), or
     an already-loaded model. device: default CUDA when available, else CPU."""
