@@ -88,14 +88,15 @@ def sae(h, cell, **kw):
 
 
 def _trained(h, d, d_states, a):
-    """The SAE of cache folder ``d`` (from :func:`_sae_key`), trained first unless it is there."""
+    """The SAE of cache folder ``d`` (from :func:`_sae_key`), trained first unless it is there; trained and loaded
+    on the host's device (the SAE is float32 whatever the model's dtype)."""
     best = d / "best"
     with computing(d, lambda: (best / "cfg.json").exists() and (d / "done").exists()) as todo:
         if todo:
             train_sae(d_states, a["cell"], SAEConfig(**a["cfg"]), d, epochs=a["epochs"], batch_size=a["batch_size"],
-                      lr=a["lr"], seed=a["seed"], progress=a["progress"])
+                      lr=a["lr"], seed=a["seed"], progress=a["progress"], device=h.device)
             write_text(d / "done", "ok\n")
-    return WriteSAE.load(best, expect_cell=a["cell"], expect_dims=(h.d_k, h.d_v))
+    return WriteSAE.load(best, expect_cell=a["cell"], expect_dims=(h.d_k, h.d_v), device=h.device)
 
 
 def savefig(fig, name, root=None, dpi=120):
