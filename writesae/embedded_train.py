@@ -719,6 +719,23 @@ Median decay per step and median share ||W_t|| / ||S_t|| of the state's norm tha
 
 
 RECALL_PASSAGES, RECALL_INFLUENCE_PASSAGES = 256, 2  # held-out passages for accuracy / for each cell's influence
+RECALL_TEXT_WINDOWS = 160  # recall/train.txt: training prose with passages woven in, for the chapter's state datasets
+
+
+def export_recall_text(root=OUT):
+    """``root/recall/train.txt``: RECALL_TEXT_WINDOWS windows of training prose with recall passages woven in
+    (writesae.recall.woven_text, seeded), the text the recall chapter extracts its states from."""
+    from transformers import AutoTokenizer
+
+    from . import recall
+
+    prepare()
+    path = Path(root) / "recall" / "train.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = recall.woven_text(AutoTokenizer.from_pretrained(OUT), np.load(WORK / "train.npy"), RECALL_TEXT_WINDOWS,
+                             RECALL_SEQ)
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def export_recall(family, root=OUT):
@@ -734,6 +751,7 @@ def export_recall(family, root=OUT):
     torch.set_num_threads(1)
     ckpt, out = run_dir(family, "recall") / "ckpt", Path(root) / "recall" / family
     state = json.loads((ckpt / "state.json").read_text())
+    export_recall_text(root)
     model = build_model(family)
     load_ckpt_weights(model, ckpt)
     out.mkdir(parents=True, exist_ok=True)

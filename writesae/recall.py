@@ -108,6 +108,14 @@ def window(voc: Vocab, prose: np.ndarray, rng: np.random.Generator, length: int,
     return toks, mask
 
 
+def woven_text(tokenizer, prose: np.ndarray, n_windows: int, length: int = 512, seed: int = 2) -> str:
+    """``n_windows`` windows of ``prose`` (token ids) with recall passages woven in at full difficulty, decoded
+    to text (one paragraph each): the corpus the recall chapter's state datasets come from."""
+    voc, rng = vocab(tokenizer), np.random.default_rng(seed)
+    return "\n\n".join(tokenizer.decode(window(voc, prose, rng, length, MAX_PAIRS, MAX_GAP)[0].tolist()).strip()
+                       for _ in range(n_windows)) + "\n"
+
+
 def accuracy(logits, p: Passage) -> np.ndarray:
     """Per pair: whether the model's top next-token prediction at the question is the value."""
     return (logits[p.ask_at].argmax(-1).cpu().numpy() == p.values)
