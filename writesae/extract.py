@@ -26,7 +26,8 @@ def embedded_text(name="heldout"):
 
 
 def token_windows(tokenizer, text, window=128, n_windows=None, stride=None):
-    """Tokenise ``text`` once and cut it into ``(N, window)`` non-overlapping windows (in order)."""
+    """Tokenise ``text`` once and cut it into ``(N, window)`` non-overlapping windows (in order): the first
+    ``n_windows``, or every one (``None``); more than the text holds is a ValueError naming both numbers."""
     if n_windows is not None and n_windows < 1:
         raise ValueError(f"n_windows={n_windows} must be >= 1 (or None for every window of the text)")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
@@ -34,6 +35,9 @@ def token_windows(tokenizer, text, window=128, n_windows=None, stride=None):
     n = (len(ids) - window) // stride + 1
     if n < 1:
         raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {window}")
+    if n_windows is not None and n_windows > n:
+        raise ValueError(f"the text holds {n} windows of {window} tokens, {n_windows} asked for: lower the count, "
+                         "shorten the window or give a larger corpus")
     out = ids.unfold(0, window, stride)
     return out[:n_windows] if n_windows is not None else out
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
+from . import corpus as _corpus
 from .cache import artifact_dir, atomic_write, busy, computing, write_text
-from .extract import embedded_text, extract, token_windows
+from .extract import extract
 from .hosts import load_host
 from .sae import SAEConfig, WriteSAE
 from .train import train_sae
@@ -31,33 +32,43 @@ def host(model="embedded", device=None, dtype="float32"):
     return load_host(model, device=device, dtype=getattr(torch, dtype))
 
 
-def windows(h, text="train", window=128, n_windows=None, seed=0):
-    """(N, window) token windows: for the embedded model, from its shipped text (``"train"`` or
-    ``"heldout"``); for a tokenizer-less tiny model, seeded random tokens."""
+def windows(h, text="train", window=128, n_windows=None, seed=0, corpus=_corpus.EMBEDDED):
+    """(N, window) token windows of split ``text`` (``"train"`` or ``"heldout"``) of ``corpus``
+    (:mod:`writesae.corpus`; default the shipped text); for a tokenizer-less tiny model, seeded random tokens.
+    An existing ``.txt`` file as ``text`` is read as ``corpus`` (its train split)."""
     if h.tokenizer is None:
+        if corpus != _corpus.EMBEDDED:
+            raise ValueError(f"{h.name} has no tokenizer: it reads seeded random tokens, not corpus {corpus!r}; "
+                             "leave corpus='embedded'")
         g = torch.Generator().manual_seed(seed + (1 if text == "heldout" else 0))
         return torch.randint(0, h.vocab_size, (64 if n_windows is None else n_windows, window), generator=g)
-    if text in ("train", "heldout"):
-        body = embedded_text(text)
-    elif Path(text).suffix == ".txt" and Path(text).is_file():
-        body = Path(text).read_text()
-    else:
-        raise FileNotFoundError(f"text {text!r} is neither 'train' / 'heldout' (the shipped text) nor an existing "
-                                ".txt file; pass one of those")
-    return token_windows(h.tokenizer, body, window, n_windows)
+    if text not in _corpus.SPLITS:
+        if not (Path(text).suffix == ".txt" and Path(text).is_file()):
+            raise FileNotFoundError(f"text {text!r} is neither 'train' / 'heldout' (the corpus's splits) nor an "
+                                    "existing .txt file; pass one of those")
+        corpus, text = text, "train"
+    return _corpus.windows(h.tokenizer, corpus, text, window, n_windows, seed)
+
+
+def run_key(corpus=_corpus.EMBEDDED) -> dict:
+    """What decides the artifacts of a host's passages besides the model's name and the sizes: the corpus,
+    named only when it is not the shipped text (so the keys of the embedded book's artifacts stay as they were)."""
+    return {} if corpus == _corpus.EMBEDDED else {"corpus": str(corpus)}
 
 
 def states(h, cells, *, text="train", window=128, n_windows=256, positions_per_seq=32, seed=0,
-           root=None, progress=True):
-    """Directory of the state dataset for ``cells`` (extracted once, then loaded)."""
+           corpus=_corpus.EMBEDDED, root=None, progress=True):
+    """Directory of the state dataset for ``cells`` (extracted once, then loaded) from ``n_windows`` windows of
+    split ``text`` of ``corpus``."""
     cells = [[int(l), int(hd)] for l, hd in cells]
     params = dict(model=h.name, cells=cells, text=text, window=window, n_windows=n_windows,
-                  positions_per_seq=positions_per_seq, seed=seed)
+                  positions_per_seq=positions_per_seq, seed=seed, **run_key(corpus))
     d = artifact_dir("states", params, root)
     with computing(d, (d / "mean.safetensors").exists) as todo:
         if todo:
-            ids = windows(h, text, window, n_windows, seed)
-            extract(h, ids, cells, d, positions_per_seq=positions_per_seq, seed=seed, source=text, progress=progress)
+            ids = windows(h, text, window, n_windows, seed, corpus)
+            source = text if corpus == _corpus.EMBEDDED else f"{text} of {corpus}"
+            extract(h, ids, cells, d, positions_per_seq=positions_per_seq, seed=seed, source=source, progress=progress)
     return d
 
 
@@ -109,14 +120,16 @@ def savefig(fig, name, root=None, dpi=120):
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
 
 
-def data_spec(h, cells, *, heads_layer=None, window=128, n_windows=256, positions_per_seq=32, seed=0):
+def data_spec(h, cells, *, heads_layer=None, window=128, n_windows=256, positions_per_seq=32, seed=0,
+              corpus=_corpus.EMBEDDED):
     """The state-dataset parameters every section shares: ``cells`` plus, if given, every head of
-    ``heads_layer`` (for the all-heads test), extracted once into one dataset."""
+    ``heads_layer`` (for the all-heads test), extracted once into one dataset, and the corpus (:func:`run_key`):
+    every table keyed by the spec is keyed by the corpus too."""
     want = {(int(l), int(hd)) for l, hd in cells}
     if heads_layer is not None:
         want |= {(int(heads_layer), hd) for hd in range(h.n_heads)}
     return dict(cells=[list(c) for c in sorted(want)], window=window, n_windows=n_windows,
-                positions_per_seq=positions_per_seq, seed=seed)
+                positions_per_seq=positions_per_seq, seed=seed, **run_key(corpus))
 
 
 def saes(h, cells, data, **kw):
