@@ -9,6 +9,11 @@ same object seen per state row.) The head output ``S^T C`` gets the skip ``D x``
 (over groups of heads, so heads of a group interact) and ``out_proj``. The only module that knows
 Mamba-2 internals.
 
+Unedited stretches run transformers' own chunked (SSD) form, ``mamba2_chunk_scan`` (on CUDA, mamba_ssm's
+``mamba_chunk_scan_combined`` kernel where it is installed; its torch reference otherwise), from the carried
+state; the edited and recorded steps run step by step (:func:`writesae.ops.recurrence.run`). Both give the
+same states and outputs to float32 round-off (``tests/test_mamba2_chunked.py``).
+
 Layer state: windows ``(conv inputs xBC (B, t, C),)`` and ``S`` ``(B, H, d_state, head_dim)``.
 """
 from __future__ import annotations
@@ -16,10 +21,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from transformers.models.mamba2 import modeling_mamba2
+
 from ..ops import recurrence
 from .base import LayerOut, LayerState
 from .gated_deltanet import use_torch_path
 from .recurrent import RecurrentHost, grow, tail
+
+
+# SSD chunk length on CPU: at the 370M sizes (32 heads, 64 x 128 states) 64 and 128 take 0.31 s per 1,024
+# tokens and layer, the library's 256 0.56 s; stepwise 1.95 s (already slower for a stretch of 8 tokens)
+CPU_CHUNK = 64
 
 
 class Mamba2Host(RecurrentHost):
@@ -38,6 +50,21 @@ class Mamba2Host(RecurrentHost):
         self.n_heads, self.d_k, self.d_v = c.num_heads, c.state_size, c.head_dim
         if self.device.type != "cuda":
             use_torch_path(model)
+        self._scan = modeling_mamba2.mamba2_chunk_scan  # bound once: tests patch the library's for its own forward
+        self.chunked = True  # False: every step in Python (the reference the chunked form is checked against)
+
+    def _chunk_kernel(self, m):
+        """Unedited stretches of mixer ``m``: the SSD chunked scan on the rule's tensors (``x = v``, ``dt = b``,
+        the head's ``A``; B and C already one per head; ``S`` transposed to the library's ``(head_dim, d_state)``)."""
+        A = -torch.exp(m.A_log.float())
+        size = m.chunk_size if self.device.type == "cuda" else min(m.chunk_size, CPU_CHUNK)
+
+        def chunk(r, S0):
+            o, S = self._scan(r.v, r.b, A, r.k, r.q, chunk_size=size, initial_states=S0.transpose(-1, -2),
+                              return_final_states=True)
+            return o.float(), S.transpose(-1, -2).float()
+
+        return chunk
 
     def _embed(self, input_ids):
         return self.backbone.embeddings(input_ids.to(self.device))
@@ -68,7 +95,8 @@ class Mamba2Host(RecurrentHost):
         dt = F.softplus(dt.float() + m.dt_bias.float()).clamp(*m.time_step_limit)
         rule = recurrence.Rule(q=C, k=B, v=xs, g=dt * -torch.exp(m.A_log.float()), b=dt)
         S0 = state.S if state is not None and state.S is not None else xs.new_zeros(Bt, H, N, P)
-        o, S, kept = recurrence.run(S0.float(), rule, edits=edits, record=record)
+        o, S, kept = recurrence.run(S0.float(), rule, edits=edits, record=record,
+                                    chunk=self._chunk_kernel(m) if self.chunked else None)
         skip = xs * m.D.float()[:, None]
         o = (o + skip).reshape(Bt, T, -1)
         out = m.out_proj(m.norm(o.to(x.dtype), gate).to(x.dtype))
