@@ -14,17 +14,24 @@ where each pair was written, where it is asked, which key and value. This module
 """
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, replace
+
 import numpy as np
 import pandas as pd
 import torch
 
-from .. import recall
+from .. import cache, pipeline, recall
+from ..data import cell_tuple
 from ..extract import embedded_text
 from ..hosts import Edit
 from . import firings as _firings
 from . import substitution as _sub
+from . import zoo as _zoo
 
-__all__ = ["passages", "padded", "answers", "by_distance", "influence", "influence_summary", "sites", "alignment"]
+__all__ = ["passages", "padded", "answers", "by_distance", "influence", "influence_summary", "sites", "alignment",
+           "Model", "cell_influence", "setup", "accuracy_table", "deletions", "influence_tables", "substitutions", "summarize",
+           "alignments", "claims", "overview", "glue_values"]
 
 OFFSETS = {-1: "key", 0: "value", 1: "separator"}  # a pair's three tokens, by offset from its value token
 
@@ -186,3 +193,222 @@ def alignment(host, sae, cell, site_df, ps) -> tuple[pd.DataFrame, pd.DataFrame]
                               value_purity=purity(g["value"]), value_chance=chance("value", len(g)),
                               pair_purity=purity(list(zip(g["key"], g["value"])))))
     return per, pd.DataFrame(atoms)
+
+
+# ------------------------------------------------------------------------------------ the chapter
+RECALL_TEXT = "recall/train.txt"  # in writesae/embedded/: training prose with passages woven in (the SAEs' data)
+
+
+@dataclass
+class Model:
+    """One model of the chapter at its family's tested cell: the recall-trained one (``kind`` "recall") or
+    the zoo member it was trained from ("zoo"). ``fam`` is the zoo chapter's :class:`~writesae.experiments.zoo.Family`
+    (host, cell, the state-dataset spec on the woven text, held-out prose windows, sizes); ``passages``
+    the held-out recall passages; ``answers`` their accuracy table; ``influence`` the per-pair deletion
+    table at the tested cell (every pair token)."""
+
+    label: str
+    kind: str
+    fam: object
+    passages: list
+    answers: pd.DataFrame
+    influence: pd.DataFrame
+
+    @property
+    def name(self) -> str:
+        return f"{_zoo.NAMES.get(self.label, self.label)} ({self.kind})"
+
+    @property
+    def cell(self) -> tuple:
+        return self.fam.cells[0]
+
+
+def cell_influence(host, *, n_passages=2, seed=1) -> pd.DataFrame:
+    """Every cell's recall influence (median KL at the answer of deleting the write at a pair's value token):
+    from the model's ``metrics.json`` (the recall export) when it has it, else measured (cached)."""
+    path = _zoo.metrics_path(host.name)
+    mem = json.loads(path.read_text()).get("memory", []) if path is not None and path.is_file() else []
+    if mem and "recall_influence" in mem[0]:
+        return pd.DataFrame([dict(cell=m["cell"], recall_influence=m["recall_influence"]) for m in mem])
+    key = dict(model=host.name, n_passages=n_passages, seed=seed)
+    return cache.cached_table("recall_cell_influence", key, lambda: influence_summary(
+        influence(host, passages(host, n_passages, seed=seed), offsets=(0,)))[["cell", "median_kl"]].rename(
+        columns={"median_kl": "recall_influence"}))
+
+
+def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passages=4, device=None,
+          settings=None, **kw) -> list:
+    """The chapter's :class:`Model` list: for each family of ``models`` ({family: recall-trained source}) the
+    recall model and, from ``baselines`` ({family: source}), the model it was trained from, both at one
+    tested cell: ``cells[family]`` when given, else the recall model's cell of largest recall influence
+    (:func:`cell_influence`). A model not found here is left out, saying so. ``kw`` overrides fields of
+    ``settings`` (:class:`writesae.experiments.zoo.Settings`)."""
+    from ..hosts import EMBEDDED_DIR
+
+    s = replace(settings or _zoo.Settings(), **kw)
+    out = []
+    for label, source in models.items():
+        pair = [("recall", source)] + ([("zoo", baselines[label])] if baselines and label in baselines else [])
+        cell = None
+        for kind, src in pair:
+            try:
+                host = pipeline.host(src, device)
+            except FileNotFoundError as e:
+                print(f"{label} ({kind}): left out: {e}")
+                continue
+            if cell is None:
+                fixed = (cells or {}).get(label)
+                ci = cell_influence(host, seed=s.seed + 1)
+                cell = tuple(cell_tuple(fixed)) if fixed else tuple(cell_tuple(
+                    ci.sort_values("recall_influence", ascending=False, kind="stable")["cell"].iloc[0]))
+            ps = passages(host, n_passages, seed=s.seed + 1)
+            acc = cache.cached_table("recall_answers", dict(model=host.name, n=n_passages, seed=s.seed + 1),
+                                     lambda: answers(host, ps))
+            key = dict(model=host.name, cell=list(cell), n=influence_passages, seed=s.seed + 1)
+            infl = cache.cached_table("recall_influence", key, lambda: influence(
+                host, ps[:influence_passages], cells=[cell]))
+            data = dict(pipeline.data_spec(host, [cell], window=s.window, n_windows=s.n_windows,
+                                           positions_per_seq=s.positions_per_seq, seed=s.seed),
+                        text=str(EMBEDDED_DIR / RECALL_TEXT))
+            fam = _zoo.Family(label, host, _zoo.memory(host, influence=False), [cell], data,
+                              pipeline.windows(host, "heldout", s.window, s.eval_windows, s.seed), s)
+            out.append(Model(label, kind, fam, ps, acc, infl))
+    return out
+
+
+def accuracy_table(models) -> pd.DataFrame:
+    """Recall accuracy by distance for every model (model, family, kind, distance, n, accuracy, lo, hi)."""
+    return pd.concat([by_distance(m.answers).assign(model=m.name, family=m.label, kind=m.kind) for m in models],
+                     ignore_index=True)
+
+
+def deletions(models) -> pd.DataFrame:
+    """Every deleted write at each model's tested cell (the :func:`influence` rows), with model, family and kind."""
+    return pd.concat([m.influence.assign(model=m.name, family=m.label, kind=m.kind) for m in models], ignore_index=True)
+
+
+def influence_tables(models) -> pd.DataFrame:
+    """:func:`influence_summary` at each model's tested cell, with model, family and kind."""
+    return pd.concat([influence_summary(m.influence).assign(model=m.name, family=m.label, kind=m.kind)
+                      for m in models], ignore_index=True)
+
+
+def substitutions(models, scalings=_sub.SCALINGS, max_sites=64) -> pd.DataFrame:
+    """The substitution test at each model's tested cell, on two kinds of write (column ``text``): the
+    pairs' value writes of the held-out recall passages (reads ``answer``, ``next``, ``mean``; ``hit_*`` say
+    whether the answer survives), at most ``max_sites``; and the top-1 firings on held-out prose (the zoo
+    chapter's pool and reads). Both KL directions, each scaling; cached."""
+    out = []
+    for m in models:
+        f, cell = m.fam, m.cell
+        sae = f.sae(cell)
+        site_df = sites(f.host, sae, cell, m.passages).head(max_sites)
+        parts = []
+        for scaling in scalings:
+            key = f.spec(cell=list(cell), n=len(m.passages), max_sites=max_sites, scaling=scaling)
+            parts.append(cache.cached_table("recall_substitution", key, lambda: _sub.substitute(
+                f.host, sae, padded(m.passages), site_df, scaling=scaling, reads=("answer", "next", "mean"),
+                direction=_sub.DIRECTIONS, seed=f.s.seed, resume=cache.parts_dir("recall_substitution", key)
+            )).assign(text="recall writes", atom=_zoo.RANK1.name, decoder="WriteSAE"))
+        prose = _zoo.substitutions({m.label: f}, scalings)
+        parts.append(prose[prose["atom"] == _zoo.RANK1.name].assign(text="prose"))
+        out += [d.assign(model=m.name, family=m.label, kind=m.kind) for d in parts]
+    return pd.concat(out, ignore_index=True)
+
+
+def summarize(sub_df, direction=_zoo.DIRECTION) -> pd.DataFrame:
+    """Win rates (Wilson and cluster-bootstrap intervals) and median KLs per model, text, scaling and read;
+    on recall writes also the accuracy kept by each edit (``hit_atom`` etc.: share of pairs still answered)."""
+    by = ("model", "kind", "text", "scaling", "read", "direction")
+    s = _zoo.summarize(sub_df, by=by, direction=direction)
+    hits = [c for c in ("hit_atom", "hit_delete", "hit_random") if c in sub_df]
+    if hits:
+        d = sub_df if direction is None else sub_df[sub_df["direction"] == direction]
+        acc = d.dropna(subset=hits).groupby(list(by))[hits].mean().reset_index()
+        s = s.merge(acc, on=list(by), how="left")
+    return s
+
+
+def alignments(models) -> pd.DataFrame:
+    """:func:`alignment` at each model's tested cell, summarised: median |cos| of the firing atom's factors with
+    the key / value vector written there, with the word's mean vector, and with another word's (the null);
+    the atoms' median key / value / pair purity against chance."""
+    rows = []
+    for m in models:
+        sae = m.fam.sae(m.cell)
+        site_df = sites(m.fam.host, sae, m.cell, m.passages)
+        per, atoms = alignment(m.fam.host, sae, m.cell, site_df, m.passages)
+        row = dict(model=m.name, family=m.label, kind=m.kind, sites=len(per), atoms=len(atoms))
+        row.update({c: float(per[c].median()) for c in ("cos_k", "cos_k_word", "cos_k_other", "cos_v", "cos_v_word",
+                                                         "cos_v_other")})
+        for c in ("key_purity", "key_chance", "value_purity", "value_chance", "pair_purity"):
+            row[c] = float(atoms[c].median()) if len(atoms) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _interval_verdict(lo, hi, null=0.5):
+    """The chapter's rule for a rate against ``null``: above (its Wilson interval above it), below, or neither."""
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        return "not testable here"
+    return "holds" if lo > null else "fails" if hi < null else "inconclusive"
+
+
+def claims(acc, infl, summary, *, scaling="coef", read="answer", direction=_zoo.DIRECTION) -> pd.DataFrame:
+    """The paper's substitution claims where writes matter, per model: deletion's cost at the answer (target:
+    median >= 0.1 nats), the atom beating deletion (paper 92.4%) and the strict chain (paper 89.5%) on recall
+    writes at the answer, and the same on prose; the answer kept by each edit. Rule: a rate *holds* when its
+    Wilson 95% interval lies above 50%, *fails* when it lies below, else *inconclusive*."""
+    rows = []
+    for model, g in infl[infl["token"] == "value"].groupby("model", sort=False):
+        med = float(g["kl"].median())
+        rows.append(dict(model=model, claim="deleting one write costs the answer (median KL, nats)", paper="1.1-2.8",
+                         here=med, lo=np.nan, hi=np.nan, verdict="writes matter" if med >= 0.1 else "writes barely matter"))
+        s = summary[(summary["model"] == model) & (summary["scaling"] == scaling) & (summary["direction"] == direction)]
+        for text, rd in (("recall writes", read), ("prose", "mean")):
+            r = s[(s["text"] == text) & (s["read"] == rd)]
+            if not len(r):
+                continue
+            r = r.iloc[0]
+            rows.append(dict(model=model, claim=f"atom beats deletion, {text} ({rd})", paper=0.924, here=r["win_rate"],
+                             lo=r["wilson_lo"], hi=r["wilson_hi"], verdict=_interval_verdict(r["wilson_lo"], r["wilson_hi"])))
+            if "chain_rate" in r:
+                rows.append(dict(model=model, claim=f"chain atom < delete < random, {text} ({rd})", paper=0.895,
+                                 here=r["chain_rate"], lo=np.nan, hi=np.nan, verdict="(point estimate)"))
+            if text == "recall writes" and "hit_atom" in r:
+                a = acc[acc["model"] == model]
+                before = float((a["accuracy"] * a["n"]).sum() / a["n"].sum())
+                rows.append(dict(model=model, claim="answers kept: atom / delete / random (unedited: all pairs)",
+                                 paper="not reported", here=f"{r['hit_atom']:.2f} / {r['hit_delete']:.2f} / "
+                                 f"{r.get('hit_random', np.nan):.2f} (unedited {before:.2f})",
+                                 lo=np.nan, hi=np.nan,
+                                 verdict="atom keeps more answers" if r["hit_atom"] > r["hit_delete"] else
+                                 "atom keeps no more answers than deletion"))
+    return pd.DataFrame(rows)
+
+
+def overview(models) -> pd.DataFrame:
+    """One row per model: what it is, its tested cell, and its held-out recall accuracy."""
+    return pd.DataFrame([dict(model=m.name, source=m.fam.host.name, cell=f"L{m.cell[0]}H{m.cell[1]}",
+                              passages=len(m.passages), recall_accuracy=float(m.answers["correct"].mean()))
+                         for m in models])
+
+
+def glue_values(acc, dels, summary, *, scaling="coef", direction=_zoo.DIRECTION) -> dict:
+    """The chapter's key numbers for its prose and the book's verdicts, per family and kind (recall / zoo):
+    ``recall_acc_<family>_<kind>``, ``answer_kl_<family>_<kind>`` (median KL at the answer of deleting a value
+    write), ``win_answer_*`` / ``win_prose_*`` with ``_lo`` / ``_hi`` (Wilson 95%)."""
+    out = {}
+    for (fam, kind), a in acc.groupby(["family", "kind"], sort=False):
+        out[f"recall_acc_{fam}_{kind}"] = float((a["accuracy"] * a["n"]).sum() / a["n"].sum())
+    for (fam, kind), d in dels[dels["token"] == "value"].groupby(["family", "kind"], sort=False):
+        out[f"answer_kl_{fam}_{kind}"] = float(d["kl"].median())
+    s = summary[(summary["scaling"] == scaling) & (summary["direction"] == direction)]
+    for m in s["model"].unique():
+        fam, kind = acc.loc[acc["model"] == m, ["family", "kind"]].iloc[0]
+        for text, read, name in (("recall writes", "answer", "win_answer"), ("prose", "mean", "win_prose")):
+            r = s[(s["model"] == m) & (s["text"] == text) & (s["read"] == read)]
+            if len(r):
+                for col, suffix in (("win_rate", ""), ("wilson_lo", "_lo"), ("wilson_hi", "_hi")):
+                    out[f"{name}_{fam}_{kind}{suffix}"] = float(r[col].iloc[0])
+    return out

@@ -214,9 +214,10 @@ def metrics_path(model):
     model = str(model)
     if model.startswith("embedded:"):
         fam = model.split(":", 1)[1]
+        fam, sub = (fam[:-len("-recall")], "recall") if fam.endswith("-recall") else (fam, "")
         if fam not in _HOST_FAMILIES:
             return None
-        return EMBEDDED_DIR / ZOO_DIRS.get(_HOST_FAMILIES[fam], fam) / "metrics.json"
+        return EMBEDDED_DIR / sub / ZOO_DIRS.get(_HOST_FAMILIES[fam], fam) / "metrics.json"
     if model == "embedded":
         return EMBEDDED_DIR / "metrics.json"
     return Path(model) / "metrics.json" if os.path.isdir(model) else None
