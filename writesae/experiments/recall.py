@@ -267,9 +267,9 @@ def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passa
             key = dict(model=host.name, cell=list(cell), n=influence_passages, seed=s.seed + 1)
             infl = cache.cached_table("recall_influence", key, lambda: influence(
                 host, ps[:influence_passages], cells=[cell]))
-            data = dict(pipeline.data_spec(host, [cell], window=s.window, n_windows=s.n_windows,
-                                           positions_per_seq=s.positions_per_seq, seed=s.seed),
-                        text=str(EMBEDDED_DIR / RECALL_TEXT))
+            data = pipeline.data_spec(host, [cell], window=s.window, n_windows=s.n_windows,
+                                      positions_per_seq=s.positions_per_seq, seed=s.seed,
+                                      corpus=str(EMBEDDED_DIR / RECALL_TEXT))
             fam = _zoo.Family(label, host, _zoo.memory(host, influence=False), [cell], data,
                               pipeline.windows(host, "heldout", s.window, s.eval_windows, s.seed), s)
             out.append(Model(label, kind, fam, ps, acc, infl))
