@@ -70,6 +70,10 @@ FAMILIES = {
     "gla": dict(source=lambda: "tiny:gla", zero=_v_zero(2), final_state={"output_final_state": True},
                 kernel=("writesae.models.gla", "chunk_gla")),
     "rwkv7": dict(source=lambda: "tiny:rwkv7", zero=_v_zero(3), kernel=("writesae.ops.rwkv7", "chunked")),
+    "olmo_hybrid": dict(source=lambda: "tiny:olmo_hybrid", state=_gdn_state, zero=_gdn_zero,
+                        kernel=("transformers.models.olmo_hybrid.modeling_olmo_hybrid", "torch_chunk_gated_delta_rule")),
+    "kimi_linear": dict(source=lambda: "tiny:kimi_linear", state=_gdn_state, zero=_gdn_zero,
+                        kernel=("transformers.models.kimi_linear.modeling_kimi_linear", "chunk_kimi_delta_attention")),
 }
 
 

@@ -37,11 +37,14 @@ HOSTS = {
     "delta_net": ("delta_net", "DeltaNetHost"),
     "gla": ("gla", "GLAHost"),
     "rwkv7": ("rwkv7", "RWKV7Host"),
+    "olmo_hybrid": ("olmo_hybrid", "OlmoHybridHost"),
+    "kimi_linear": ("kimi_linear", "KimiLinearHost"),
 }
 # family names accepted by "tiny:<family>" and "embedded:<family>" -> the model_type they build
 FAMILIES = {"gdn": "qwen3_5", "gated_deltanet": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_next": "qwen3_next",
             "qwen3_5_moe": "qwen3_5_moe", "mamba2": "mamba2", "deltanet": "delta_net", "delta_net": "delta_net",
-            "gla": "gla", "rwkv7": "rwkv7"}
+            "gla": "gla", "rwkv7": "rwkv7",
+            "olmo_hybrid": "olmo_hybrid", "kimi_linear": "kimi_linear"}
 ZOO = ("gdn", "mamba2", "deltanet", "gla", "rwkv7")  # one embedded model per family
 ZOO_DIRS = {"qwen3_5": "gdn", "delta_net": "deltanet"}  # model_type -> folder of writesae/embedded/, where it differs
 
@@ -76,6 +79,25 @@ def tiny_config(family="qwen3_5", n_k_heads=2, n_v_heads=4, layers=4, vocab_size
         return {"qwen3_5": lambda: Qwen3_5TextConfig(**common),
                 "qwen3_next": lambda: Qwen3NextConfig(**common, **moe),
                 "qwen3_5_moe": lambda: Qwen3_5MoeTextConfig(**common, **moe)}[mt]()
+    if mt == "olmo_hybrid":
+        from transformers import OlmoHybridConfig
+
+        return OlmoHybridConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                                num_attention_heads=2, num_key_value_heads=1, linear_num_key_heads=n_k_heads,
+                                linear_num_value_heads=n_v_heads, linear_key_head_dim=16, linear_value_head_dim=8,
+                                pad_token_id=None, eos_token_id=None,
+                                # attention second: its post-norm output (unit RMS, against a random init's tiny
+                                # residual) would otherwise drown the last recurrent layer's direct path
+                                layer_types=(["linear_attention", "full_attention"] + ["linear_attention"] * 2) * (layers // 4))
+    if mt == "kimi_linear":
+        from transformers import KimiLinearConfig
+
+        return KimiLinearConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=16,
+                                qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, num_local_experts=4,
+                                num_experts_per_tok=2, linear_num_heads=n_v_heads, linear_head_dim=16,
+                                layer_types=(["linear_attention", "full_attention"] + ["linear_attention"] * 2) * (layers // 4),
+                                pad_token_id=None, bos_token_id=None, eos_token_id=None)
     if mt == "mamba2":
         from transformers import Mamba2Config
 

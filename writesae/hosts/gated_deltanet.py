@@ -85,15 +85,28 @@ class GatedDeltaNetHost(RecurrentHost):
             use_torch_path(model)
 
     # ----------------------------------------------------------- the layers
+    # what a host of the same rule under other names (``olmo_hybrid``, ``kimi_linear``) overrides
+    _chunk_fn = "torch_chunk_gated_delta_rule"  # the library's chunked kernel, in the mixer's module
+
+    def _mixer(self, i):
+        """Layer i's Gated DeltaNet module."""
+        return self.layers[i].linear_attn
+
+    def _norm_out(self, attn):
+        """The mixer's gated per-head RMSNorm and its output projection."""
+        return attn.norm, attn.out_proj
+
     def _project(self, attn, x):
-        """(mixed_qkv (B,T,C), z (B,T,H,dv), b_raw (B,T,H), a_raw (B,T,H)) for either family."""
+        """(conv input mixed_qkv (B,T,C), output gate z (B,T,H,dv), write gate b (B,T,H) and log-decay g
+        (B,T,H), both float32) for either family."""
         B, T, _ = x.shape
         if hasattr(attn, "in_proj_qkvz"):  # Qwen3-Next: grouped interleaved projections
             q, k, v, z, b, a = attn.fix_query_key_value_ordering(attn.in_proj_qkvz(x), attn.in_proj_ba(x))
             mixed = torch.cat([t.reshape(B, T, -1) for t in (q, k, v)], -1)
-            return mixed, z, b, a
-        z = attn.in_proj_z(x).reshape(B, T, -1, attn.head_v_dim)
-        return attn.in_proj_qkv(x), z, attn.in_proj_b(x), attn.in_proj_a(x)
+        else:
+            mixed, z = attn.in_proj_qkv(x), attn.in_proj_z(x).reshape(B, T, -1, attn.head_v_dim)
+            b, a = attn.in_proj_b(x), attn.in_proj_a(x)
+        return mixed, z, b.float().sigmoid(), -attn.A_log.float().exp() * F.softplus(a.float() + attn.dt_bias.float())
 
     def _chunk_kernel(self):
         """Fast recurrence for unedited stretches: fla's kernel on CUDA, transformers' torch chunk otherwise."""
@@ -101,8 +114,8 @@ class GatedDeltaNetHost(RecurrentHost):
 
         if self._chunk is not None:
             return self._chunk
-        mod = sys.modules[type(self.layers[self.recurrent_layers[0]].linear_attn).__module__]
-        fn = mod.torch_chunk_gated_delta_rule
+        mod = sys.modules[type(self._mixer(self.recurrent_layers[0])).__module__]
+        fn = getattr(mod, self._chunk_fn)
         if self.device.type != "cuda":
             fn = getattr(fn, "__wrapped__", fn)
         sqrt_dk = math.sqrt(self.d_k)
@@ -118,15 +131,15 @@ class GatedDeltaNetHost(RecurrentHost):
 
     def _gdn(self, i, x, state, edits, record):
         """Gated DeltaNet token mixer of layer i on normed input x (B,T,hidden): (output, state, rule, kept, z)."""
-        attn = self.layers[i].linear_attn
+        attn = self._mixer(i)
         B, T, _ = x.shape
-        mixed, z, b_raw, a_raw = self._project(attn, x)
+        mixed, z, b, g = self._project(attn, x)
         K = attn.conv_kernel_size
         xc = torch.cat([tail(state.windows[0], K - 1).to(mixed) if state else mixed.new_zeros(B, K - 1, mixed.shape[-1]),
                         mixed], 1).transpose(1, 2)
         y = F.conv1d(xc, attn.conv1d.weight, attn.conv1d.bias, groups=xc.shape[1])
         y = ACT2FN[attn.activation](y).transpose(1, 2)  # the config's hidden_act, as transformers does
-        kd, vd = attn.key_dim, attn.value_dim
+        kd, vd = self.n_k_heads * self.d_k, self.n_heads * self.d_v
         q, k, v = y[..., :kd], y[..., kd:2 * kd], y[..., 2 * kd:2 * kd + vd]
         rep = self.n_heads // self.n_k_heads
         q = q.reshape(B, T, -1, self.d_k).float()
@@ -134,16 +147,16 @@ class GatedDeltaNetHost(RecurrentHost):
         q = (q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6)).repeat_interleave(rep, 2) / math.sqrt(self.d_k)
         k = (k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)).repeat_interleave(rep, 2)
         v = v.reshape(B, T, -1, self.d_v).float()
-        b = b_raw.float().sigmoid()
-        g = -attn.A_log.float().exp() * F.softplus(a_raw.float() + attn.dt_bias.float())
-        rule = recurrence.Rule(q, k, v, g, b, e=-b[..., None] * k, f=g.exp()[..., None] * k)
+        # g a scalar per head, or a vector per key row (Kimi): f = exp(g) k either way
+        rule = recurrence.Rule(q, k, v, g, b, e=-b[..., None] * k, f=(g.exp()[..., None] if g.ndim == 3 else g.exp()) * k)
         S0 = state.S if state is not None and state.S is not None else q.new_zeros(B, self.n_heads, self.d_k, self.d_v)
         # transformers' torch chunk kernel pads every call to 64 tokens: shorter stretches are cheaper
         # step by step on CPU; fla's kernel on GPU is cheap for short stretches too
         o, S, kept = recurrence.run(S0.float(), rule, edits=edits, record=record, chunk=self._chunk_kernel(),
                                     min_chunk=64 if self.device.type == "cpu" else 8)
-        o = attn.norm(o.to(x.dtype).reshape(-1, self.d_v), z.reshape(-1, self.d_v)).reshape(B, T, -1)
-        return attn.out_proj(o), LayerState((grow(state, 0, mixed),), S), rule, kept, z
+        norm, out = self._norm_out(attn)
+        o = norm(o.to(x.dtype).reshape(-1, self.d_v), z.reshape(-1, self.d_v)).reshape(B, T, -1)
+        return out(o), LayerState((grow(state, 0, mixed),), S), rule, kept, z
 
     def _attention(self, i, x, pos_emb, state, start):
         """Full-attention token mixer (gated, GQA) with explicit past keys/values."""
@@ -193,11 +206,11 @@ class GatedDeltaNetHost(RecurrentHost):
 
     def _out_weight(self, cell):
         layer, head = cell[:2]
-        return self.layers[layer].linear_attn.out_proj.weight[:, head * self.d_v:(head + 1) * self.d_v]
+        return self._norm_out(self._mixer(layer))[1].weight[:, head * self.d_v:(head + 1) * self.d_v]
 
     def head_out(self, cell, o, z):
         """``W_O[head] norm(o, z)``: the gated RMSNorm acts per head, so the rest of the layer drops out."""
-        return F.linear(self.layers[cell[0]].linear_attn.norm(o, z), self._out_weight(cell))
+        return F.linear(self._norm_out(self._mixer(cell[0]))[0](o, z), self._out_weight(cell))
 
     def head_unembed(self, cell):
         return self.lm_head.weight.float() @ self._out_weight(cell).float()
