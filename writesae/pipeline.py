@@ -23,19 +23,35 @@ TRAINER_VERSION = 3  # 2: input scale c (SAE trains on (S - M) / c); 3: fused Ad
 # entries for every rule, AuxK by columns (the same math, other rounding: trained weights differ in the last bits)
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # the model's weights; states, edits and SAEs stay float32
+
+
 @functools.lru_cache(maxsize=4)
 def host(model="embedded", device=None, dtype="float32"):
-    """The host for ``model`` (memoised per process)."""
+    """The host for ``model`` (memoised per process), its weights in ``dtype`` (one of :data:`DTYPES`; the
+    paper's GPU runs: bfloat16). The recurrence, its states and edits run in float32 whatever the dtype
+    (:mod:`writesae.hosts.recurrent`)."""
     from transformers.utils import logging
 
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: use one of {', '.join(DTYPES)} (the model's weights; float32 on a CPU, "
+                         "bfloat16 on a GPU)")
     logging.disable_progress_bar()  # no weight-loading bars in the book's pages
+    # nor transformers' note that a CPU runs its torch form of the fla / causal-conv kernels: the book's pages
+    # run on the CPU on purpose, and the host says which kernels it runs (its kernel lane)
+    logging.get_logger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
     return load_host(model, device=device, dtype=getattr(torch, dtype))
+
+
+def weights_dtype(h) -> str:
+    """The dtype of ``h``'s weights, as a name of :data:`DTYPES`."""
+    return str(next(h.model.parameters()).dtype).removeprefix("torch.")
 
 
 def windows(h, text="train", window=128, n_windows=None, seed=0, corpus=_corpus.EMBEDDED):
     """(N, window) token windows of split ``text`` (``"train"`` or ``"heldout"``) of ``corpus``
     (:mod:`writesae.corpus`; default the shipped text); for a tokenizer-less tiny model, seeded random tokens.
-    An existing ``.txt`` file as ``text`` is read as ``corpus`` (its train split)."""
+    An existing ``.txt`` file as ``text`` is one text cut whole into windows (no split), as the shipped text is."""
     if h.tokenizer is None:
         if corpus != _corpus.EMBEDDED:
             raise ValueError(f"{h.name} has no tokenizer: it reads seeded random tokens, not corpus {corpus!r}; "
