@@ -52,9 +52,10 @@ class Section:
     seed: int = 0
     min_firings: int = 5
     max_firings: int | None = None
+    corpus: str = "embedded"  # the passages (``writesae.corpus``): state datasets and held-out measurements
     data: dict | None = None  # the state-dataset spec; default: ``cells`` (+ ``cell``) and ``heads_layer``'s heads
     root: object = None       # the artifact cache (default ``writesae.cache.cache_root()``)
-    progress: bool = True     # progress bars of extraction and training
+    progress: bool = False    # progress bars of extraction and training (off: a book page shows results only)
 
     def __post_init__(self):
         self.cell = tuple(int(x) for x in self.cell)
