@@ -67,10 +67,11 @@ def cmd_extract(a):
     from . import pipeline
     from .extract import extract
 
-    host = pipeline.host(a.model, _device(a.device))
-    ids = pipeline.windows(host, a.text, a.window, a.n_windows, a.seed)
+    host = pipeline.host(a.model, _device(a.device), a.model_dtype)
+    ids = pipeline.windows(host, a.text, a.window, a.n_windows, a.seed, a.corpus)
     out = extract(host, ids, _cells(a.cells, host), a.out, positions_per_seq=a.positions_per_seq,
-                  batch_size=a.batch_size, seed=a.seed, dtype=getattr(torch, a.dtype), source=a.text)
+                  batch_size=a.batch_size, seed=a.seed, dtype=getattr(torch, a.dtype),
+                  source=a.text if a.corpus == "embedded" else f"{a.text} of {a.corpus}")
     print(f"states written to {out}")
 
 
@@ -131,13 +132,17 @@ def main(argv=None):
     e = sub.add_parser("extract", help="write a state dataset (resumable)")
     e.add_argument("--model", default="embedded", help='"embedded", a local dir or hub name, or "tiny"')
     e.add_argument("--cells", default="L1H1", help='e.g. "L1H1,L5H2" or "all"')
-    e.add_argument("--text", default="train", help='"train"/"heldout" (shipped text) or a .txt file')
+    e.add_argument("--corpus", default="embedded", help='"embedded" (the shipped text), a .txt/.jsonl/.parquet file '
+                   'or folder, a datasets save_to_disk directory or a hub dataset name (see writesae.corpus)')
+    e.add_argument("--text", default="train", help='the corpus\'s "train" or "heldout" passages (or one .txt file, cut whole)')
     e.add_argument("--window", type=int, default=128)
     e.add_argument("--n-windows", type=int, default=256)
     e.add_argument("--positions-per-seq", type=int, default=32)
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    e.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="stored states")
+    e.add_argument("--model-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the model's weights (bfloat16 on a GPU; the recurrence runs in float32 either way)")
     e.add_argument("--device", default=None)
     e.add_argument("--out", required=True)
     e.set_defaults(fn=cmd_extract)

@@ -144,11 +144,12 @@ def setup(namespace):
     torch.manual_seed(p["seed"])
     if p.get("threads"):
         torch.set_num_threads(p["threads"])
-    host = pipeline.host(p["model"], p["device"])
+    host = pipeline.host(p["model"], p["device"], p.get("dtype", "float32"))
     sec = Section(host, p["cell"], p["cells"], heads_layer=p.get("heads_layer"), window=p["window"],
                   n_windows=p["n_windows"], positions_per_seq=p["positions_per_seq"],
                   eval_windows=p.get("eval_windows", 64), n_feat=p["n_feat"], k=p["k"], epochs=p["epochs"],
-                  seed=p["seed"], min_firings=p.get("min_firings", 5), max_firings=p.get("max_firings"))
+                  seed=p["seed"], min_firings=p.get("min_firings", 5), max_firings=p.get("max_firings"),
+                  corpus=p.get("corpus", "embedded"))
     print(sec.describe())
     return sec
 

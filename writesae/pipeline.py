@@ -12,7 +12,7 @@ import torch
 
 from . import corpus as _corpus
 from .cache import artifact_dir, atomic_write, busy, computing, write_text
-from .extract import extract
+from .extract import extract, token_windows
 from .hosts import load_host
 from .sae import SAEConfig, WriteSAE
 from .train import train_sae
@@ -62,23 +62,29 @@ def windows(h, text="train", window=128, n_windows=None, seed=0, corpus=_corpus.
         if not (Path(text).suffix == ".txt" and Path(text).is_file()):
             raise FileNotFoundError(f"text {text!r} is neither 'train' / 'heldout' (the corpus's splits) nor an "
                                     "existing .txt file; pass one of those")
-        corpus, text = text, "train"
+        return token_windows(h.tokenizer, Path(text).read_text(), window, n_windows)
     return _corpus.windows(h.tokenizer, corpus, text, window, n_windows, seed)
 
 
-def run_key(corpus=_corpus.EMBEDDED) -> dict:
-    """What decides the artifacts of a host's passages besides the model's name and the sizes: the corpus,
-    named only when it is not the shipped text (so the keys of the embedded book's artifacts stay as they were)."""
-    return {} if corpus == _corpus.EMBEDDED else {"corpus": str(corpus)}
+def run_key(h, corpus=_corpus.EMBEDDED) -> dict:
+    """What decides the artifacts of a host's passages besides the model's name and the sizes: the dtype of its
+    weights and the corpus, each named only when it is not the default (float32, the shipped text), so the keys
+    of the embedded book's artifacts stay as they were."""
+    dt = weights_dtype(h)
+    return {**({} if dt == "float32" else {"model_dtype": dt}),
+            **({} if corpus == _corpus.EMBEDDED else {"corpus": str(corpus)})}
 
 
 def states(h, cells, *, text="train", window=128, n_windows=256, positions_per_seq=32, seed=0,
-           corpus=_corpus.EMBEDDED, root=None, progress=True):
+           corpus=_corpus.EMBEDDED, model_dtype=None, root=None, progress=True):
     """Directory of the state dataset for ``cells`` (extracted once, then loaded) from ``n_windows`` windows of
-    split ``text`` of ``corpus``."""
+    split ``text`` of ``corpus``. ``model_dtype`` (from a :func:`data_spec`) must be the host's."""
+    if model_dtype is not None and model_dtype != weights_dtype(h):
+        raise ValueError(f"this state-dataset spec is for a {model_dtype} model, {h.name} is {weights_dtype(h)}: "
+                         "build the spec with data_spec on this host")
     cells = [[int(l), int(hd)] for l, hd in cells]
     params = dict(model=h.name, cells=cells, text=text, window=window, n_windows=n_windows,
-                  positions_per_seq=positions_per_seq, seed=seed, **run_key(corpus))
+                  positions_per_seq=positions_per_seq, seed=seed, **run_key(h, corpus))
     d = artifact_dir("states", params, root)
     with computing(d, (d / "mean.safetensors").exists) as todo:
         if todo:
@@ -139,13 +145,13 @@ def savefig(fig, name, root=None, dpi=120):
 def data_spec(h, cells, *, heads_layer=None, window=128, n_windows=256, positions_per_seq=32, seed=0,
               corpus=_corpus.EMBEDDED):
     """The state-dataset parameters every section shares: ``cells`` plus, if given, every head of
-    ``heads_layer`` (for the all-heads test), extracted once into one dataset, and the corpus (:func:`run_key`):
-    every table keyed by the spec is keyed by the corpus too."""
+    ``heads_layer`` (for the all-heads test), extracted once into one dataset, the model's dtype and the corpus
+    (:func:`run_key`): every table keyed by the spec is keyed by them too."""
     want = {(int(l), int(hd)) for l, hd in cells}
     if heads_layer is not None:
         want |= {(int(heads_layer), hd) for hd in range(h.n_heads)}
     return dict(cells=[list(c) for c in sorted(want)], window=window, n_windows=n_windows,
-                positions_per_seq=positions_per_seq, seed=seed, **run_key(corpus))
+                positions_per_seq=positions_per_seq, seed=seed, **run_key(h, corpus))
 
 
 def saes(h, cells, data, **kw):

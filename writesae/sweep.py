@@ -43,8 +43,8 @@ __all__ = ["DEFAULTS", "COLUMNS", "settings", "data_for", "run_cell", "sweep", "
 
 # The notebooks' defaults (02_feature_classes, 03_substitution, 04_closed_form; a test keeps them equal),
 # used for the names a parameter file leaves out.
-DEFAULTS = dict(model="embedded", device=None, seed=0, cells=[[1, 2], [4, 3], [6, 0]], heads_layer=6, window=128,
-                n_windows=512, positions_per_seq=32, eval_windows=64, n_feat=1024, k=16, epochs=20, min_firings=5,
+DEFAULTS = dict(model="embedded", device=None, dtype="float32", corpus="embedded", seed=0,
+                cells=[[1, 2], [4, 3], [6, 0]], heads_layer=6, window=128, n_windows=512, positions_per_seq=32, eval_windows=64, n_feat=1024, k=16, epochs=20, min_firings=5,
                 max_firings=400, n_atoms=8, sites_per_atom=8, eps=[0.1, 0.3, 1.0, 3.0], lags=[0, 2])
 
 # Bump when a row's definition changes (part of every row's and table's cache key).
@@ -90,6 +90,13 @@ def _spec(s, host_name, data) -> dict:
                 eval_windows=s["eval_windows"], seed=s["seed"])
 
 
+def _host(s, device=None):
+    """The host of settings ``s`` on ``device`` (a task's; default the settings'), in the settings' dtype."""
+    from . import pipeline
+
+    return pipeline.host(s["model"], device or s["device"], s["dtype"])
+
+
 def _fault(spec: str | None, cell, root) -> None:
     """The testing hook (see the module docstring)."""
     for part in (spec or "").split(","):
@@ -122,7 +129,7 @@ def run_cell(s: dict, data: dict, cell, root=None, *, threads=1, device=None, fa
 
     if threads:
         torch.set_num_threads(threads)
-    h = pipeline.host(s["model"], device or s["device"])
+    h = _host(s, device)
     c = tuple(int(x) for x in h.cell(*cell)[:2])
     spec = _spec(s, h.name, data)
     key = dict(spec, cell=list(c), row=ROW_VERSION, min_firings=s["min_firings"], max_firings=s["max_firings"],
@@ -136,7 +143,8 @@ def run_cell(s: dict, data: dict, cell, root=None, *, threads=1, device=None, fa
         # the notebooks' own section: the same SAE, firings, partition and substitution artifacts (cache keys)
         sec = Section(h, c, [c], window=s["window"], n_windows=s["n_windows"], positions_per_seq=s["positions_per_seq"],
                       eval_windows=s["eval_windows"], n_feat=s["n_feat"], k=s["k"], epochs=s["epochs"], seed=seed,
-                      min_firings=s["min_firings"], max_firings=s["max_firings"], data=data, root=root, progress=False)
+                      min_firings=s["min_firings"], max_firings=s["max_firings"], corpus=s["corpus"], data=data, root=root,
+                      progress=False)
         sae, eval_ids, fir = sec.sae(), sec.eval_ids, sec.firings()
         m = sae.info.get("metrics", {})
         row = dict(cell=cell_label(c), layer=c[0], head=c[1], fvu=m.get("fvu", np.nan), l0=m.get("l0", np.nan),
@@ -182,7 +190,7 @@ def _states(s, data, root, device=None, threads=1) -> str:
 
     if threads:
         torch.set_num_threads(threads)
-    h = pipeline.host(s["model"], device or s["device"])
+    h = _host(s, device)
     d = dict(data)
     return pipeline.states(h, d.pop("cells"), root=root, progress=False, **d).name
 
@@ -208,7 +216,8 @@ def data_for(h, s, cells) -> dict:
     from . import pipeline
 
     return pipeline.data_spec(h, [*map(tuple, s["cells"]), *cells], heads_layer=s["heads_layer"], window=s["window"],
-                              n_windows=s["n_windows"], positions_per_seq=s["positions_per_seq"], seed=s["seed"])
+                              n_windows=s["n_windows"], positions_per_seq=s["positions_per_seq"], seed=s["seed"],
+                              corpus=s["corpus"])
 
 
 def _ray_init(ray, address, workers):
@@ -246,7 +255,7 @@ def sweep(params=None, cells="all", *, address=None, workers=None, root=None, se
 
     s = settings(params, **overrides)
     root = cache.cache_root(root).resolve()
-    h = pipeline.host(s["model"], s["device"])
+    h = _host(s)
     todo_cells = parse_cells(h, cells)
     data = data_for(h, s, todo_cells)
     table_key = dict(_spec(s, h.name, data), row=ROW_VERSION, cells=[list(c) for c in todo_cells],

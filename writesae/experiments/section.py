@@ -65,7 +65,7 @@ class Section:
         if self.data is None:
             self.data = pipeline.data_spec(self.host, stored, heads_layer=self.heads_layer, window=self.window,
                                            n_windows=self.n_windows, positions_per_seq=self.positions_per_seq,
-                                           seed=self.seed)
+                                           seed=self.seed, corpus=self.corpus)
 
     # ------------------------------------------------------------------ keys, data, SAEs
     @property
@@ -82,7 +82,7 @@ class Section:
     @functools.cached_property
     def eval_ids(self):
         """The held-out passages every measurement runs on (eval_windows x window)."""
-        return pipeline.windows(self.host, "heldout", self.window, self.eval_windows, self.seed)
+        return pipeline.windows(self.host, "heldout", self.window, self.eval_windows, self.seed, self.corpus)
 
     def sae(self, cell=None, **kw):
         """The section's SAE on ``cell`` (default: the headline cell); ``kw``: variant, activation, rank, ..."""

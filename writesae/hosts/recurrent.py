@@ -30,6 +30,15 @@ attributes
     from a cell to the logits used by the closed form, sign prediction, erasure and generation install.
 ``head_unembed(cell) -> (V, d_v)``
     The paper's token read-out of a head output: ``W_U W_O[head]`` (no norms).
+
+Dtypes (``load_host(..., dtype=)``; the paper's GPU runs: bfloat16 weights). The weights, the residual stream,
+projections, norms, MLPs and attention layers run in the model's dtype. Every recurrent block casts what
+enters the recurrence to float32: q, k, v, the gates (decay, write gate, erase pair), the initial state; so
+the recurrence, the states ``S_t``, the writes, every edit (replace / delete / add, the scales read from the
+write) and the head output ``o_t = S_t^T q_t`` are float32, and ``o_t`` is cast back to the model's dtype before
+the layer's output norm and projection. Traces (:class:`CellTrace`) and prefixes keep float32 states; logits
+are returned as float32 (the read-out runs in the model's dtype). ``head_unembed`` and ``head_out``'s weights
+are float32 copies. SAEs are float32; state datasets store bfloat16 by default (``extract(..., dtype=)``).
 """
 from __future__ import annotations
 
