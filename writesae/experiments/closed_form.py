@@ -44,9 +44,11 @@ from torch.func import jvp
 
 from ..hosts import Edit
 from ..ops import recurrence
+from ..verdicts import median_ci
 from .substitution import _generator, random_rank1
 
-__all__ = ["readout", "propagate", "closed_form", "r2", "r2_summary", "edited_layer", "selectivity"]
+__all__ = ["readout", "propagate", "closed_form", "r2", "r2_summary", "r2_shown", "R2_FLOOR", "edited_layer",
+           "selectivity"]
 
 
 def readout(host, cell, ids, edits=()):
@@ -223,11 +225,33 @@ def r2(df, by=("feature",)) -> pd.DataFrame:
 
 
 def r2_summary(table) -> pd.DataFrame:
-    """Median, IQR and share above 0.95 of every ``r2_*`` column of an :func:`r2` table."""
+    """Median with its bootstrap 95% interval over atoms (median_lo, median_hi), IQR and share above 0.95 of
+    every ``r2_*`` column of an :func:`r2` table."""
     cols = [c for c in table if c.startswith("r2_")]
-    return pd.DataFrame([dict(predictor=c[3:], n=int(table[c].notna().sum()), median=table[c].median(),
-                              q25=table[c].quantile(0.25), q75=table[c].quantile(0.75),
-                              frac_gt_0_95=float((table[c] > 0.95).mean())) for c in cols])
+    rows = []
+    for c in cols:
+        _, lo, hi = median_ci(table[c])
+        rows.append(dict(predictor=c[3:], n=int(table[c].notna().sum()), median=table[c].median(), median_lo=lo,
+                         median_hi=hi, q25=table[c].quantile(0.25), q75=table[c].quantile(0.75),
+                         frac_gt_0_95=float((table[c] > 0.95).mean())))
+    return pd.DataFrame(rows)
+
+
+R2_FLOOR = -1.0
+
+
+def r2_shown(df, floor=R2_FLOOR) -> pd.DataFrame:
+    """``df`` for a page: every R^2 below ``floor`` written as "below -1". R^2 = 1 - SS_res / SS_tot divides by the
+    variance of the measured shift; where that barely varies (a near-constant target) any miss gives R^2 in the
+    thousands below zero, a number that says only "worse than predicting the mean". R^2 columns: ``r2_*`` and a
+    summary's median / quartiles."""
+    out = df.copy()
+    cols = [c for c in out if str(c).startswith("r2_") or c in ("median", "median_lo", "median_hi", "q25", "q75")]
+    for c in cols:
+        v = pd.to_numeric(out[c], errors="coerce")
+        if (v < floor).any():
+            out[c] = [f"below {floor:g}" if x < floor else x for x in v]
+    return out
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import stats
+from ..verdicts import difference_text, paired_difference, rate_difference
 from ..cache import write_text
 from ..hosts import Edit
 from . import firings as _firings
@@ -43,7 +44,7 @@ from . import partition as _partition
 __all__ = ["READS", "DIRECTIONS", "CONDITIONS", "SCALINGS", "LOGITS_BYTES", "rows_within", "condition_matrices",
            "kl_by_position", "kl_both",
            "substitute", "summarize", "binned", "population", "substitute_cells", "passage_nll",
-           "passage_summary"]
+           "passage_summary", "decoder_gap", "compare_pools"]
 
 READS = ("next", "final", "mean")
 DIRECTIONS = ("patched||base", "base||patched")
@@ -413,4 +414,30 @@ def passage_summary(df, *, n_boot=1000, seed=0) -> dict:
         out[f"{c}_lo"], out[f"{c}_hi"] = stats.bootstrap_ci(df[c].to_numpy(), n_boot=n_boot, seed=seed)
     out["ratio"] = out["d_random"] / out["d_delete"] if out["d_delete"] else np.nan
     out["wilcoxon_p"] = stats.paired_wilcoxon(df["d_random"], df["d_delete"]).pvalue
+    # the paper's contrast as a paired difference over passages (a ratio of two means near zero has no interval)
+    out["d_gap"], out["d_gap_lo"], out["d_gap_hi"] = paired_difference(df["d_random"], df["d_delete"], seed=seed)
     return out
+
+
+def decoder_gap(df, a="WriteSAE", b=None, *, read="mean", direction="patched||base") -> dict:
+    """App. F.4's contrast on a table with a ``decoder`` column (two decoders at the same firings): the win rate
+    of decoder ``a`` minus that of ``b`` (default: the other one) over the firings both cover, with a paired
+    bootstrap interval. Returns gap, lo, hi, n (NaN without both decoders)."""
+    g = df[(df["read"] == read) & (df["direction"] == direction)] if len(df) else df
+    names = list(dict.fromkeys(g["decoder"])) if len(g) else []
+    b = b or next((d for d in names if d != a), None)
+    if a not in names or b not in names:
+        return dict(gap=np.nan, lo=np.nan, hi=np.nan, n=0)
+    on = [c for c in ("layer", "head", "seq", "pos") if c in g]
+    pair = g[g["decoder"] == a].drop_duplicates(on).merge(g[g["decoder"] == b].drop_duplicates(on), on=on,
+                                                           suffixes=("_a", "_b"))
+    gap, lo, hi = paired_difference(pair["win_a"].astype(float), pair["win_b"].astype(float))
+    return dict(gap=gap, lo=lo, hi=hi, n=len(pair))
+
+
+def compare_pools(a, b) -> dict:
+    """Two rows of :func:`summarize` (e.g. the top-1 pool against the register pool): the difference of their win
+    rates with Newcombe's interval (the pools are treated as independent samples) and a sentence saying whether
+    it is inside the noise. Returns diff, lo, hi, text."""
+    d, lo, hi = rate_difference(int(a["wins"]), int(a["n"]), int(b["wins"]), int(b["n"]))
+    return dict(diff=d, lo=lo, hi=hi, text=difference_text(d, lo, hi))

@@ -27,15 +27,14 @@ corpus, tokenizer, context and token budget, so the comparison can be made *matc
    GDN, per-row decay for GLA / RWKV-7, erase pair for the delta rules) and the host's own read-out Jacobian,
    with no fitted parameter, scored on held-out prompts; ``pred_paper`` is the paper's GDN formula.
 6. **DeltaNet register cosine against k** (:func:`k_sweep`).
-7. **The paper's orderings** (:func:`claims`): each cross-architecture statement of the paper tested on
-   the measured numbers, with a sentence saying whether it holds.
+7. **The numbers the verdicts read** (:func:`glue_values`): the paper's cross-architecture statements are rows
+   of the book's verdict table (``writesae.verdicts``), tested on these numbers with their intervals.
 
 Every table is cached under the chapter's parameters (``writesae.cache``), as in the other chapters.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,6 +46,7 @@ import torch
 from .. import cache, pipeline
 from ..data import cell_tuple
 from ..hosts import Edit
+from ..verdicts import median_ci, median_difference
 from . import closed_form as _cf
 from . import firings as _firings
 from . import partition as _partition
@@ -55,7 +55,7 @@ from . import substitution as _sub
 __all__ = ["FAMILIES", "NAMES", "PAPER", "Atom", "RANK1", "RANK2_UPDATE", "atoms_for", "Settings", "Family",
            "memory_table", "influence_table", "measure_influence", "metrics_path", "memory", "choose_cells", "setup", "memory_tables", "partitions",
            "family_register_cos", "substitutions", "summarize", "headline", "TruncatedAtoms", "flat_comparison",
-           "closed_forms", "k_sweep", "ordering", "claims", "glue_values", "win_rate_rows"]
+           "closed_forms", "k_sweep", "REGISTER_PAIRS", "glue_values", "win_rate_rows"]
 
 FAMILIES = ("gdn", "mamba2", "deltanet", "gla", "rwkv7")
 NAMES = {"gdn": "GDN", "mamba2": "Mamba-2", "deltanet": "DeltaNet", "gla": "GLA", "rwkv7": "RWKV-7"}
@@ -553,42 +553,7 @@ def k_sweep(f, ks=(16, 32, 64, 128), n_feat=512, cell=None) -> pd.DataFrame:
                                                       min_firings=f.s.min_firings), compute)
 
 
-# ----------------------------------------------------------------------------- the paper's orderings
-def _fmt(x, fmt):
-    """``x`` formatted (``fmt`` a format spec, or ``"pts"``: a difference of rates in percentage points)."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{100 * x:+.1f} pts" if fmt == "pts" else format(x, fmt)
-
-
-def ordering(measured: dict, paper: dict, fmt=".3f") -> dict:
-    """Whether the paper's ordering of ``paper`` = {family: value} (highest first) holds on ``measured``.
-
-    Returns holds (True / False / None when a family has no measured value), the measured order as text
-    and a sentence naming the pairs that hold and those that do not."""
-    fams = sorted(paper, key=lambda k: -paper[k])
-    want = " > ".join(f"{NAMES.get(k, k)} ({_fmt(paper[k], fmt)})" for k in fams)
-    vals = {k: measured.get(NAMES.get(k, k), measured.get(k, np.nan)) for k in fams}
-    missing = [NAMES.get(k, k) for k in fams if vals[k] is None or not np.isfinite(vals[k])]
-    if missing:
-        return dict(holds=None, measured="n/a",
-                    sentence=f"the paper's ordering {want} cannot be tested here: no value for {', '.join(missing)}.")
-    got = sorted(fams, key=lambda k: -vals[k])
-    text = f"{NAMES.get(got[0], got[0])} ({_fmt(vals[got[0]], fmt)})" + "".join(
-        f" {'=' if vals[b] == vals[a] else '>'} {NAMES.get(b, b)} ({_fmt(vals[b], fmt)})" for a, b in zip(got, got[1:]))
-    pairs = [(a, b) for i, a in enumerate(fams) for b in fams[i + 1:]]
-    ok = [f"{NAMES.get(a, a)} > {NAMES.get(b, b)}" for a, b in pairs if vals[a] > vals[b]]
-    bad = [f"{NAMES.get(a, a)} > {NAMES.get(b, b)}" for a, b in pairs if not vals[a] > vals[b]]
-    if not bad:
-        sentence = f"the paper's ordering {want} holds in this run: {text}."
-    else:
-        sentence = (f"the paper's ordering {want} does not hold in this run, which orders them {text}"
-                    + (f"; of its pairwise comparisons {', '.join(ok)} hold{'s' if len(ok) == 1 else ''} and "
-                       if ok else "; none of its pairwise comparisons holds: ")
-                    + f"{', '.join(bad)} do{'es' if len(bad) == 1 else ''} not.")
-    return dict(holds=not bad, measured=text, sentence=sentence)
-
-
+# ------------------------------------------------------------------- the numbers the chapter's verdicts read
 def _get(table, fam, col):
     try:
         return float(table.loc[fam, col])
@@ -596,93 +561,39 @@ def _get(table, fam, col):
         return np.nan
 
 
-def claims(reg_cos: dict, summary, flat_summary, cf_by_family, sweep) -> pd.DataFrame:
-    """The paper's cross-architecture statements, each tested on the measured numbers: claim, paper, matched
-    zoo (measured), verdict ("holds" / "does not hold" / "not testable here") and a sentence.
-
-    reg_cos: :func:`family_register_cos`; summary / flat_summary: :func:`summarize` of :func:`substitutions` /
-    :func:`flat_comparison`; cf_by_family: :func:`closed_forms`' second table; sweep: :func:`k_sweep`."""
-    rows = []
-
-    def add(claim, paper, result):
-        verdict = {True: "holds", False: "does not hold", None: "not testable here"}[result["holds"]]
-        rows.append(dict(claim=claim, paper=paper, matched_zoo=result["measured"], verdict=verdict,
-                         sentence=result["sentence"][0].upper() + result["sentence"][1:]))
-
-    # 1. register median cosine GDN > RWKV-7 > Mamba-2
-    add("register median cosine", "GDN 0.262 > RWKV-7 0.180 > Mamba-2 0.0575",
-        ordering(reg_cos, PAPER["register_cos"], ".3g"))
-    # 2. substitution win rate GDN > Mamba-2
-    h = headline(summary) if len(summary) else pd.DataFrame()
-    win = {fam: _get(h, fam, "win_rate") for fam in h.index} if len(h) else {}
-    add("substitution win rate (coefficient scaling)", "GDN 92.4% > Mamba-2 88.1%",
-        ordering(win, PAPER["win_rate"], ".1%"))
-    # 3. median KL atom < delete < random on Mamba-2
-    m = NAMES["mamba2"]
-    kl = {c: _get(h, m, f"median_kl_{c}") for c in ("atom", "delete", "random")} if len(h) else {}
-    if kl and all(np.isfinite(v) for v in kl.values()):
-        holds = kl["atom"] < kl["delete"] < kl["random"]
-        txt = " / ".join(_fmt(kl[c], ".3g") for c in ("atom", "delete", "random"))
-        res = dict(holds=holds, measured=txt, sentence=(
-            f"on Mamba-2 the median KL atom / delete / random is {txt}: the paper's order atom < delete < random "
-            + ("holds." if holds else "does not hold.")))
-    else:
-        res = dict(holds=None, measured="n/a", sentence="the median-KL order on Mamba-2 cannot be tested here: "
-                                                        "no Mamba-2 substitution.")
-    add("median KL atom < delete < random on Mamba-2", "0.97 < 1.62 < 2.32", res)
-    # 4. the matched decoder's advantage over FlatSAE + top-1 SVD: larger on Mamba-2 than on GDN
-    gap = {}
-    if len(flat_summary):
-        for fam in flat_summary["family"].unique():
-            s = flat_summary[(flat_summary["family"] == fam) & (flat_summary["atom"] == RANK1.name)
-                             & (flat_summary["read"] == READ) & (flat_summary["direction"] == DIRECTION)].set_index("decoder")
-            if "WriteSAE" in s.index and len(s.index) == 2:
-                gap[fam] = float(s.loc["WriteSAE", "win_rate"] - s.drop("WriteSAE")["win_rate"].iloc[0])
-    paper_gap = {k: PAPER["matched"][k] - PAPER["flat_svd"][k] for k in PAPER["matched"]}
-    res = ordering(gap, paper_gap, "pts")
-    add("matched decoder minus FlatSAE + top-1 SVD (win rate, norm scaling)", "Mamba-2 +6.6 pts > GDN -0.1 pts", res)
-    # 5. DeltaNet: registers only at large k (k = 32 vs 128, or the sweep's second-smallest vs largest k)
-    if len(sweep) >= 2:
-        sw = sweep.assign(k=sweep["k"].astype(int)).set_index("k").sort_index()
-        lo = 32 if {32, 128} <= set(sw.index) else int(sw.index[1])
-        hi = 128 if {32, 128} <= set(sw.index) else int(sw.index[-1])
-        found = {k: bool(sw.loc[k, "n_register"] > 0 and sw.loc[k, "dbic"] < 0) for k in (lo, hi)}
-        c_lo, c_hi = float(sw.loc[lo, "register_cos"]), float(sw.loc[hi, "register_cos"])
-        holds = found[hi] and (not found[lo] or c_hi > c_lo)
-        say = lambda k, c: (f"k={k}: registers with median cosine {_fmt(c, '.3f')}" if found[k]
-                            else f"k={k}: no registers (no two-component split with dBIC < 0)")
-        txt = f"{say(lo, c_lo)}; {say(hi, c_hi)}"
-        res = dict(holds=bool(holds), measured=txt, sentence=(
-            f"on DeltaNet, {txt}: the paper's finding that registers appear, or sharpen, only at large k "
-            + ("holds." if holds else "does not hold.")))
-    else:
-        res = dict(holds=None, measured="n/a", sentence="the DeltaNet k sweep cannot be tested here: it needs a "
-                                                        "DeltaNet model and at least two values of k.")
-    add("DeltaNet registers appear at large k", "none at k=32; cos 0.997 at k=128", res)
-    # 6. the paper's first-order formula fails on Mamba-2 (negative R^2) but not on GDN
-    cf = cf_by_family.set_index("family") if len(cf_by_family) else pd.DataFrame()
-    g, mm = _get(cf, NAMES["gdn"], "r2_pred_paper_fit"), _get(cf, m, "r2_pred_paper_fit")
-    if np.isfinite(g) and np.isfinite(mm):
-        holds = mm < 0 < g and g > mm
-        txt = f"GDN {g:.3f}, Mamba-2 {mm:.3f}"
-        res = dict(holds=holds, measured=txt, sentence=(
-            f"the paper's closed form (one fitted scalar per atom, held out) reaches median R^2 {txt}: its finding that "
-            "the formula holds on GDN and fails (R^2 < 0) on Mamba-2 " + ("holds." if holds else "does not hold.")))
-    else:
-        res = dict(holds=None, measured="n/a", sentence="the closed-form contrast GDN vs Mamba-2 cannot be tested "
-                                                        "here: it needs both families.")
-    add("paper's closed form: holds on GDN, R^2 < 0 on Mamba-2", "GDN 0.983; Mamba-2 negative", res)
-    return pd.DataFrame(rows)
+# the paper's orderings of the register median cosine, tested pair by pair (writesae.verdicts, claims 11a / 11b)
+REGISTER_PAIRS = (("gdn", "rwkv7"), ("rwkv7", "mamba2"))
 
 
-def glue_values(*, reg_cos=None, summary=None, flat_summary=None, cf_by_family=None, sweep=None,
-                claims_table=None) -> dict:
-    """The numbers and sentences the chapter's text quotes, keyed by glue name, from whichever results are
-    given (so each section glues its own), for all five families: NaN where a family is not in the run, so
-    the prose renders whatever subset of families ran."""
+def glue_values(*, reg_cos=None, atoms=None, summary=None, flat_summary=None, flat=None, cf_by_family=None,
+                cf_atoms=None, sweep=None) -> dict:
+    """The numbers the chapter's text and its verdicts (``writesae.verdicts``) quote, keyed by glue name, from
+    whichever results are given (so each section glues its own), for all five families: NaN where a family is
+    not in the run, so the prose renders whatever subset of families ran.
+
+    atoms: :func:`partitions`' per-atom table (the register cosine's differences between families, with
+    bootstrap intervals); flat: :func:`flat_comparison` (the matched decoder's win rate minus FlatSAE's, paired
+    over the firings both cover); cf_atoms: :func:`closed_forms`' per-atom table (each median R^2's interval)."""
     out = {}
     if reg_cos is not None:
         out.update({f"reg_cos_{lab}": float(reg_cos.get(NAMES[lab], np.nan)) for lab in FAMILIES})
+    if atoms is not None:
+        reg = atoms[(atoms["atom"] == RANK1.name) & (atoms["class"] == "register")] if len(atoms) else atoms
+        for a, b in REGISTER_PAIRS:
+            d = median_difference(*(reg.loc[reg["family"] == NAMES[x], "cos"] if len(reg) else [] for x in (a, b)))
+            out.update(zip((f"reg_cos_diff_{a}_{b}", f"reg_cos_diff_{a}_{b}_lo", f"reg_cos_diff_{a}_{b}_hi"), d))
+    if flat is not None:
+        for lab in FAMILIES:
+            part = flat[(flat["family"] == NAMES[lab]) & (flat["atom"] == RANK1.name)] if len(flat) else flat
+            g = _sub.decoder_gap(part, read=READ, direction=DIRECTION)
+            out.update({f"flat_gap_{lab}": g["gap"], f"flat_gap_{lab}_lo": g["lo"], f"flat_gap_{lab}_hi": g["hi"]})
+    if cf_atoms is not None:
+        for lab in FAMILIES:
+            part = cf_atoms[cf_atoms["family"] == NAMES[lab]] if len(cf_atoms) else cf_atoms
+            for pred in ("pred_direct", "pred_paper_fit", "pred_paper"):
+                col = f"r2_{pred}"
+                _, lo, hi = median_ci(part[col]) if col in part else (np.nan, np.nan, np.nan)
+                out.update({f"{col}_{lab}_lo": lo, f"{col}_{lab}_hi": hi})
     if summary is not None:
         h = headline(summary) if len(summary) else pd.DataFrame()
         hn = headline(summary, scaling="norm") if len(summary) else pd.DataFrame()
@@ -710,16 +621,7 @@ def glue_values(*, reg_cos=None, summary=None, flat_summary=None, cf_by_family=N
         for k in (16, 32, 64, 128):
             out[f"k_reg_cos_{k}"] = _get(sw, k, "register_cos")
             out[f"k_n_register_{k}"] = _get(sw, k, "n_register")
-    if claims_table is not None:
-        for i, r in claims_table.reset_index(drop=True).iterrows():
-            out[f"claim_{i + 1}"] = r["sentence"]
-        n_test = int((claims_table["verdict"] != "not testable here").sum())
-        held = claims_table[claims_table["verdict"] == "holds"]["claim"].tolist()
-        failed = claims_table[claims_table["verdict"] == "does not hold"]["claim"].tolist()
-        out["claims_summary"] = (
-            f"Of the paper's {len(claims_table)} cross-architecture statements, {n_test} can be tested on this run; "
-            f"{len(held)} hold{'s' if len(held) == 1 else ''}" + (f" ({'; '.join(held)})" if held else "")
-            + f" and {len(failed)} do{'es' if len(failed) == 1 else ''} not" + (f" ({'; '.join(failed)})" if failed else "") + ".")
+            out[f"k_dbic_{k}"] = _get(sw, k, "dbic")
     return out
 
 
