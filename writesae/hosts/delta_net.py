@@ -30,19 +30,23 @@ class DeltaNetHost(FlaHost):
     family = "delta_net"
     kind = "DeltaNet"
 
-    def __init__(self, model, tokenizer=None, name=None):
-        super().__init__(model, tokenizer, name)
+    def __init__(self, model, tokenizer=None, name=None, kernels=None):
+        super().__init__(model, tokenizer, name, kernels)
         at = self.layers[0].attn
         self.n_heads, self.d_k, self.d_v = at.num_heads, at.head_k_dim, at.head_v_dim
-        self._chunk = self._chunk_kernel()
 
-    def _chunk_kernel(self):
-        """Unedited stretches: fla's chunked kernel on CUDA, the chunked torch form otherwise (q already scaled)."""
-        fla = fla_kernel("delta_rule", "chunk_delta_rule", self.device)
+    def _make_chunk(self):
+        """Unedited stretches: fla's chunked kernel on the fla lane, the chunked torch form otherwise (q already
+        scaled). fla's ``chunk_delta_rule`` takes q, k, v, b only in half precision (it asserts on float32):
+        they go in the model's dtype, bf16 or fp16, the state stays float32; a float32 model keeps the torch
+        form on either lane."""
+        fla = fla_kernel("delta_rule", "chunk_delta_rule") if self.kernels == "fla" else None
 
         def chunk(r, S0):
-            if fla is not None:
-                o, S = fla(r.q, r.k, r.v, r.b, scale=1.0, initial_state=S0, output_final_state=True)
+            dtype = self.layers[0].attn.q_proj.weight.dtype
+            if fla is not None and dtype in (torch.bfloat16, torch.float16):
+                q, k, v, b = (t.to(dtype) for t in (r.q, r.k, r.v, r.b))
+                o, S = fla(q, k, v, b, scale=1.0, initial_state=S0, output_final_state=True)
             else:
                 o, S = ops_delta_net.delta_rule_chunked(r.q, r.k, r.v, r.b, scale=1.0, initial_state=S0)
             return o.float(), S.float()
@@ -84,8 +88,8 @@ class DeltaNetHost(FlaHost):
         B, T, _ = x.shape
         rule, windows = self._rule(at, x, state)
         S0 = state.S if state is not None and state.S is not None else x.new_zeros(B, self.n_heads, self.d_k, self.d_v)
-        o, S, kept = recurrence.run(S0.float(), rule, edits=edits, record=record, chunk=self._chunk,
-                                    min_chunk=32 if self.device.type == "cpu" else 8)
+        o, S, kept = recurrence.run(S0.float(), rule, edits=edits, record=record, chunk=self._chunk_kernel(),
+                                    min_chunk=self._min_chunk(32))
         gate = at.g_proj(x).view(B, T, self.n_heads, self.d_v) if at.use_gate else None
         y = at.o_proj(self._norm(at, o.to(x.dtype), gate).flatten(2))
         h, residual = blk.mlp_norm(y, hidden, prenorm=True)

@@ -1,8 +1,15 @@
 """What the hosts of flash-linear-attention's families (DeltaNet, GLA, RWKV-7) share.
 
 fla's causal LMs have one layout: ``model.model.embeddings``, ``model.model.layers[i].attn`` (the token
-mixer, with ``o_proj``), ``model.model.norm`` and ``model.lm_head``; fla's classes on CUDA and the
-pure-torch mirrors in :mod:`writesae.models` alike. Every layer is recurrent.
+mixer, with ``o_proj``), ``model.model.norm`` and ``model.lm_head``; fla's own classes and the pure-torch
+mirrors in :mod:`writesae.models` alike. Every layer is recurrent.
+
+**The kernel lane.** A host runs the unedited stretches of its recurrence either with fla's Triton kernels
+(``kernels="fla"``) or with the chunked torch forms (``kernels="torch"``); edited stretches run step by step
+in torch either way. ``host.kernels`` says which; pass ``kernels=`` to the host or set ``host.kernels``.
+The default (``None``) picks by device: fla on CUDA when fla is installed, torch otherwise. The Gated
+DeltaNet host has the same switch. CI takes the fla lane on a CPU under Triton's interpreter
+(``tests/fla_lane``).
 """
 from __future__ import annotations
 
@@ -25,18 +32,60 @@ def short_conv(conv, state, i, x):
     return y, grow(state, i, x)
 
 
-def fla_kernel(module, name, device):
-    """fla's kernel ``fla.ops.<module>.<name>`` on CUDA when fla is installed, else None."""
-    if device.type != "cuda" or importlib.util.find_spec("fla") is None:
-        return None
+def fla_installed():
+    return importlib.util.find_spec("fla") is not None
+
+
+def kernel_lane(kernels, device):
+    """``"fla"`` or ``"torch"``: ``kernels`` checked, or for None the default on ``device`` (fla on CUDA
+    when fla is installed, else torch)."""
+    if kernels is None:
+        return "fla" if device.type == "cuda" and fla_installed() else "torch"
+    if kernels not in ("fla", "torch"):
+        raise ValueError(f"kernels={kernels!r}: use 'fla' (fla's Triton kernels), 'torch' or None (by device)")
+    if kernels == "fla" and not fla_installed():
+        raise ModuleNotFoundError("kernels='fla' needs flash-linear-attention: `pip install -e .[gpu]` on a CUDA "
+                                  "machine, or use kernels='torch'")
+    return kernels
+
+
+def fla_kernel(module, name):
+    """fla's kernel ``fla.ops.<module>.<name>``."""
     return getattr(importlib.import_module(f"fla.ops.{module}"), name)
 
 
-class FlaHost(RecurrentHost):
-    """Base of the fla families' hosts: the layout above, the final norm and output head, and each
-    head's ``d_v`` columns of ``o_proj``. A subclass sets ``n_heads``, ``d_k``, ``d_v`` and the block."""
+class KernelLane:
+    """``host.kernels``, the host's kernel lane (see the module docstring; unset, the device's default), and
+    ``_chunk_kernel()``, the lane's kernel for unedited stretches: built on first use by the host's
+    ``_make_chunk`` (which reads ``self.kernels``), rebuilt after the lane is set."""
 
-    def __init__(self, model, tokenizer=None, name=None):
+    @property
+    def kernels(self):
+        if getattr(self, "_kernels", None) is None:
+            self._kernels = kernel_lane(None, self.device)
+        return self._kernels
+
+    @kernels.setter
+    def kernels(self, value):
+        self._kernels, self._chunk = kernel_lane(value, self.device), None
+
+    def _chunk_kernel(self):
+        if getattr(self, "_chunk", None) is None:
+            self._chunk = self._make_chunk()
+        return self._chunk
+
+    def _min_chunk(self, torch_cpu):
+        """The shortest unedited stretch worth the chunked kernel: 8 with fla's kernels or on CUDA; on a CPU
+        the torch form's own overhead, ``torch_cpu``."""
+        return torch_cpu if self.kernels == "torch" and self.device.type == "cpu" else 8
+
+
+class FlaHost(KernelLane, RecurrentHost):
+    """Base of the fla families' hosts: the layout above, the final norm and output head, each head's
+    ``d_v`` columns of ``o_proj``, and the kernel lane. A subclass sets ``n_heads``, ``d_k``, ``d_v``, the
+    block and ``_chunk_kernel``."""
+
+    def __init__(self, model, tokenizer=None, name=None, kernels=None):
         super().__init__(model, tokenizer, name)
         self.backbone, self.lm_head = model.model, model.lm_head
         self.config = model.config
@@ -46,6 +95,7 @@ class FlaHost(RecurrentHost):
         self.layers = list(self.backbone.layers)
         self.layer_types = [self.family] * len(self.layers)
         self.recurrent_layers = list(range(len(self.layers)))
+        self.kernels = kernels
 
     def _embed(self, input_ids):
         return self.backbone.embeddings(input_ids.to(self.device))

@@ -31,15 +31,15 @@ class GLAHost(FlaHost):
     family = "gla"
     kind = "GLA"
 
-    def __init__(self, model, tokenizer=None, name=None):
-        super().__init__(model, tokenizer, name)
+    def __init__(self, model, tokenizer=None, name=None, kernels=None):
+        super().__init__(model, tokenizer, name, kernels)
         at = self.layers[0].attn
         self.n_heads, self.d_k, self.d_v = at.num_heads, at.head_k_dim, at.head_v_dim
-        self._chunk = self._chunk_kernel()
 
-    def _chunk_kernel(self):
-        """Unedited stretches: fla's chunked kernel on CUDA, the chunked torch form otherwise (q already scaled)."""
-        fla = fla_kernel("gla", "chunk_gla", self.device)
+    def _make_chunk(self):
+        """Unedited stretches: fla's chunked kernel on the fla lane, the chunked torch form otherwise (q already
+        scaled)."""
+        fla = fla_kernel("gla", "chunk_gla") if self.kernels == "fla" else None
 
         def chunk(r, S0):
             if fla is not None:
@@ -75,8 +75,8 @@ class GLAHost(FlaHost):
             q, k = at.feature_map_fn(q), at.feature_map_fn(k)
         rule = recurrence.Rule(q * self.d_k ** -0.5, k, v, g=gk, b=torch.ones_like(gk[..., 0]))
         S0 = state.S if state is not None and state.S is not None else x.new_zeros(B, self.n_heads, self.d_k, self.d_v)
-        o, S, kept = recurrence.run(S0.float(), rule, edits=edits, record=record, chunk=self._chunk,
-                                    min_chunk=16 if self.device.type == "cpu" else 8)
+        o, S, kept = recurrence.run(S0.float(), rule, edits=edits, record=record, chunk=self._chunk_kernel(),
+                                    min_chunk=self._min_chunk(16))
         gate = at.g_proj(x).unflatten(-1, (-1, self.d_v)) if at.use_output_gate else None
         y = at.o_proj(self._norm(at, o.to(x.dtype), gate).flatten(-2).to(x.dtype))
         hidden = hidden + y

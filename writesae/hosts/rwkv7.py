@@ -44,17 +44,16 @@ class RWKV7Host(FlaHost):
     family = "rwkv7"
     kind = "RWKV-7"
 
-    def __init__(self, model, tokenizer=None, name=None):
-        super().__init__(model, tokenizer, name)
+    def __init__(self, model, tokenizer=None, name=None, kernels=None):
+        super().__init__(model, tokenizer, name, kernels)
         at = self.layers[0].attn
         self.n_heads, self.d_k = at.num_heads, at.head_dim
         self.d_v = at.value_dim // at.num_heads
         self.hidden = self.config.hidden_size
-        self._chunk = self._chunk_kernel()
 
-    def _chunk_kernel(self):
-        """Unedited stretches: fla's DPLR kernel on CUDA, the chunked torch form otherwise."""
-        fla = fla_kernel("generalized_delta_rule", "chunk_dplr_delta_rule", self.device)
+    def _make_chunk(self):
+        """Unedited stretches: fla's DPLR kernel on the fla lane, the chunked torch form otherwise."""
+        fla = fla_kernel("generalized_delta_rule", "chunk_dplr_delta_rule") if self.kernels == "fla" else None
 
         def chunk(r, S0):
             if fla is not None:  # S_t = diag(exp(gk)) S + b (a^T S) + k v^T with a = f, b = e
@@ -100,8 +99,8 @@ class RWKV7Host(FlaHost):
         r, w, k, a, v = map(heads, (r, w, k, a, v))
         rule = recurrence.Rule(q=r, k=k, v=v, g=w, b=torch.ones_like(w[..., 0]), e=-(kk * a), f=kk)
         S0 = state.S if state is not None and state.S is not None else h.new_zeros(B, H, self.d_k, self.d_v)
-        o, S, kept = recurrence.run(S0.float(), rule, edits=edits, record=record, chunk=self._chunk,
-                                    min_chunk=16 if self.device.type == "cpu" else 8)
+        o, S, kept = recurrence.run(S0.float(), rule, edits=edits, record=record, chunk=self._chunk_kernel(),
+                                    min_chunk=self._min_chunk(16))
         bonus = (r * k * at.r_k.float()).sum(-1, keepdim=True) * v
         gate = g.view(B, T, H, -1)
         y = at.o_proj(((self._group_norm(at, o.to(h.dtype)) + bonus) * gate).reshape(B, T, -1).to(h.dtype))
