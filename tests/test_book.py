@@ -282,3 +282,25 @@ def test_screenshot_without_chromium(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(book, "_find_chromium", lambda: None)
     assert book.screenshot([tmp_path / "x.html"], tmp_path) == []
     assert "no Chromium" in capsys.readouterr().out
+
+
+def test_pages_show_no_plumbing(tmp_path):
+    """A built page carries no stderr (warnings, progress bars: left out by _config.yml's nb_output_stderr) and
+    book.build names what else would reach a reader (here a raw repr); a clean page is not reported."""
+    shutil.copy(REPO / "_config.yml", tmp_path / "_config.yml")
+    shutil.copytree(REPO / "book", tmp_path / "book")
+    (tmp_path / "_toc.yml").write_text(TOC.replace("notebooks/demo", "notebooks/noisy") + "  - file: notebooks/demo\n")
+    (tmp_path / "notebooks").mkdir()
+    nbformat.write(demo_notebook(), tmp_path / "notebooks" / "demo.ipynb")
+    nb = demo_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Noisy"), nbformat.v4.new_code_cell(
+        "import sys, warnings, tqdm\nwarnings.warn('careful')\nfor _ in tqdm.tqdm(range(3), desc='train L6H0'): pass\n"
+        "print('note on stderr', file=sys.stderr)\nclass Thing: pass\nThing()")]
+    nb.cells[1].metadata["tags"] = ["remove-input"]  # the page shows the outputs alone
+    nbformat.write(nb, tmp_path / "notebooks" / "noisy.ipynb")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(book, "_code_hash", lambda: "fixed")
+        report = book.build(root=tmp_path, progress=False)
+    noisy = (report.html / "notebooks" / "noisy.html").read_text()
+    assert "careful" not in noisy and "note on stderr" not in noisy and "train L6H0" not in noisy
+    assert report.plumbing == {"noisy": ["raw repr"]}

@@ -89,3 +89,20 @@ def test_closed_form_scatter_gives_each_eps_its_own_colour():
     fig = mplots.closed_form_scatter(df)
     colours = {tuple(np.round(c, 3)) for c in fig.axes[0].collections[0].get_facecolors()}
     assert len(colours) == 4
+
+
+@pytest.mark.parametrize("html,found", [
+    ('<div class="output stderr highlight-myst-ansi notranslate"><pre>x</pre></div>', ["stderr output"]),
+    ("<pre>/x/y.py:3: UserWarning: careful\n  warnings.warn(</pre>", ["warning"]),
+    ("<pre>train L6H0: 100%|##########| 50/50 [00:03&lt;00:00, 14.2it/s]</pre>", ["progress bar"]),
+    ("<pre>&lt;Figure size 640x480 with 1 Axes&gt;</pre>", ["raw repr"]),
+    ("<pre>&lt;writesae.sae.WriteSAE object at 0x7f3a2c&gt;</pre>", ["raw repr"]),
+    ("<pre>False</pre>", ["raw repr"]),
+    ('<pre><span></span>&lt;__main__.Thing at 0x7fe120a15e10&gt;\n</pre>', ["raw repr"]),
+    ("<pre><span></span>None\n</pre>", ["raw repr"]),
+    ("<p>The atom beats deletion on 92.4% of 4,851 firings (Warning signs: none).</p><pre>0.924</pre>", []),
+])
+def test_plumbing_names_what_a_page_should_not_show(html, found):
+    from writesae.book import plumbing
+
+    assert plumbing(html) == found

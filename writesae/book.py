@@ -63,10 +63,26 @@ class BuildReport:
     executed: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)   # step -> seconds
+    plumbing: dict = field(default_factory=dict)  # page -> what it shows that a reader should not see (:func:`plumbing`)
 
     @property
     def index(self) -> Path:
         return self.html / "index.html"
+
+
+# What a built page must not show a reader: output on stderr (warnings, logging), progress bars, raw Python reprs
+_PLUMBING = {
+    "stderr output": re.compile(r'class="[^"]*\boutput stderr\b'),
+    "warning": re.compile(r"\b\w*Warning: |warnings\.warn\("),
+    "progress bar": re.compile(r"\d+/\d+ \[\d+:\d+|\d+(?:\.\d+)?(?:it|s)/(?:s|it)\]|\d+%\|"),
+    "raw repr": re.compile(r"&lt;[\w.]+ (?:(?:object )?at 0x[0-9a-f]+|size \d+x\d+ with \d+ Axes)&gt;"
+                           r"|<pre>(?:<span></span>)?\s*(?:True|False|None)\s*</pre>"),
+}
+
+
+def plumbing(html: str) -> list[str]:
+    """What an HTML page shows that is plumbing, not a result: the names of :data:`_PLUMBING`'s patterns it matches."""
+    return [name for name, pat in _PLUMBING.items() if pat.search(html)]
 
 
 def toc_documents(root=".") -> list[Path]:
@@ -301,6 +317,11 @@ def build(params_file=None, only=None, tiny=False, root=".", progress=True, forc
     if proc.returncode != 0:
         raise RuntimeError(f"jupyter-book build failed (exit {proc.returncode}): {' '.join(cmd)}")
     report.timings["total"] = time.perf_counter() - t_all
+    for nb in notebooks:
+        page = report.html / nb.with_suffix(".html")
+        if page.exists() and (found := plumbing(page.read_text(encoding="utf-8"))):
+            report.plumbing[nb.stem] = found
+            print(f"note: {nb.stem}'s page shows {', '.join(found)}")
 
     for step, sec in report.timings.items():
         print(f"{step:<40s} {sec:8.1f} s")
