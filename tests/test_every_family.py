@@ -45,7 +45,7 @@ def _family(name, module):
 
 
 FAMILIES = ["gdn", "qwen3_next", "mamba2", "deltanet", _family("gla", "gla"), _family("rwkv7", "rwkv7"),
-            "olmo_hybrid", "kimi_linear"]
+            "olmo_hybrid", "kimi_linear", "minimax"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

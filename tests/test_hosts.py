@@ -45,6 +45,17 @@ def _mamba2_zero(args, kw, t, group):  # B of the head's group: every head of th
     return args, kw
 
 
+def _minimax_state(host, ids):
+    cache = host.model(input_ids=ids, use_cache=True).past_key_values
+    return {l: cache.get_linear_cache(l) for l in host.recurrent_layers}
+
+
+def _minimax_zero(args, kw, t, head):  # v of (t, head) in act(W_qkv x), zeroed where the layer masks padding
+    qkv = args[0].clone().unflatten(-1, (4, 3, -1))  # tiny:minimax's 4 heads x (q, k, v) x head_dim
+    qkv[:, t, head, 2] = 0
+    return [qkv.flatten(2)] + list(args[1:]), kw
+
+
 def _v_zero(index):
     def zero(args, kw, t, head):
         args = list(args)
@@ -74,6 +85,10 @@ FAMILIES = {
                         kernel=("transformers.models.olmo_hybrid.modeling_olmo_hybrid", "torch_chunk_gated_delta_rule")),
     "kimi_linear": dict(source=lambda: "tiny:kimi_linear", state=_gdn_state, zero=_gdn_zero,
                         kernel=("transformers.models.kimi_linear.modeling_kimi_linear", "chunk_kimi_delta_attention")),
+    # lightning attention runs inline in the layer's forward: the delete recomputation zeroes v where the layer
+    # passes act(W_qkv x) through its padding mask (once per lightning layer)
+    "minimax": dict(source=lambda: "tiny:minimax", state=_minimax_state, zero=_minimax_zero,
+                    kernel=("transformers.models.minimax.modeling_minimax", "apply_mask_to_padding_states")),
 }
 
 

@@ -27,10 +27,11 @@ DTYPES = ("float32", "bfloat16", "float16")  # the model's weights; states, edit
 
 
 @functools.lru_cache(maxsize=4)
-def host(model="embedded", device=None, dtype="float32"):
+def host(model="embedded", device=None, dtype="float32", trust_remote_code=False):
     """The host for ``model`` (memoised per process), its weights in ``dtype`` (one of :data:`DTYPES`; the
     paper's GPU runs: bfloat16). The recurrence, its states and edits run in float32 whatever the dtype
-    (:mod:`writesae.hosts.recurrent`)."""
+    (:mod:`writesae.hosts.recurrent`). ``trust_remote_code``: the opt-in for a tokenizer shipped as code
+    (RWKV-7-world's; :func:`writesae.hosts.load_host`)."""
     from transformers.utils import logging
 
     if dtype not in DTYPES:
@@ -40,7 +41,7 @@ def host(model="embedded", device=None, dtype="float32"):
     # nor transformers' note that a CPU runs its torch form of the fla / causal-conv kernels: the book's pages
     # run on the CPU on purpose, and the host says which kernels it runs (its kernel lane)
     logging.get_logger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
-    return load_host(model, device=device, dtype=getattr(torch, dtype))
+    return load_host(model, device=device, dtype=getattr(torch, dtype), trust_remote_code=bool(trust_remote_code))
 
 
 def weights_dtype(h) -> str:

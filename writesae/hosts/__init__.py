@@ -176,14 +176,17 @@ def _resolve(source):
     return os.path.dirname(hit)
 
 
-def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=True):
+def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=True, trust_remote_code=False):
     """Load a model as a host.
 
     source: ``"embedded"`` (the shipped Gated DeltaNet model) or ``"embedded:<family>"`` (the zoo: gdn,
     mamba2, deltanet, gla, rwkv7; ``"embedded:<family>-recall"``: the member trained further on recall passages), ``"tiny"`` / ``"tiny:<family>"`` (a seeded random tiny model, no
     tokenizer), a local directory or a hub name of a real checkpoint (e.g. ``"Qwen/Qwen3.5-0.8B"``,
     ``"fla-hub/rwkv7-1.5B-world"``; offline, from the local cache), a transformers config (random init), or
-    an already-loaded model. device: default CUDA when available, else CPU."""
+    an already-loaded model. device: default CUDA when available, else CPU. trust_remote_code: let a checkpoint
+    whose tokenizer is Python code it ships (tokenizer_config.json ``auto_map``, e.g. RWKV-7-world's
+    ``RwkvTokenizer``) run that code; without it such a checkpoint is refused before its weights load. No other
+    code of a checkpoint ever runs (configs and models load into the registered classes)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -206,21 +209,27 @@ def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=
                     p.add_(torch.randn_like(p) * 0.1)
         name = source
     else:
-        path = _resolve(source)
+        import json
+
         from transformers import AutoConfig
 
+        path = _resolve(source)
+        shared = Path(path).resolve().parent == EMBEDDED_DIR  # the zoo shares the embedded tokenizer
+        tok_dir = str(EMBEDDED_DIR) if shared and not os.path.exists(os.path.join(path, "tokenizer.json")) else path
+        tok_cfg = Path(tok_dir, "tokenizer_config.json")
+        code = tokenizer and tok_cfg.is_file() and json.loads(tok_cfg.read_text()).get("auto_map")
+        if code and not trust_remote_code:
+            raise ValueError(f"{source}'s tokenizer is code shipped with the checkpoint (auto_map {code}): load it "
+                             "only if you trust that code, with trust_remote_code=True (the parameter "
+                             "`trust_remote_code: true` of a params file)")
         try:
-            _register(AutoConfig.from_pretrained(path).model_type)
+            _register(AutoConfig.from_pretrained(path, trust_remote_code=False).model_type)
         except ValueError:  # a model_type transformers does not know yet: read it from the file
-            import json
-
             _register(json.loads(Path(path, "config.json").read_text()).get("model_type", ""))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False)
         name = str(source)
         if tokenizer:
-            shared = Path(path).resolve().parent == EMBEDDED_DIR  # the zoo shares the embedded tokenizer
-            tok_dir = str(EMBEDDED_DIR) if shared and not os.path.exists(os.path.join(path, "tokenizer.json")) else path
-            tok = AutoTokenizer.from_pretrained(tok_dir)
+            tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=bool(code))
     model = model.to(device=device, dtype=dtype)
     return host_class(model.config)(model, tokenizer=tok, name=name)
 

@@ -20,8 +20,8 @@ latent attention -> windows ``(normed kv latents (B, t, kv_lora_rank), shared ro
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .attention import causal_sdpa
 from .base import LayerOut, LayerState
 from .gated_deltanet import GatedDeltaNetHost
 from .recurrent import RecurrentHost, grow
@@ -72,10 +72,7 @@ class KimiLinearHost(GatedDeltaNetHost):
         kv, k_rot = torch.split(at.kv_a_proj_with_mqa(x), [at.kv_lora_rank, at.qk_rope_head_dim], -1)
         latents, rot = grow(state, 0, at.kv_a_layernorm(kv)), grow(state, 1, k_rot)  # (B, t, ...)
         k, v = at.expand_kv(latents[:, None], rot[:, None])  # (B, H, t, d)
-        rows = torch.arange(T, device=x.device)[:, None] + start
-        mask = torch.arange(k.shape[2], device=x.device)[None, :] <= rows
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=at.scaling)
-        return at.o_proj(out.transpose(1, 2).reshape(B, T, -1)), LayerState((latents, rot))
+        return at.o_proj(causal_sdpa(q, k, v, start, at.scaling)), LayerState((latents, rot))
 
     def _block(self, i, hidden, ctx, state, edits, record):
         layer = self.layers[i]

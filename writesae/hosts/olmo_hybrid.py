@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import causal_sdpa
 from .base import LayerOut, LayerState
 from .gated_deltanet import GatedDeltaNetHost
 from .recurrent import grow
@@ -64,12 +65,8 @@ class OlmoHybridHost(GatedDeltaNetHost):
         if pos_emb is not None:
             q, k = apply_rotary_pos_emb(q, k, *pos_emb)
         keys, values = grow(state, 0, k.transpose(1, 2)), grow(state, 1, v.transpose(1, 2))  # (B, t, H_kv, hd)
-        k, v = keys.transpose(1, 2), values.transpose(1, 2)
-        rows = torch.arange(T, device=x.device)[:, None] + start
-        mask = torch.arange(k.shape[2], device=x.device)[None, :] <= rows
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=at.scaling,
-                                             enable_gqa=k.shape[1] != q.shape[1])
-        return at.o_proj(out.transpose(1, 2).reshape(B, T, -1)), LayerState((keys, values))
+        out = causal_sdpa(q, keys.transpose(1, 2), values.transpose(1, 2), start, at.scaling)
+        return at.o_proj(out), LayerState((keys, values))
 
     def _block(self, i, hidden, ctx, state, edits, record):
         layer = self.layers[i]
