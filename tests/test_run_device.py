@@ -35,9 +35,9 @@ def test_the_sweeps_device_reaches_the_host_its_cells_run_on(tmp_path, monkeypat
     asked = []
     real = pipeline.host
 
-    def spy(model="embedded", device=None, dtype="float32"):
-        asked.append((model, device, dtype))
-        return real(model, "cpu", dtype)
+    def spy(model="embedded", device=None, dtype="float32", trust_remote_code=False):
+        asked.append((model, device, dtype, trust_remote_code))
+        return real(model, "cpu", dtype, trust_remote_code)
 
     monkeypatch.setattr(pipeline, "host", spy)
     s = S.settings("params/tiny.yaml", n_windows=4, window=16, positions_per_seq=4, eval_windows=2, epochs=1,
@@ -46,4 +46,4 @@ def test_the_sweeps_device_reaches_the_host_its_cells_run_on(tmp_path, monkeypat
     data = S.data_for(h, s, [(1, 1)])
     S._states(s, data, str(tmp_path), "cuda")
     S.run_cell(s, data, (1, 1), tmp_path, device="cuda")
-    assert asked and all(a == ("tiny", "cuda", "float32") for a in asked), asked
+    assert asked and all(a == ("tiny", "cuda", "float32", False) for a in asked), asked

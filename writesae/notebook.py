@@ -144,7 +144,7 @@ def setup(namespace):
     torch.manual_seed(p["seed"])
     if p.get("threads"):
         torch.set_num_threads(p["threads"])
-    host = pipeline.host(p["model"], p["device"], p.get("dtype", "float32"))
+    host = pipeline.host(p["model"], p["device"], p.get("dtype", "float32"), p.get("trust_remote_code", False))
     sec = Section(host, p["cell"], p["cells"], heads_layer=p.get("heads_layer"), window=p["window"],
                   n_windows=p["n_windows"], positions_per_seq=p["positions_per_seq"],
                   eval_windows=p.get("eval_windows", 64), n_feat=p["n_feat"], k=p["k"], epochs=p["epochs"],

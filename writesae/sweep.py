@@ -43,7 +43,7 @@ __all__ = ["DEFAULTS", "COLUMNS", "settings", "data_for", "run_cell", "sweep", "
 
 # The notebooks' defaults (02_feature_classes, 03_substitution, 04_closed_form; a test keeps them equal),
 # used for the names a parameter file leaves out.
-DEFAULTS = dict(model="embedded", device=None, dtype="float32", corpus="embedded", seed=0,
+DEFAULTS = dict(model="embedded", device=None, dtype="float32", corpus="embedded", trust_remote_code=False, seed=0,
                 cells=[[1, 2], [4, 3], [6, 0]], heads_layer=6, window=128, n_windows=512, positions_per_seq=32, eval_windows=64, n_feat=1024, k=16, epochs=20, min_firings=5,
                 max_firings=400, n_atoms=8, sites_per_atom=8, eps=[0.1, 0.3, 1.0, 3.0], lags=[0, 2])
 
@@ -94,7 +94,7 @@ def _host(s, device=None):
     """The host of settings ``s`` on ``device`` (a task's; default the settings'), in the settings' dtype."""
     from . import pipeline
 
-    return pipeline.host(s["model"], device or s["device"], s["dtype"])
+    return pipeline.host(s["model"], device or s["device"], s["dtype"], s["trust_remote_code"])
 
 
 def _fault(spec: str | None, cell, root) -> None:
