@@ -46,6 +46,19 @@ def test_stage_injects_the_params_and_the_cell():
         stage("params/no_such.yaml")
 
 
+def test_threads_reach_the_explorers_kernel(monkeypatch):
+    """`writesae explore --threads 3` stages the notebook with threads = 3 (its kernel sets torch's threads)."""
+    from writesae import cli, explore
+
+    seen = {}
+    monkeypatch.setattr(explore.subprocess, "call", lambda cmd, **kw: seen.setdefault("cmd", cmd) and 0)
+    monkeypatch.setattr(explore.importlib.util, "find_spec", lambda name: object())
+    assert cli.main(["explore", "--params", str(REPO / "params" / "tiny.yaml"), "--no-browser", "--threads", "3"]) == 0
+    staged = json.loads(Path(seen["cmd"][3]).read_text())["cells"]
+    injected = ["".join(c["source"]) for c in staged if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert "threads = 3" in injected[0]
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

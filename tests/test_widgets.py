@@ -40,6 +40,17 @@ def test_atom_explorer_shows_and_follows_the_chosen_atom(setup):
     assert c["atom"].options == () and "no atom" in c["view"].value
 
 
+def test_atom_explorer_draws_its_first_atom_once(setup, monkeypatch):
+    from writesae.plots import interventions as plots
+
+    host, ids, sae = setup
+    drawn = []
+    real = plots.atom_figure
+    monkeypatch.setattr(plots, "atom_figure", lambda *a, **k: drawn.append(k.get("title")) or real(*a, **k))
+    box = widgets.atom_explorer(host, {CELL: sae}, ids, n_contexts=2, n_kl=0)
+    assert len(drawn) == 1 and drawn[0].endswith(f"atom {box.controls['atom'].value}")
+
+
 def test_live_install_runs_and_magnitude_zero_changes_nothing(setup):
     host, _, sae = setup
     box = widgets.live_install(host, {CELL: sae}, prompt="5 17 42 8 23 61 9 33", target="7", n_new=6)

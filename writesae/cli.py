@@ -99,7 +99,7 @@ def cmd_book(a):
 def cmd_explore(a):
     from .explore import serve
 
-    return serve(params_file=a.params, cell=a.cell, port=a.port, browser=not a.no_browser)
+    return serve(params_file=a.params, cell=a.cell, port=a.port, browser=not a.no_browser, threads=a.threads)
 
 
 def cmd_sweep(a):

@@ -28,10 +28,11 @@ REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = Path("notebooks/06_explorer.ipynb")
 
 
-def stage(params_file=None, cell=None, root=REPO) -> tuple[Path, dict]:
+def stage(params_file=None, cell=None, root=REPO, threads=None) -> tuple[Path, dict]:
     """Write the explorer notebook with its parameters injected to ``<root>/_build/explore/``; return
     (its path, the parameters). ``cell`` ("L6H0" or (6, 0)) is the cell both widgets start on; it joins
-    ``cells`` (the explorer's list) if missing there."""
+    ``cells`` (the explorer's list) if missing there. ``threads``: the kernel's torch CPU threads (the
+    notebook's ``threads`` parameter; default the params file's, else the notebook's)."""
     import papermill
 
     from .book import _notebook_params, load_params
@@ -56,6 +57,8 @@ def stage(params_file=None, cell=None, root=REPO) -> tuple[Path, dict]:
         params["cell"] = cell
         cells = [list(c) for c in params.get("cells", [])]
         params["cells"] = cells + [cell] if cell not in cells else cells
+    if threads is not None:
+        params["threads"] = int(threads)
     out = root / "_build" / "explore" / src.name
     out.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(str(src), str(out), parameters=params, prepare_only=True, progress_bar=False)
@@ -74,12 +77,12 @@ def voila_command(notebook, port=8866, browser=True) -> list[str]:
             *([] if browser else ["--no-browser"])]
 
 
-def serve(params_file=None, cell=None, port=8866, browser=True, root=REPO) -> int:
+def serve(params_file=None, cell=None, port=8866, browser=True, root=REPO, threads=None) -> int:
     """Stage the explorer and serve it with Voilà on http://127.0.0.1:<port> until interrupted; return
     Voilà's exit status."""
     if importlib.util.find_spec("voila") is None:
         raise RuntimeError("Voilà is not installed: pip install -e .[live]  (or pip install -r requirements.txt)")
-    nb, params = stage(params_file, cell, root)
+    nb, params = stage(params_file, cell, root, threads)
     cache = cache_root(start=nb.parent).resolve()
     built = cache.is_dir() and any((cache / "sae").glob("*/done"))
     print(f"explorer: {nb} with {params} (other parameters: the notebook's defaults); artifact cache {cache} "

@@ -199,8 +199,7 @@ def atom_explorer(host, saes, ids, *, firings=None, classes=None, kls=None, n_co
     for w in (cell_w, cls_w, cos_w, sort_w):
         w.observe(options, names="value")
     atom_w.observe(show, names="value")
-    options()
-    show()
+    options()  # picks the first atom: its change of value draws it (once)
     box = W.VBox([W.HTML(SNAPSHOT), W.HBox([cell_w, cls_w, sort_w]), W.HBox([cos_w, atom_w]), view])
     box.controls = dict(cell=cell_w, cls=cls_w, cos=cos_w, sort=sort_w, atom=atom_w, view=view)
     return _name_controls(box, "explorer")
