@@ -75,6 +75,10 @@ def test_rows_read_the_chapters_numbers():
     assert t.loc["3", "verdict"] == V.DOES_NOT and t.loc["3", "why"] == "significantly the other way"
     assert t.loc["3", "ours"] == "44.0% [39.0%, 49.0%]; n = 400"
     assert t.loc["4", "verdict"] == V.REPRODUCES and t.loc["4", "why"] == "our interval contains the paper's value"
+    # an R^2 far below zero is written as such (04: the median's interval over few atoms)
+    t4 = V.rows("04_closed_form", dict(r2_pred_paper_fit=-0.146, r2_pred_paper_fit_lo=-418.7,
+                                        r2_pred_paper_fit_hi=-0.063)).set_index("id")
+    assert t4.loc["6", "ours"].startswith("−0.146 [below −1, −0.063]") and t4.loc["6", "verdict"] == V.DOES_NOT
     assert t.loc["5", "verdict"] == V.NOT_TESTABLE  # heads_mean not given
     # a difference of two keys, with a p-value (05: install at m = 3)
     t5 = V.rows("05_interventions", {"inst_mid_3.0_edited": 0.5, "inst_mid_3.0_native": 0.25, "inst_mid_3.0_p": 0.01,
@@ -181,9 +185,16 @@ def test_ce_recovered_is_not_measurable_where_zeroing_costs_nothing():
     out = CE.shown(df)
     assert out["ce_recovered"].tolist()[:3] == ["not measurable here"] * 3 and out["ce_recovered"].iloc[3] == 0.95
     assert out["ce_recovered_mean"].iloc[1] == "not measurable here"
-    assert "> 1" in out["ce_note"][0] and "lowers the loss" in out["ce_note"][1] and "noise" in out["ce_note"][2]
+    assert "above 1" in out["ce_note"][0] and "lowers the loss" in out["ce_note"][1] and "noise" in out["ce_note"][2]
+    assert not any("<" in w for w in out["ce_note"])  # plain text in an HTML table
     assert out["ce_note"][3] == ""
     assert "ppl_change" not in out and out["ppl_change_pct"].tolist() == pytest.approx([1.0, 0.2, 0.0, 0.76])
+    assert "ce_note" not in CE.shown(df.iloc[3:])  # nothing to explain, no column
+    assert CE.describe(0.95, 0.2, 0.0076) == "0.950 (perplexity +0.76%)"
+    assert CE.describe(1.3, 0.05, 0.01).startswith("not measurable here: 1.300, above 1: ")
+    assert CE.describe(1.3, 0.05, 0.01).endswith("(perplexity +1.00%)")
+    assert CE.describe(0.5, -0.002) == ("not measurable here: zeroing this state lowers the loss by 0.002 nats/token: "
+                                        "nothing to recover")
 
 
 def test_r2_below_minus_one_is_shown_as_such():

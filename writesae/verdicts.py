@@ -29,6 +29,7 @@ __all__ = ["Claim", "CLAIMS", "CHAPTERS", "RULE", "ALPHA", "REPRODUCES", "DOES_N
            "rate_difference", "median_difference", "mean_ci", "median_ci", "paired_difference", "difference_text",
            "markdown", "setup"]
 
+R2_FLOOR = -1.0       # an R^2 below this is written "below -1" (writesae.experiments.closed_form.r2_shown)
 REPRODUCES, DOES_NOT, NOT_TESTABLE = "reproduces", "does not reproduce", "not testable here"
 ALPHA = 0.05          # significance level of every test; intervals are 95%
 RULE = ("A statement **reproduces** when our 95% interval contains the paper's value, or when the paper's "
@@ -49,7 +50,7 @@ class Claim:
     p: glue key of a p-value (for a number without an interval); margin: for a quantity that is itself
     evidence (ΔBIC), the distance from ``null`` that counts as significant. direction: the paper's sign against
     ``null`` (default: the sign of ``paper - null``; 0: the paper reports no difference). fmt: ``"%"`` a rate,
-    ``"pts"`` a difference of rates, else a format spec. extra: context after our number, ``{key:fmt}`` fields
+    ``"pts"`` a difference of rates, ``"r2"`` an R^2 (three decimals, "below -1" under -1), else a format spec. extra: context after our number, ``{key:fmt}`` fields
     (left out where a key is missing). untestable: why this statement cannot be tested here, whatever the values.
     """
 
@@ -70,12 +71,6 @@ class Claim:
     unit: str = ""
     extra: str = ""
     untestable: str | None = None
-
-    @property
-    def sign(self) -> int:
-        if self.direction is not None:
-            return int(self.direction)
-        return 0 if self.paper is None else int(np.sign(self.paper - self.null))
 
     @property
     def keys(self) -> list:
@@ -112,7 +107,7 @@ CLAIMS = (
           extra="{flat_write_win:.1%} vs {flat_svd_win:.1%}, n = {flat_n:.0f}"),
     Claim("6", 6, "04_closed_form", "the paper's closed form predicts the logit shift (median R², one fitted "
           "scalar per atom)", "median R² 0.983 [IQR 0.977, 0.990]", "r2_pred_paper_fit", paper=0.983,
-          lo="r2_pred_paper_fit_lo", hi="r2_pred_paper_fit_hi",
+          lo="r2_pred_paper_fit_lo", hi="r2_pred_paper_fit_hi", fmt="r2",
           extra="held-out prompts; no fitted parameter (pred_direct): {r2_pred_direct:.3f}"),
     Claim("7", 7, "04_closed_form", "selectivity against matched random / orthogonal rank-1 edits", "mean 0.995",
           "selectivity", paper=0.995, lo="selectivity_lo", hi="selectivity_hi"),
@@ -146,7 +141,7 @@ CLAIMS = (
           untestable="one perplexity per SAE and no interval, here or in the paper"),
     Claim("6b", 6, "08_across_architectures", "the paper's closed form fails on Mamba-2 (median R² < 0, matched zoo)",
           "negative R²", "r2_pred_paper_fit_mamba2", lo="r2_pred_paper_fit_mamba2_lo",
-          hi="r2_pred_paper_fit_mamba2_hi", direction=-1, extra="GDN {r2_pred_paper_fit_gdn:.3f}"),
+          hi="r2_pred_paper_fit_mamba2_hi", direction=-1, fmt="r2", extra="GDN {r2_pred_paper_fit_gdn:.3f}"),
     Claim("11a", 11, "08_across_architectures", "register median cosine GDN > RWKV-7 (difference, matched zoo)",
           "0.262 vs 0.180: +0.082", "reg_cos_diff_gdn_rwkv7", paper=0.082, lo="reg_cos_diff_gdn_rwkv7_lo",
           hi="reg_cos_diff_gdn_rwkv7_hi", fmt="+.3f", extra="GDN {reg_cos_gdn:.3f}, RWKV-7 {reg_cos_rwkv7:.3f}"),
@@ -233,7 +228,10 @@ def _num(x):
 def _fmt(x, fmt) -> str:
     if not _finite(x):
         return "–"
-    text = f"{100 * x:.1f}%" if fmt == "%" else f"{100 * x:+.1f} pts" if fmt == "pts" else format(x, fmt)
+    if fmt == "r2" and x < R2_FLOOR:
+        return f"below {R2_FLOOR:g}".replace("-", "−")
+    text = (f"{100 * x:.1f}%" if fmt == "%" else f"{100 * x:+.1f} pts" if fmt == "pts"
+            else format(x, ".3f" if fmt == "r2" else fmt))
     return text.replace("-", "−")
 
 

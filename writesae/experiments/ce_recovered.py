@@ -37,7 +37,7 @@ from ..cache import computing
 from ..hosts import Edit
 from .substitution import LOGITS_BYTES, rows_within
 
-__all__ = ["ce_losses", "record", "CONDITIONS", "MIN_ZERO_COST", "not_measurable", "shown"]
+__all__ = ["ce_losses", "record", "CONDITIONS", "MIN_ZERO_COST", "not_measurable", "shown", "describe"]
 
 CONDITIONS = ("sae", "zero", "mean")
 
@@ -178,26 +178,39 @@ def not_measurable(ce_recovered, zero_cost, min_zero_cost=MIN_ZERO_COST) -> str 
     if zero_cost is None or not math.isfinite(zero_cost):
         return "no zero-ablation loss"
     if zero_cost < 0:
-        return f"zeroing this state lowers the loss ({zero_cost:+.2g} nats/token): nothing to recover"
+        return f"zeroing this state lowers the loss by {-zero_cost:.2g} nats/token: nothing to recover"
     if zero_cost < min_zero_cost:
-        return f"zeroing this state costs only {zero_cost:.2g} nats/token (< {min_zero_cost:g}): the ratio is noise"
+        return f"zeroing this state costs only {zero_cost:.2g} nats/token, below {min_zero_cost:g}: the ratio is noise"
     if ce_recovered is not None and math.isfinite(ce_recovered) and ce_recovered > 1:
-        return f"{ce_recovered:.3f} > 1: the reconstruction beats the model's own state, below what the metric resolves"
+        return (f"{ce_recovered:.3f}, above 1: the reconstruction beats the model's own state, below what the metric "
+                "resolves")
     return None
 
 
 def shown(df, min_zero_cost=MIN_ZERO_COST):
     """A table with ``ce_recovered`` / ``zero_cost`` (and ``ppl_change``) columns for a page: CE loss recovered
     (and against the mean, ``ce_recovered_mean``) written as "not measurable here" where :func:`not_measurable`
-    says so, with the reason in a ``ce_note`` column; ``ppl_change`` (a fraction) in percent as ``ppl_change_pct``."""
+    says so, with the reason in a ``ce_note`` column (only when some row has one); ``ppl_change`` (a fraction) in
+    percent as ``ppl_change_pct``."""
     out = df.copy()
     if "ce_recovered" in out and "zero_cost" in out:
         why = [not_measurable(c, z, min_zero_cost) for c, z in zip(out["ce_recovered"], out["zero_cost"])]
         for col in ("ce_recovered", "ce_recovered_mean"):
             if col in out:
                 out[col] = ["not measurable here" if w else v for v, w in zip(out[col], why)]
-        out["ce_note"] = [w or "" for w in why]
+        if any(why):
+            out["ce_note"] = [w or "" for w in why]
     if "ppl_change" in out:
         out.insert(list(out.columns).index("ppl_change"), "ppl_change_pct", 100 * pd.to_numeric(out["ppl_change"]))
         out = out.drop(columns="ppl_change")
     return out
+
+
+def describe(ce_recovered, zero_cost, ppl_change=None, min_zero_cost=MIN_ZERO_COST) -> str:
+    """CE loss recovered for a sentence: "0.950 (perplexity +0.76%)", or "not measurable here (why; perplexity
+    +0.76%)" where :func:`not_measurable` says so."""
+    ppl = f"perplexity {100 * ppl_change:+.2f}%" if ppl_change is not None and math.isfinite(ppl_change) else ""
+    why = not_measurable(ce_recovered, zero_cost, min_zero_cost)
+    if why:
+        return f"not measurable here: {why}" + (f" ({ppl})" if ppl else "")
+    return f"{ce_recovered:.3f}" + (f" ({ppl})" if ppl else "")

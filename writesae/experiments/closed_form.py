@@ -44,7 +44,7 @@ from torch.func import jvp
 
 from ..hosts import Edit
 from ..ops import recurrence
-from ..verdicts import median_ci
+from ..verdicts import R2_FLOOR, median_ci
 from .substitution import _generator, random_rank1
 
 __all__ = ["readout", "propagate", "closed_form", "r2", "r2_summary", "r2_shown", "R2_FLOOR", "edited_layer",
@@ -235,9 +235,6 @@ def r2_summary(table) -> pd.DataFrame:
                          median_hi=hi, q25=table[c].quantile(0.25), q75=table[c].quantile(0.75),
                          frac_gt_0_95=float((table[c] > 0.95).mean())))
     return pd.DataFrame(rows)
-
-
-R2_FLOOR = -1.0
 
 
 def r2_shown(df, floor=R2_FLOOR) -> pd.DataFrame:
