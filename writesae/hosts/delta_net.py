@@ -92,9 +92,9 @@ class DeltaNetHost(FlaHost):
                                     min_chunk=self._min_chunk(32))
         gate = at.g_proj(x).view(B, T, self.n_heads, self.d_v) if at.use_gate else None
         y = at.o_proj(self._norm(at, o.to(x.dtype), gate).flatten(2))
-        h, residual = blk.mlp_norm(y, hidden, prenorm=True)
+        hidden = hidden + y  # fla's fused norm adds the residual itself; torch's nn.RMSNorm (fuse_norm=False) not
         read = (gate,) if gate is not None else ()
-        return LayerOut(residual + blk.mlp(h), LayerState(windows, S), rule, kept, read)
+        return LayerOut(hidden + blk.mlp(blk.mlp_norm(hidden)), LayerState(windows, S), rule, kept, read)
 
     @staticmethod
     def _norm(at, o, gate):

@@ -29,6 +29,7 @@ from transformers.activations import ACT2FN
 
 from ..ops import recurrence
 from .base import LayerOut, LayerState
+from .fla import KernelLane, fla_kernel
 from .recurrent import RecurrentHost, grow, tail
 
 
@@ -39,23 +40,37 @@ def _parts(model):
     return inner, model.lm_head
 
 
-def use_torch_path(model):
-    """Rebind transformers' kernel hooks of the model's module to the pure-torch functions.
+def torch_function(fn):
+    """transformers' pure-torch function behind its kernel hooks. transformers wraps it (``functools.wraps``,
+    so ``__wrapped__``) to call an installed kernel package (fla, causal_conv1d, mamba_ssm) on the devices
+    that package supports; the ``kernels`` package (a dependency of transformers 5.x) wraps that in turn in
+    a function module whose ``forward`` calls it (``func``). A plain function is returned as it is."""
+    import inspect
 
-    transformers binds flash-linear-attention's Triton kernels at import time whenever ``fla`` imports;
-    they crash without CUDA. The original torch function is kept as ``__wrapped__``."""
+    if isinstance(fn, torch.nn.Module):
+        fn = inspect.getclosurevars(type(fn).forward).nonlocals.get("func", fn)
+    return inspect.unwrap(fn)
+
+
+def use_torch_path(model):
+    """Rebind transformers' kernel hooks of the model's module to the pure-torch functions, for every model
+    of that module (:func:`torch_function`)."""
     import sys
 
     mod = sys.modules[type(model).__module__]
     for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule",
                  "causal_conv1d_fn", "causal_conv1d_update"):
         fn = getattr(mod, name, None)
-        if fn is not None and hasattr(fn, "__wrapped__"):
-            setattr(mod, name, fn.__wrapped__)
+        if fn is not None:
+            setattr(mod, name, torch_function(fn))
 
 
-class GatedDeltaNetHost(RecurrentHost):
+class GatedDeltaNetHost(KernelLane, RecurrentHost):
     """A Qwen3.5 / Qwen3-Next model seen as a set of matrix-state cells.
+
+    The kernel lane (``kernels=`` or ``host.kernels``, as for fla's families: :mod:`writesae.hosts.fla`)
+    picks the kernel of the host's own unedited stretches: fla's ``chunk_gated_delta_rule`` or transformers'
+    torch chunk. The model's own forward (``logits``) runs whatever kernels transformers binds.
 
     >>> host = load_host("embedded")
     >>> host.cells[:2]                      # Cell(layer, head, d_k, d_v)
@@ -66,7 +81,7 @@ class GatedDeltaNetHost(RecurrentHost):
     family = "gated_deltanet"
     kind = "Gated DeltaNet"
 
-    def __init__(self, model, tokenizer=None, name=None):
+    def __init__(self, model, tokenizer=None, name=None, kernels=None):
         super().__init__(model, tokenizer, name)
         self.decoder, self.lm_head = _parts(model)
         self.config = self.decoder.config
@@ -80,13 +95,12 @@ class GatedDeltaNetHost(RecurrentHost):
         self.n_heads, self.d_k, self.d_v = c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
         self.n_k_heads = c.linear_num_key_heads
         self.conv_kernel = c.linear_conv_kernel_dim
-        self._chunk = None
-        if self.device.type != "cuda":
-            use_torch_path(model)
+        self.kernels = kernels
 
     # ----------------------------------------------------------- the layers
     # what a host of the same rule under other names (``olmo_hybrid``, ``kimi_linear``) overrides
     _chunk_fn = "torch_chunk_gated_delta_rule"  # the library's chunked kernel, in the mixer's module
+    _fla_chunk = ("gated_delta_rule", "chunk_gated_delta_rule")  # fla's kernel of the rule: fla.ops.<module>.<name>
 
     def _mixer(self, i):
         """Layer i's Gated DeltaNet module."""
@@ -108,16 +122,22 @@ class GatedDeltaNetHost(RecurrentHost):
             b, a = attn.in_proj_b(x), attn.in_proj_a(x)
         return mixed, z, b.float().sigmoid(), -attn.A_log.float().exp() * F.softplus(a.float() + attn.dt_bias.float())
 
-    def _chunk_kernel(self):
-        """Fast recurrence for unedited stretches: fla's kernel on CUDA, transformers' torch chunk otherwise."""
+    def _make_chunk(self):
+        """Fast recurrence for unedited stretches: fla's chunked kernel on the fla lane (q already scaled),
+        transformers' torch chunk on the torch lane (which scales q by d_k^-1/2 itself)."""
         import sys
 
-        if self._chunk is not None:
-            return self._chunk
+        if self.kernels == "fla":
+            fla = fla_kernel(*self._fla_chunk)
+
+            def chunk(r, S0):
+                q, k, v, g, b = (t.contiguous() for t in (r.q, r.k, r.v, r.g, r.b))
+                o, S = fla(q, k, v, g=g, beta=b, scale=1.0, initial_state=S0.contiguous(), output_final_state=True)
+                return o.float(), S.float()
+
+            return chunk
         mod = sys.modules[type(self._mixer(self.recurrent_layers[0])).__module__]
-        fn = getattr(mod, self._chunk_fn)
-        if self.device.type != "cuda":
-            fn = getattr(fn, "__wrapped__", fn)
+        fn = torch_function(getattr(mod, self._chunk_fn))
         sqrt_dk = math.sqrt(self.d_k)
 
         def chunk(r, S0):
@@ -126,7 +146,6 @@ class GatedDeltaNetHost(RecurrentHost):
                       use_qk_l2norm_in_kernel=False)
             return o.float(), S.float()
 
-        self._chunk = chunk
         return chunk
 
     def _gdn(self, i, x, state, edits, record):
@@ -151,9 +170,9 @@ class GatedDeltaNetHost(RecurrentHost):
         rule = recurrence.Rule(q, k, v, g, b, e=-b[..., None] * k, f=(g.exp()[..., None] if g.ndim == 3 else g.exp()) * k)
         S0 = state.S if state is not None and state.S is not None else q.new_zeros(B, self.n_heads, self.d_k, self.d_v)
         # transformers' torch chunk kernel pads every call to 64 tokens: shorter stretches are cheaper
-        # step by step on CPU; fla's kernel on GPU is cheap for short stretches too
+        # step by step on CPU; fla's kernel is cheap for short stretches
         o, S, kept = recurrence.run(S0.float(), rule, edits=edits, record=record, chunk=self._chunk_kernel(),
-                                    min_chunk=64 if self.device.type == "cpu" else 8)
+                                    min_chunk=self._min_chunk(64))
         norm, out = self._norm_out(attn)
         o = norm(o.to(x.dtype).reshape(-1, self.d_v), z.reshape(-1, self.d_v)).reshape(B, T, -1)
         return out(o), LayerState((grow(state, 0, mixed),), S), rule, kept, z

@@ -3,8 +3,9 @@
 DeltaNet, GLA and RWKV-7 are not in transformers; their reference implementation is fla's, whose model
 classes need Triton even to import and whose kernels need CUDA. The classes here mirror fla 0.6.0's module
 trees and parameter names (so fla-hub checkpoints load strictly) and run on any device with torch alone.
-:func:`register` makes ``AutoConfig`` / ``AutoModelForCausalLM`` know them by fla's ``model_type`` -- unless
-fla itself is importable and has registered its own classes (then fla's are used, e.g. on a GPU).
+:func:`register` makes ``AutoConfig`` / ``AutoModelForCausalLM`` serve them under fla's ``model_type``, on
+every device: also over fla's own classes, which importing fla registers under the same names (fla serves the
+hosts' kernels only; see :func:`writesae.hosts._register`).
 """
 from __future__ import annotations
 
@@ -26,13 +27,11 @@ def classes(model_type):
 
 
 def register(*model_types):
-    """Register our classes with the transformers Auto classes for each model_type (default all) not yet known."""
+    """Register our classes with the transformers Auto classes for each model_type (default all), in place of
+    whatever is registered there."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     for model_type in model_types or CLASSES:
-        if model_type in CONFIG_MAPPING:
-            continue
         cfg, lm = classes(model_type)
-        AutoConfig.register(model_type, cfg)
-        AutoModelForCausalLM.register(cfg, lm)
+        AutoConfig.register(model_type, cfg, exist_ok=True)
+        AutoModelForCausalLM.register(cfg, lm, exist_ok=True)

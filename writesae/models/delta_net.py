@@ -18,9 +18,9 @@ One DeltaNet layer, per token and head (``x`` the attn-normed hidden state)::
 
 Not supported (raise ``NotImplementedError``): hybrid softmax-attention layers (``attn``), attention
 residuals (``attnres_block_size``), ``hidden_act='powlu'``, padding masks and caches (generation
-re-runs the whole prefix each step). ``fuse_norm``, ``fuse_swiglu``, ``fuse_cross_entropy``,
-``use_l2warp`` and ``use_output_norm`` are accepted and change nothing here (fla ignores
-``use_output_norm`` too).
+re-runs the whole prefix each step). ``fuse_norm=False`` builds torch's ``nn.RMSNorm`` for the block and
+final norms, as fla does; ``fuse_swiglu``, ``fuse_cross_entropy``, ``use_l2warp`` and ``use_output_norm`` are
+accepted and change nothing here (fla ignores ``use_output_norm`` too).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 
 from ..ops.delta_net import delta_rule_chunked, delta_rule_recurrent, l2norm
-from .modules import FusedRMSNormGated, GatedMLP, FlaCausalLM, RMSNorm, ShortConvolution
+from .modules import FusedRMSNormGated, GatedMLP, FlaCausalLM, RMSNorm, ShortConvolution, block_norm
 
 
 class DeltaNetConfig(PretrainedConfig):
@@ -188,22 +188,20 @@ class DeltaNetBlock(GradientCheckpointingLayer):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
-        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn_norm = block_norm(config)
         self.attn = DeltaNet(mode=config.attn_mode, hidden_size=config.hidden_size, expand_k=config.expand_k,
                              expand_v=config.expand_v, num_heads=config.num_heads, use_gate=config.use_gate,
                              use_beta=config.use_beta, use_short_conv=config.use_short_conv,
                              allow_neg_eigval=config.allow_neg_eigval, conv_size=config.conv_size,
                              qk_norm=config.qk_norm, qk_activation=config.qk_activation,
                              norm_eps=config.norm_eps, layer_idx=layer_idx)
-        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp_norm = block_norm(config)
         self.mlp = GatedMLP(config.hidden_size, config.hidden_ratio, config.intermediate_size, config.hidden_act,
                             config.fuse_swiglu)
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
-        residual = hidden_states
-        hidden_states = self.attn(self.attn_norm(hidden_states), attention_mask=attention_mask)
-        hidden_states, residual = self.mlp_norm(hidden_states, residual, prenorm=True)
-        return residual + self.mlp(hidden_states)
+        hidden_states = hidden_states + self.attn(self.attn_norm(hidden_states), attention_mask=attention_mask)
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
 class DeltaNetPreTrainedModel(PreTrainedModel):
@@ -223,7 +221,7 @@ class DeltaNetPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, (RMSNorm, FusedRMSNormGated)):
+        elif isinstance(module, (RMSNorm, nn.RMSNorm)):
             init.ones_(module.weight)
 
 
@@ -243,7 +241,7 @@ class DeltaNetModel(DeltaNetPreTrainedModel):
         self.padding_idx, self.vocab_size = config.pad_token_id, config.vocab_size
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([DeltaNetBlock(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.norm = block_norm(config)
         self.gradient_checkpointing = False
         self.post_init()
 

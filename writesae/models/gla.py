@@ -20,8 +20,9 @@ and ``GatedLinearAttention`` per token (``H`` heads, ``d_k = hidden*expand_k/H``
 Not supported (``NotImplementedError``): hybrid ``attn`` layers, ``attnres_block_size``, ``hidden_act`` other
 than swish, the ``bias_gelu`` feature map, padded ``attention_mask``. Ignored like fla 0.6.0 ignores them:
 ``use_gk``/``use_gv``, a config ``gate_logit_normalizer`` (a layer argument, always 16 from the
-config); ``attn_mode``/``fuse_*`` only change kernels (and the name ``g_norm_swish_gate`` vs
-``g_norm``), except that ``attn_mode="fused_recurrent"`` here selects the stepwise reference loop. No cache:
+config); ``attn_mode``/``fuse_*`` only change kernels (and the name ``g_norm_swish_gate`` vs ``g_norm``;
+``fuse_norm=False`` builds torch's ``nn.RMSNorm`` for the block and final norms, as fla does), except that
+``attn_mode="fused_recurrent"`` here selects the stepwise reference loop. No cache:
 ``generate`` re-runs the whole prefix each step.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from writesae.ops.gla import chunk_gla, recurrent_gla
 
-from .modules import FusedRMSNormGated, GatedMLP, FlaCausalLM, RMSNorm, ShortConvolution
+from .modules import FusedRMSNormGated, GatedMLP, FlaCausalLM, RMSNorm, ShortConvolution, block_norm
 
 
 class GLAConfig(PretrainedConfig):
@@ -184,7 +185,7 @@ class GLABlock(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
-        self.attn_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn_norm = block_norm(config)
         self.attn = GatedLinearAttention(
             mode=config.attn_mode, hidden_size=config.hidden_size, expand_k=config.expand_k,
             expand_v=config.expand_v, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
@@ -192,7 +193,7 @@ class GLABlock(nn.Module):
             use_output_gate=config.use_output_gate, gate_fn=config.hidden_act,
             elementwise_affine=config.elementwise_affine, norm_eps=config.norm_eps, clamp_min=config.clamp_min,
             fuse_norm=config.fuse_norm, layer_idx=layer_idx)
-        self.mlp_norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp_norm = block_norm(config)
         self.mlp = GatedMLP(config.hidden_size, config.hidden_ratio, config.intermediate_size, config.hidden_act,
                             config.fuse_swiglu)
 
@@ -218,7 +219,7 @@ class GLAPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm) and module.weight is not None:
+        elif isinstance(module, (RMSNorm, nn.RMSNorm)) and module.weight is not None:
             init.ones_(module.weight)
 
 
@@ -235,7 +236,7 @@ class GLAModel(GLAPreTrainedModel):
         self.padding_idx, self.vocab_size = config.pad_token_id, config.vocab_size
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([GLABlock(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.norm = block_norm(config)
         self.gradient_checkpointing = False
         self.post_init()
 

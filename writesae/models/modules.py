@@ -38,6 +38,12 @@ class RMSNorm(nn.Module):
         return (out, x) if prenorm else out
 
 
+def block_norm(config):
+    """fla's block and final norms: its ``RMSNorm`` with ``config.fuse_norm`` (fused kernel, residual and
+    ``prenorm`` accepted), else torch's ``nn.RMSNorm`` (neither), as fla 0.6.0 builds them."""
+    return (RMSNorm if config.fuse_norm else nn.RMSNorm)(config.hidden_size, eps=config.norm_eps)
+
+
 class FusedRMSNormGated(RMSNorm):
     """fla's ``FusedRMSNormGated``: ``RMSNorm(x) * silu(g)``."""
 
