@@ -130,15 +130,23 @@ def _model_from_config(config):
 
 
 def _register(model_type):
-    """Make AutoModel know a DeltaNet / GLA / RWKV-7 model_type: fla's classes on CUDA when fla is installed,
-    ours otherwise."""
+    """Make the Auto classes serve ``model_type`` with the project's class, on every device and whatever was
+    imported before: transformers' own class for the types transformers defines (mamba2, qwen3_5, ...), ours
+    (:mod:`writesae.models`) for delta_net, gla and rwkv7. Importing fla registers fla's classes under
+    delta_net, gla, rwkv7 and mamba2 (``exist_ok=True``); called before each load, this puts the project's
+    back. fla serves kernels only (the hosts' kernel lane); a model built from fla's classes and passed to
+    :func:`load_host` stays fla's."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+
     from ..models import CLASSES, register
 
-    if model_type not in CLASSES:
-        return
-    if torch.cuda.is_available() and importlib.util.find_spec("fla") is not None:
-        import fla  # noqa: F401  (registers fla's own classes and kernels)
-    register(model_type)
+    if model_type in CLASSES:
+        register(model_type)
+    elif model_type in CONFIG_MAPPING_NAMES:
+        theirs = getattr(transformers, CONFIG_MAPPING_NAMES[model_type])
+        if CONFIG_MAPPING[model_type] is not theirs:
+            transformers.AutoConfig.register(model_type, theirs, exist_ok=True)
 
 
 def _resolve(source):
