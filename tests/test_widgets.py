@@ -51,6 +51,34 @@ def test_atom_explorer_draws_its_first_atom_once(setup, monkeypatch):
     assert len(drawn) == 1 and drawn[0].endswith(f"atom {box.controls['atom'].value}")
 
 
+def test_atom_explorer_opens_on_the_strongest_register(setup):
+    import pandas as pd
+
+    from writesae.experiments import firings as F, partition as P
+
+    host, ids, sae = setup
+    fired = F.collect(host, sae, CELL, ids)
+    atoms = P.atom_table(fired)
+    regs = atoms.nsmallest(3, "cos")["feature"].tolist()  # any three atoms called registers
+    classes = pd.DataFrame({"feature": atoms["feature"], "class": ["register" if f in regs else "bundle"
+                                                                   for f in atoms["feature"]]})
+    box = widgets.atom_explorer(host, {CELL: sae}, ids, firings={CELL: fired}, classes={CELL: classes}, n_kl=0)
+    best = atoms[atoms["feature"].isin(regs)].nlargest(1, "cos")["feature"].item()
+    assert box.controls["cls"].value == "register" and box.controls["atom"].value == best
+
+
+def test_tokens_read_as_text_without_escapes():
+    class Tok:
+        def decode(self, ids):
+            return {1: "\n\n", 2: " water"}[ids[0]] if len(ids) == 1 else "a\nb<c"
+
+    class Host:
+        tokenizer = Tok()
+
+    assert widgets._tok(Host(), 1) == "'↵↵'" and widgets._tok(Host(), 2) == "' water'"
+    assert widgets._text(Host(), [3, 4]) == "a↵b&lt;c"
+
+
 def test_live_install_runs_and_magnitude_zero_changes_nothing(setup):
     host, _, sae = setup
     box = widgets.live_install(host, {CELL: sae}, prompt="5 17 42 8 23 61 9 33", target="7", n_new=6)

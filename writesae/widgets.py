@@ -73,12 +73,14 @@ def _png(fig) -> str:
 
 
 def _tok(host, t) -> str:
-    return html.escape(repr(host.tokenizer.decode([int(t)])) if host.tokenizer is not None else str(int(t)))
+    """One token in quotes as it reads (newlines shown as ↵, never as an escape), or its id."""
+    return f"'{_text(host, [t])}'" if host.tokenizer is not None else str(int(t))
 
 
 def _text(host, ids) -> str:
+    """Tokens as they read, newlines shown as ↵ (a page shows no raw escapes), or their ids."""
     if host.tokenizer is not None:
-        return html.escape(host.tokenizer.decode([int(t) for t in ids]))
+        return html.escape(host.tokenizer.decode([int(t) for t in ids]).replace("\n", "↵"))
     return " ".join(str(int(t)) for t in ids)
 
 
@@ -149,9 +151,13 @@ def atom_explorer(host, saes, ids, *, firings=None, classes=None, kls=None, n_co
 
     first = tuple(cell) if cell is not None and tuple(cell) in saes else next(iter(saes))
     cell_w = W.Dropdown(options=[(_cell_name(c), c) for c in saes], value=first, description="cell")
-    cls_w = W.Dropdown(options=["all", "register", "bundle"], description="class")
+    # it opens on the first cell's strongest register (highest median cosine to the write), where it has one
+    registers = (tables[first]["class"] == "register").any()
+    cls_w = W.Dropdown(options=["all", "register", "bundle"], value="register" if registers else "all",
+                       description="class")
     cos_w = W.FloatRangeSlider(value=(-1, 1), min=-1, max=1, step=0.05, description="median cos")
-    sort_w = W.Dropdown(options=["fire_rate", "cos", "n_firings", "feature"], description="sort by")
+    sort_w = W.Dropdown(options=["fire_rate", "cos", "n_firings", "feature"], value="cos" if registers else "fire_rate",
+                        description="sort by")
     atom_w = W.Dropdown(description="atom", layout=W.Layout(width="420px"))
     view = W.HTML()
 
@@ -287,7 +293,7 @@ def live_install(host, saes=None, *, prompt=None, cell=None, target=None, n_new=
                               "continuation": [_text(host, res["native"]), _text(host, res["edited"])],
                               "target log p (1st step)": [res["native_logp"], res["edited_logp"]],
                               "target rank": [res["native_rank"], res["edited_rank"]],
-                              "target generated": [tgt in res["native"], tgt in res["edited"]]})
+                              "target generated": ["yes" if tgt in res[k] else "no" for k in ("native", "edited")]})
         what = f"atom {atom_w.value}" if mode_w.value == "atom" else f"direction of {_tok(host, tgt)}"
         view.value = (f"<p>{what} x m = {m_w.value:g} x ||k_t v_t^T|| at positions {positions} of "
                       f"{_cell_name(cell)}; target {_tok(host, tgt)}</p>" + table.to_html(index=False, escape=False,
