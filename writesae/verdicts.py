@@ -315,7 +315,8 @@ def keys(chapter: str) -> list:
 
 
 def _shown(t: pd.DataFrame) -> pd.DataFrame:
-    return t.rename(columns={"id": "claim", "claim": "_n"})[["claim", "what", "paper", "ours", "verdict", "why"]]
+    return t.rename(columns={"id": "claim", "claim": "_n", "what": "statement", "ours": "this book"})[
+        ["claim", "statement", "paper", "this book", "verdict", "why"]]
 
 
 def glue_chapter(chapter: str, values: dict) -> pd.DataFrame:
