@@ -149,7 +149,7 @@ def setup(namespace):
                   n_windows=p["n_windows"], positions_per_seq=p["positions_per_seq"],
                   eval_windows=p.get("eval_windows", 64), n_feat=p["n_feat"], k=p["k"], epochs=p["epochs"],
                   seed=p["seed"], min_firings=p.get("min_firings", 5), max_firings=p.get("max_firings"),
-                  corpus=p.get("corpus", "embedded"))
+                  max_firings_by_cell=p.get("max_firings_by_cell"), corpus=p.get("corpus", "embedded"))
     print(sec.describe())
     return sec
 

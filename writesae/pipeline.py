@@ -96,7 +96,7 @@ def states(h, cells, *, text="train", window=128, n_windows=256, positions_per_s
 
 
 def _sae_key(h, cell, *, variant="bilinear", n_feat=2048, k=32, activation="topk", rank=1, epochs=20,
-             batch_size=256, lr=3e-4, seed=0, data=None, root=None, progress=True, **options):
+             batch_size=256, lr=3e-4, warmup=50, seed=0, data=None, root=None, progress=True, **options):
     """(cache folder, states folder, training arguments) of :func:`sae`'s SAE; extracts the states if missing."""
     bad = sorted(set(options) - set(SAEConfig.__dataclass_fields__))
     if bad:
@@ -105,15 +105,18 @@ def _sae_key(h, cell, *, variant="bilinear", n_feat=2048, k=32, activation="topk
     data = dict(data or {})
     d_states = states(h, data.pop("cells", [[layer, head]]), root=root, progress=progress, **data)
     params = dict(trainer=TRAINER_VERSION, model=h.name, cell=[layer, head], variant=variant, n_feat=n_feat, k=k, activation=activation,
-                  rank=rank, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, states=d_states.name, **options)
+                  rank=rank, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, states=d_states.name,
+                  **({} if warmup == 50 else {"warmup": warmup}), **options)
     cfg = dict(variant=variant, d_k=h.d_k, d_v=h.d_v, n_feat=n_feat, k=k, activation=activation, rank=rank, **options)
     return artifact_dir("sae", params, root), d_states, dict(cell=(layer, head), cfg=cfg, epochs=epochs,
-                                                            batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+                                                            batch_size=batch_size, lr=lr, warmup=warmup, seed=seed,
+                                                            progress=progress)
 
 
 def sae(h, cell, **kw):
     """The best checkpoint of an SAE on ``cell`` trained on ``data`` (a dict of :func:`states` kwargs).
-    Keywords: variant, n_feat, k, activation, rank, epochs, batch_size, lr, seed, data, root, progress; further
+    Keywords: variant, n_feat, k, activation, rank, epochs, batch_size, lr, warmup (learning-rate warm-up steps;
+    in the key only when not 50), seed, data, root, progress; further
     :class:`SAEConfig` fields (e.g. JumpReLU's ``l0_coeff``, ``jumprelu_init_threshold``) are part of the cache
     key only when given.
 
@@ -128,7 +131,7 @@ def _trained(h, d, d_states, a):
     with computing(d, lambda: (best / "cfg.json").exists() and (d / "done").exists()) as todo:
         if todo:
             train_sae(d_states, a["cell"], SAEConfig(**a["cfg"]), d, epochs=a["epochs"], batch_size=a["batch_size"],
-                      lr=a["lr"], seed=a["seed"], progress=a["progress"], device=h.device)
+                      lr=a["lr"], warmup=a["warmup"], seed=a["seed"], progress=a["progress"], device=h.device)
             write_text(d / "done", "ok\n")
     return WriteSAE.load(best, expect_cell=a["cell"], expect_dims=(h.d_k, h.d_v), device=h.device)
 

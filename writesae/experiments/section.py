@@ -52,6 +52,7 @@ class Section:
     seed: int = 0
     min_firings: int = 5
     max_firings: int | None = None
+    max_firings_by_cell: dict | None = None  # {"L9H4": 1851, ...}: a cell's own cap (the paper's 1,500 / 1,851 / 1,500)
     corpus: str = "embedded"  # the passages (``writesae.corpus``): state datasets and held-out measurements
     data: dict | None = None  # the state-dataset spec; default: ``cells`` (+ ``cell``) and ``heads_layer``'s heads
     root: object = None       # the artifact cache (default ``writesae.cache.cache_root()``)
@@ -110,6 +111,12 @@ class Section:
                 f"{self.window} tokens\nSAEs: n_feat = {self.n_feat}, k = {self.k}, {self.epochs} epochs")
 
     # ------------------------------------------------------------------ firings and partition
+    def cap(self, cell=None) -> int | None:
+        """The most firings a substitution run on ``cell`` takes: its entry of ``max_firings_by_cell`` ("L9H4"),
+        else ``max_firings``."""
+        layer, head = cell or self.cell
+        return (self.max_firings_by_cell or {}).get(f"L{layer}H{head}", self.max_firings)
+
     def firings(self, cell=None, **sae_kw) -> pd.DataFrame:
         """Every firing of the SAE (``sae_kw``) on ``cell`` over the held-out passages (cached)."""
         cell = tuple(cell or self.cell)
@@ -187,7 +194,7 @@ class Section:
         if classes is None:
             classes, _ = self.partition(cell)
         return _firings.select(self.firings(cell), pool, classes=classes, seed=self.seed, max_per_atom=max_per_atom,
-                               max_firings=None if all_firings else self.max_firings, min_per_atom=min_per_atom)
+                               max_firings=None if all_firings else self.cap(cell), min_per_atom=min_per_atom)
 
     def substitution(self, cell=None, pool="registers", *, classes=None, max_per_atom=None, min_per_atom=1,
                      all_firings=False, **kw):
@@ -200,7 +207,7 @@ class Section:
         sites = self.sites(cell, pool, classes=classes, max_per_atom=max_per_atom, min_per_atom=min_per_atom,
                            all_firings=all_firings)
         key = self.key(cell, pool=pool if isinstance(pool, str) else sorted(map(int, pool)),
-                       max_firings=self.max_firings, max_per_atom=max_per_atom, min_firings=self.min_firings, **kw)
+                       max_firings=self.cap(cell), max_per_atom=max_per_atom, min_firings=self.min_firings, **kw)
         df = cache.cached_table("substitution", key, lambda: _sub.substitute(
             self.host, self.sae(cell), self.eval_ids, sites, direction=_sub.DIRECTIONS, seed=self.seed,
             resume=cache.parts_dir("substitution", key, self.root), **kw), self.root)
@@ -216,7 +223,7 @@ class Section:
         cell = tuple(cell or self.cell)
         mine, classes = self.substitution(cell, pool, scaling="norm")
         flat_sites = _firings.top1_at(self.firings(cell, variant="flat"), self.sites(cell, pool, classes=classes))
-        key = self.key(cell, pool=pool, max_firings=self.max_firings, min_firings=self.min_firings, scaling="norm",
+        key = self.key(cell, pool=pool, max_firings=self.cap(cell), min_firings=self.min_firings, scaling="norm",
                        decoder=f"flat+svd{rank}")
         theirs = cache.cached_table("flat_substitution", key, lambda: _sub.substitute(
             self.host, TruncatedAtoms(self.sae(cell, variant="flat"), rank=rank), self.eval_ids, flat_sites,

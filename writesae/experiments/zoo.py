@@ -125,6 +125,8 @@ class Settings:
     memory_window: int = 128  # a measured memory table (no metrics.json): windows of min(window, this) tokens
     memory_windows: int = 2
     seed: int = 0
+    warmup: int = 50          # SAE learning-rate warm-up steps (the paper's Mamba-2 SAEs: 100)
+    corpus: str = "embedded"  # the passages (``writesae.corpus``)
 
 
 @dataclass
@@ -147,14 +149,15 @@ class Family:
     def spec(self, **kw) -> dict:
         s = self.s
         return dict(model=self.host.name, n_feat=s.n_feat, k=s.k, epochs=s.epochs, batch_size=s.batch_size,
-                    lr=s.lr, data=self.data, eval_windows=s.eval_windows, seed=s.seed, **kw)
+                    lr=s.lr, data=self.data, eval_windows=s.eval_windows, seed=s.seed,
+                    **({} if s.warmup == 50 else {"warmup": s.warmup}), **kw)
 
     def sae(self, cell, atom=RANK1, *, variant=None, k=None, n_feat=None):
         """The SAE of ``cell`` with ``atom``'s decoder (``variant="flat"``: the FlatSAE), trained once."""
         return pipeline.sae(self.host, cell, variant=variant or atom.variant, rank=1 if variant else atom.rank,
                             n_feat=n_feat or self.s.n_feat, k=k or self.s.k, epochs=self.s.epochs,
-                            batch_size=self.s.batch_size, lr=self.s.lr, seed=self.s.seed, data=self.data,
-                            progress=False)
+                            batch_size=self.s.batch_size, lr=self.s.lr, warmup=self.s.warmup, seed=self.s.seed,
+                            data=self.data, progress=False)
 
     def firings(self, cell, atom=RANK1, *, variant=None):
         """Every firing of that SAE on the held-out windows (cached)."""
@@ -223,7 +226,7 @@ def metrics_path(model):
     return Path(model) / "metrics.json" if os.path.isdir(model) else None
 
 
-def memory(host, *, window=128, n_windows=2, seed=0, influence=True) -> pd.DataFrame:
+def memory(host, *, window=128, n_windows=2, seed=0, influence=True, corpus="embedded") -> pd.DataFrame:
     """The memory table of every cell of ``host`` (columns cell, layer, head, decay, write_share, source): the
     model's ``metrics.json`` table when it has one, else measured (:func:`memory_table`, cached) on
     ``n_windows`` held-out windows of ``window`` tokens; with ``influence``, the column of
@@ -236,16 +239,17 @@ def memory(host, *, window=128, n_windows=2, seed=0, influence=True) -> pd.DataF
         df = pd.DataFrame(table)
         df["source"] = f"metrics.json ({path.parent.name})"
     else:
-        key = dict(model=host.name, window=window, n_windows=n_windows, seed=seed)
+        key = dict(model=host.name, window=window, n_windows=n_windows, seed=seed, **pipeline.run_key(host, corpus))
         df = cache.cached_table("zoo_memory", key, lambda: memory_table(
-            host, pipeline.windows(host, "heldout", window, n_windows, seed)))
+            host, pipeline.windows(host, "heldout", window, n_windows, seed, corpus)))
         df["source"] = f"measured ({n_windows} x {window} held-out tokens)"
     lh = [cell_tuple(c) for c in df["cell"]]
     df.insert(1, "layer", [l for l, _ in lh])
     df.insert(2, "head", [h for _, h in lh])
     if influence and "influence" not in df:  # the zoo's metrics.json ships it (window 128, seed 0)
-        key = dict(model=host.name, window=window, n_windows=1, seed=seed)
-        inf = cache.cached_table("zoo_influence", key, lambda: measure_influence(host, window=window, seed=seed))
+        key = dict(model=host.name, window=window, n_windows=1, seed=seed, **pipeline.run_key(host, corpus))
+        inf = cache.cached_table("zoo_influence", key, lambda: measure_influence(host, window=window, seed=seed,
+                                                                                corpus=corpus))
         df = df.merge(inf, on="cell", how="left")
     return df
 
@@ -276,10 +280,10 @@ def influence_table(host, ids, positions=None, logits_bytes=_sub.LOGITS_BYTES) -
     return pd.DataFrame(dict(cell=list(kls), influence=[float(np.median(v)) for v in kls.values()]))
 
 
-def measure_influence(host, *, window=128, seed=0) -> pd.DataFrame:
+def measure_influence(host, *, window=128, seed=0, corpus="embedded") -> pd.DataFrame:
     """:func:`influence_table` on the first held-out window of ``window`` tokens: what :func:`memory` adds to
     the memory table, and what the zoo's export stores in ``metrics.json`` next to it."""
-    return influence_table(host, pipeline.windows(host, "heldout", window, 1, seed))
+    return influence_table(host, pipeline.windows(host, "heldout", window, 1, seed, corpus))
 
 
 def choose_cells(memory_df, n=1, fixed=None, max_write_share=0.3) -> list:
@@ -300,25 +304,29 @@ def choose_cells(memory_df, n=1, fixed=None, max_write_share=0.3) -> list:
     return [(int(l), int(h)) for l, h in zip(pick["layer"], pick["head"])]
 
 
-def setup(models, settings=None, *, zoo_cells=None, n_cells=1, max_write_share=0.3, device=None, **kw) -> dict:
+def setup(models, settings=None, *, zoo_cells=None, n_cells=1, max_write_share=0.3, device=None, dtype="float32",
+          trust_remote_code=False, **kw) -> dict:
     """{label: :class:`Family`} for ``models`` = {label: source}: hosts loaded, memory tables read or measured,
     cells chosen (:func:`choose_cells`; ``zoo_cells`` = {label: [[layer, head], ...]} fixes them per family), the
-    state-dataset spec shared by every SAE of a family, and the held-out windows. ``kw`` overrides fields of
+    state-dataset spec shared by every SAE of a family, and the held-out windows; each model in ``dtype`` on
+    ``device`` (``trust_remote_code``: see :func:`writesae.hosts.load_host`). ``kw`` overrides fields of
     ``settings``. A family whose model is not found here (a zoo member not trained yet) is left out, saying so."""
     s = replace(settings or Settings(), **kw)
     out = {}
     for label, source in models.items():
         try:
-            host = pipeline.host(source, device)
+            host = pipeline.host(source, device, dtype, trust_remote_code)
         except FileNotFoundError as e:  # a zoo member not trained yet: the chapter runs on the others
             print(f"{label}: left out: {e}")
             continue
-        mem = memory(host, window=min(s.window, s.memory_window), n_windows=s.memory_windows, seed=s.seed)
+        mem = memory(host, window=min(s.window, s.memory_window), n_windows=s.memory_windows, seed=s.seed,
+                     corpus=s.corpus)
         cells = choose_cells(mem, n_cells, (zoo_cells or {}).get(label), max_write_share)
         mem["chosen"] = [(int(l), int(h)) in cells for l, h in zip(mem["layer"], mem["head"])]
         data = pipeline.data_spec(host, cells, window=s.window, n_windows=s.n_windows,
-                                  positions_per_seq=s.positions_per_seq, seed=s.seed)
-        out[label] = Family(label, host, mem, cells, data, pipeline.windows(host, "heldout", s.window, s.eval_windows, s.seed), s)
+                                  positions_per_seq=s.positions_per_seq, seed=s.seed, corpus=s.corpus)
+        out[label] = Family(label, host, mem, cells, data,
+                            pipeline.windows(host, "heldout", s.window, s.eval_windows, s.seed, s.corpus), s)
     return out
 
 
