@@ -72,6 +72,9 @@ def test_papermill_typo_fails_at_once(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "unknown parameter n_atom for 04_closed_form; valid names:" in r.stdout + r.stderr
+    # the kernel's part of the report is the check's one line: it ends the output, no traceback above it
+    tail = (r.stdout + r.stderr).strip().split('Exception encountered at "In [')[-1].splitlines()
+    assert len(tail) == 2 and tail[1].startswith("ParameterError: unknown parameter n_atom"), tail
 
 
 def test_a_headline_cell_outside_cells_is_extracted_with_them():

@@ -97,7 +97,26 @@ def _literal(name, text, what):
 
 def check_parameters(namespace, notebook):
     """Validate and normalise the parameters in ``namespace`` (a notebook's ``globals()``, right after its
-    parameters cells) against the notebook's ``parameters`` cell; raises :class:`ParameterError`."""
+    parameters cells) against the notebook's ``parameters`` cell; raises :class:`ParameterError`, which in a
+    kernel (papermill, Jupyter) shows as its one line, without the traceback above it."""
+    try:
+        _check_parameters(namespace, notebook)
+    except ParameterError:
+        _one_line_errors()
+        raise
+
+
+def _one_line_errors():
+    """In an IPython kernel, show the next error as ``Name: message`` only (IPython's minimal exception mode)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    if (ip := get_ipython()) is not None:
+        ip.InteractiveTB.set_mode("Minimal")
+
+
+def _check_parameters(namespace, notebook):
     from .book import BUILD_KEYS
 
     want = defaults(notebook)
