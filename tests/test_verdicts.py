@@ -1,6 +1,7 @@
 """The verdict table (writesae.verdicts): the rule, the registry, reading executed notebooks, the intro's table."""
 import json
 import math
+from pathlib import Path
 
 import nbformat
 import numpy as np
@@ -9,6 +10,8 @@ import pytest
 
 from writesae import verdicts as V
 from writesae.experiments import ce_recovered as CE, closed_form as CF, substitution as Sub
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------- the rule
@@ -59,13 +62,22 @@ def test_every_claim_of_the_paper_has_a_row_in_a_chapter_that_exists():
 
     assert sorted({c.claim for c in V.CLAIMS}) == list(range(1, 14))
     assert len({c.id for c in V.CLAIMS}) == len(V.CLAIMS)
-    chapters = {p.stem for p in book.toc_documents(".") if p.suffix == ".ipynb"}
+    chapters = {p.stem for p in book.toc_documents(REPO) if p.suffix == ".ipynb"}
     assert {c.chapter for c in V.CLAIMS} == set(V.CHAPTERS) <= chapters
     t = V.table({})
     assert len(t) == len(V.CLAIMS) and t["claim"].tolist() == sorted(t["claim"])  # claim order
     assert set(t["verdict"]) == {V.NOT_TESTABLE}
     assert "not executed" in t.set_index("id").loc["3", "why"]
     assert "Qwen3.5-4B" in t.set_index("id").loc["11e", "why"]  # a fixed reason stays
+
+
+def test_each_chapter_with_claims_opens_with_its_rows_and_glues_them():
+    for ch in V.CHAPTERS:
+        cells = json.loads((REPO / "notebooks" / f"{ch}.ipynb").read_text())["cells"]
+        first = "".join(cells[0]["source"])
+        assert first.startswith("# ") and "```{glue} verdict_rows" in first, ch
+        calls = [c for c in cells if c["cell_type"] == "code" and f'verdicts.glue_chapter("{ch}"' in "".join(c["source"])]
+        assert len(calls) == 1 and cells[-1] is calls[0], ch  # the last cell: every number exists by then
 
 
 def test_rows_read_the_chapters_numbers():
