@@ -184,6 +184,23 @@ def _resolve(source):
     return os.path.dirname(hit)
 
 
+def tokenizer_source(path, source=None, trust_remote_code=False):
+    """(the tokenizer's directory for the checkpoint at ``path``, whether that tokenizer is code the checkpoint
+    ships): the zoo shares the embedded tokenizer; a tokenizer_config.json with an ``auto_map`` is code, refused
+    in one line naming ``trust_remote_code`` unless that opt-in is given."""
+    import json
+
+    shared = Path(path).resolve().parent == EMBEDDED_DIR  # the zoo shares the embedded tokenizer
+    tok_dir = str(EMBEDDED_DIR) if shared and not os.path.exists(os.path.join(path, "tokenizer.json")) else path
+    cfg = Path(tok_dir, "tokenizer_config.json")
+    code = cfg.is_file() and json.loads(cfg.read_text()).get("auto_map")
+    if code and not trust_remote_code:
+        raise ValueError(f"{source or path}'s tokenizer is code shipped with the checkpoint (auto_map {code}): load "
+                         "it only if you trust that code, with trust_remote_code=True (the parameter "
+                         "`trust_remote_code: true` of a params file)")
+    return tok_dir, bool(code)
+
+
 def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=True, trust_remote_code=False):
     """Load a model as a host.
 
@@ -222,14 +239,7 @@ def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=
         from transformers import AutoConfig
 
         path = _resolve(source)
-        shared = Path(path).resolve().parent == EMBEDDED_DIR  # the zoo shares the embedded tokenizer
-        tok_dir = str(EMBEDDED_DIR) if shared and not os.path.exists(os.path.join(path, "tokenizer.json")) else path
-        tok_cfg = Path(tok_dir, "tokenizer_config.json")
-        code = tokenizer and tok_cfg.is_file() and json.loads(tok_cfg.read_text()).get("auto_map")
-        if code and not trust_remote_code:
-            raise ValueError(f"{source}'s tokenizer is code shipped with the checkpoint (auto_map {code}): load it "
-                             "only if you trust that code, with trust_remote_code=True (the parameter "
-                             "`trust_remote_code: true` of a params file)")
+        tok_dir, code = tokenizer_source(path, source, trust_remote_code) if tokenizer else (None, False)
         try:
             _register(AutoConfig.from_pretrained(path, trust_remote_code=False).model_type)
         except ValueError:  # a model_type transformers does not know yet: read it from the file
