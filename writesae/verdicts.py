@@ -433,7 +433,7 @@ def rate_difference(w1, n1, w2, n2, alpha=ALPHA) -> tuple[float, float, float]:
     return float(d), float(d - math.hypot(p1 - l1, u2 - p2)), float(d + math.hypot(u1 - p1, p2 - l2))
 
 
-def mean_ci(values, alpha=ALPHA, seed=0, stat=np.mean) -> tuple[float, float, float]:
+def mean_ci(values, alpha=ALPHA, seed=0, stat=np.mean, n_boot=2000) -> tuple[float, float, float]:
     """(stat, lo, hi) of the finite ``values`` (default the mean) with a percentile bootstrap interval; NaN
     interval with fewer than two values."""
     from .stats import bootstrap_ci
@@ -444,7 +444,7 @@ def mean_ci(values, alpha=ALPHA, seed=0, stat=np.mean) -> tuple[float, float, fl
         return (float(stat(x)) if len(x) else np.nan), np.nan, np.nan
     if np.all(x == x[0]):
         return float(x[0]), float(x[0]), float(x[0])
-    lo, hi = bootstrap_ci(x, stat, seed=seed, alpha=alpha)
+    lo, hi = bootstrap_ci(x, stat, n_boot=n_boot, seed=seed, alpha=alpha)
     return float(stat(x)), lo, hi
 
 
@@ -463,9 +463,9 @@ def difference_text(d, lo, hi, fmt="pts") -> str:
             + ("inside the noise (the interval contains no difference)" if inside else "a significant difference"))
 
 
-def paired_difference(a, b, alpha=ALPHA, seed=0) -> tuple[float, float, float]:
+def paired_difference(a, b, alpha=ALPHA, seed=0, n_boot=2000) -> tuple[float, float, float]:
     """(mean(a - b), lo, hi) over pairs (e.g. two decoders' wins at the same firings), bootstrap interval."""
-    return mean_ci(np.asarray(a, float) - np.asarray(b, float), alpha, seed)
+    return mean_ci(np.asarray(a, float) - np.asarray(b, float), alpha, seed, n_boot=n_boot)
 
 
 def median_difference(a, b, n_boot=2000, alpha=ALPHA, seed=0) -> tuple[float, float, float]:

@@ -415,7 +415,8 @@ def passage_summary(df, *, n_boot=1000, seed=0) -> dict:
     out["ratio"] = out["d_random"] / out["d_delete"] if out["d_delete"] else np.nan
     out["wilcoxon_p"] = stats.paired_wilcoxon(df["d_random"], df["d_delete"]).pvalue
     # the paper's contrast as a paired difference over passages (a ratio of two means near zero has no interval)
-    out["d_gap"], out["d_gap_lo"], out["d_gap_hi"] = paired_difference(df["d_random"], df["d_delete"], seed=seed)
+    out["d_gap"], out["d_gap_lo"], out["d_gap_hi"] = paired_difference(df["d_random"], df["d_delete"], seed=seed,
+                                                                       n_boot=n_boot)
     return out
 
 
