@@ -2,6 +2,7 @@
 Qwen3.5-0.8B's shape, and the projected H100-hours of the paper's headline cell.
 
     python benchmarks/bench_scale.py                 # on a GPU: bf16, flash-linear-attention's kernels
+    python benchmarks/bench_scale.py --rates-out rates.json   # ... and keep the rates for `writesae plan --rates`
     python benchmarks/bench_scale.py --small         # anywhere: a small config that proves the path runs
     python benchmarks/bench_scale.py --passages 2 --steps 5 --firings 4   # without a GPU: the full
                                                      # configuration in fp32 on the CPU (13 min, 13 GiB here)
@@ -36,8 +37,7 @@ from writesae.experiments import firings, substitution
 from writesae.extract import extract
 from writesae.hosts import load_host
 from writesae.sae import SAEConfig, WriteSAE
-
-PAPER = dict(passages=5000, window=1024, epochs=20, firings=4851, h100_hours_per_sae=6.0, h100_hours_total=180.0)
+from writesae.scale import PAPER, Rates, hours as projected_hours
 
 
 def config(small):
@@ -77,6 +77,7 @@ def main():
     p.add_argument("--steps", type=int, default=20, help="SAE training steps timed")
     p.add_argument("--firings", type=int, default=None, help="firings of the substitution test (default 48; small: 8)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a small shared CPU)")
+    p.add_argument("--rates-out", default=None, help="write the measured rates (JSON) for `writesae plan --rates`")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not a.small else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -132,17 +133,23 @@ def main():
     diff = max(float((fast[f"kl_{c}"] - naive[f"kl_{c}"]).abs().max()) for c in kw["conditions"])
     assert diff < (1e-6 if dtype == torch.float32 else 1e-2), f"substitution paths disagree by {diff}"
     fir_s, fir_naive = len(sites) / t_fast, len(sites) / t_naive
+    edited = len(kw["conditions"]) * int((T - sites["pos"]).sum())  # tokens the edited runs re-run
     print(f"substitution at L{cell[0]}H{cell[1]}: {fir_s:.3g} firings/s vs the release's method {fir_naive:.3g} "
           f"({fir_s / fir_naive:.2f}x; max |KL diff| {diff:.1e}); {peak_memory(device)}")
 
-    # projection for the headline cell
+    # projection for the headline cell (writesae.scale's formulas, the ones `writesae plan` uses)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    rates = Rates(name + (" (small config)" if a.small else ""), extract_tokens_per_s=n_pass * T / dt,
+                  sae_samples_per_s=samples_per_s * d * sae_cfg.n_feat / (2048 * 128 * 128), edited_tokens_per_s=edited / t_fast)
+    if a.rates_out:
+        rates.save(a.rates_out)
     n_states = PAPER["passages"] * PAPER["window"]
-    hours = dict(extraction=n_states / (states_per_s / len(cells)) / 3600,
-                 training=0.8 * n_states * PAPER["epochs"] / samples_per_s / 3600,
-                 substitution=PAPER["firings"] / fir_s / 3600)
+    hours = projected_hours(rates, extract_tokens=n_states, sae_samples=int(0.8 * n_states * PAPER["epochs"]),
+                            edited_tokens=PAPER["firings"] * len(kw["conditions"]) * PAPER["window"] // 2)
+    total = hours.pop("total")
     where = "this device" if not a.small else "this device, SMALL config: not the paper's scale"
     print(f"projected hours on {where} for the headline cell: " + ", ".join(f"{k_} {v:.2f}" for k_, v in hours.items())
-          + f"; total {sum(hours.values()):.2f} (paper: ~{PAPER['h100_hours_per_sae']:.0f} H100-hours per canonical SAE "
+          + f"; total {total:.2f} (paper: ~{PAPER['h100_hours_per_sae']:.0f} H100-hours per canonical SAE "
           f"configuration, ~{PAPER['h100_hours_total']:.0f} in all; release's substitution method: "
           f"{PAPER['firings'] / fir_naive / 3600:.2f} h)")
     print(peak_memory(device))

@@ -1,4 +1,4 @@
-"""Command line: ``writesae cells | extract | train-sae | book | explore | sweep``."""
+"""Command line: ``writesae cells | extract | train-sae | book | explore | sweep | plan``."""
 from __future__ import annotations
 
 import argparse
@@ -116,6 +116,12 @@ def cmd_sweep(a):
         print(table)
 
 
+def cmd_plan(a):
+    from .plan import plan
+
+    return 2 if plan(a.params, rates=a.rates) else 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="writesae", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -194,6 +200,13 @@ def main(argv=None):
     w.add_argument("--workers", type=int, default=None, help="local Ray: CPUs (default: one per core)")
     w.add_argument("--serial", action="store_true", help="no Ray: the cells one after another in this process")
     w.set_defaults(fn=cmd_sweep)
+
+    pl = sub.add_parser("plan", help="what a parameter file's run needs (models, corpus, disk, memory, GPU-hours), "
+                        "checked without loading weights; exit 2 when something is missing")
+    pl.add_argument("--params", required=True, help="parameter file (params/*_gpu.yaml)")
+    pl.add_argument("--rates", default=None, help="rates measured on the GPU: python benchmarks/bench_scale.py "
+                    "--rates-out FILE")
+    pl.set_defaults(fn=cmd_plan)
 
     for sp in sub.choices.values():
         sp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on a machine "
