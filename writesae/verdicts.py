@@ -83,7 +83,7 @@ class Claim:
 CHAPTERS = {"02_feature_classes": "Feature classes", "03_substitution": "Single-write substitution",
             "04_closed_form": "The closed form", "05_interventions": "Cache interventions",
             "07_ground_truth_ablations": "Ground truth and ablations",
-            "08_across_architectures": "Across architectures"}
+            "08_across_architectures": "Across architectures", "09_writes_that_matter": "Writes that matter"}
 
 CLAIMS = (
     Claim("1", 1, "02_feature_classes", "two classes of atoms, registers and bundles (ΔBIC of 2 vs 1 components)",
@@ -160,6 +160,15 @@ CLAIMS = (
           "Mamba-2 (win rate, matched minus flat)", "82.85% vs 76.30%: +6.6 pts", "flat_gap_mamba2", paper=0.0655,
           lo="flat_gap_mamba2_lo", hi="flat_gap_mamba2_hi", fmt="pts",
           extra="{flat_matched_mamba2:.1%} vs {flat_svd_mamba2:.1%}"),
+    Claim("3w", 3, "09_writes_that_matter", "the atom beats deletion where writes matter (GDN trained on recall; "
+          "the pairs' value writes, KL read at the answer)", "92.4% of 4,851 [91.6, 93.1]", "win_answer_gdn_recall",
+          paper=0.924, lo="win_answer_gdn_recall_lo", hi="win_answer_gdn_recall_hi", null=0.5, fmt="%",
+          extra="deleting one such write costs {answer_kl_gdn_recall:.3g} nats at the answer (median); "
+                "on prose {win_prose_gdn_recall:.1%}"),
+    Claim("11w", 11, "09_writes_that_matter", "the atom beats deletion on Mamba-2 where writes matter (trained on "
+          "recall; value writes, KL at the answer)", "88.1% of 2,500", "win_answer_mamba2_recall", paper=0.881,
+          lo="win_answer_mamba2_recall_lo", hi="win_answer_mamba2_recall_hi", null=0.5, fmt="%",
+          extra="deleting one such write costs {answer_kl_mamba2_recall:.3g} nats at the answer (median)"),
 )
 
 _FIELD = re.compile(r"\{([A-Za-z0-9_.]+)(?::([^}]*))?\}")
