@@ -174,6 +174,12 @@ def plan(params_file, rates=None, out=print, root=None) -> list[str]:
         for src in srcs:
             h, tok = hosts[src]
             key = (src, p.get("corpus", "embedded"), p["window"], p["seed"])
+            if h is None and key[1] not in counted:  # no tokenizer to count with: only whether the corpus is there
+                counted[key[1]] = True
+                try:
+                    r.line(f"corpus {key[1]}: {_corpus.describe(key[1])}; its windows are counted once {src} is here")
+                except (FileNotFoundError, ValueError) as err:
+                    r.miss(f"corpus {key[1]}: {err}")
             if h is None or key in counted:
                 continue
             need = {"train": p["n_windows"], "heldout": p.get("eval_windows", 64)}
@@ -183,7 +189,7 @@ def plan(params_file, rates=None, out=print, root=None) -> list[str]:
             try:
                 counted[key] = n = _corpus.count(tok, key[1], key[2], key[3], need)
             except (FileNotFoundError, ValueError, ImportError) as err:
-                r.miss(f"corpus {key[1]}: {err}")
+                r.miss(err if str(err).startswith("corpus") else f"corpus {key[1]}: {err}")
                 counted[key] = None
                 continue
             r.line(f"corpus {key[1]} ({_corpus.describe(key[1])}), tokenised for {src}: "
