@@ -45,7 +45,7 @@ def _family(name, module):
 
 
 FAMILIES = ["gdn", "qwen3_next", "mamba2", "deltanet", _family("gla", "gla"), _family("rwkv7", "rwkv7"),
-            "olmo_hybrid", "kimi_linear", "minimax"]
+            "olmo_hybrid", "kimi_linear", "minimax", "mamba", "falcon_mamba", "jamba", "xlstm"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -210,7 +210,9 @@ def test_edited_layer_exact_at_the_head(host, sae, ids, sites):
     assert el["r2_head"].min() > 0.9999  # exact at any eps: the perturbation rides the family's own transport
     small, big = (el[el["eps"] == e].set_index(["seq", "pos", "lag"]) for e in (1e-2, 1.0))
     assert small["r2_layer"].min() > 0.99  # first order at the layer output (norms, gates) for a small edit ...
-    assert (small["rel_err_layer"] < big["rel_err_layer"]).all()  # ... and the error grows with the edit
+    # ... and the error grows with the edit (where the layer is not linear in the head output: Mamba-1's is, to
+    # float32 rounding at any eps)
+    assert (small["rel_err_layer"] < big["rel_err_layer"]).all() or big["rel_err_layer"].max() < 1e-5
 
 
 def test_closed_form_and_r2(host, sae, ids, firings):

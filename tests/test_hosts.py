@@ -56,6 +56,37 @@ def _minimax_zero(args, kw, t, head):  # v of (t, head) in act(W_qkv x), zeroed 
     return [qkv.flatten(2)] + list(args[1:]), kw
 
 
+def _mamba1_state(host, ids):  # transformers' (B, d_inner, d_state) as the host's heads of d_state x head_dim
+    cache = host.model(input_ids=ids, use_cache=True).cache
+    return {l: cache.get_recurrent_state(l, state_idx=0).unflatten(1, (host.n_heads, host.d_v)).transpose(-1, -2)
+            for l in host.recurrent_layers}
+
+
+def _mamba1_zero(args, kw, t, head, P=64):
+    """x of the head's 64 channels at t zeroed in the selective scan, which deletes the write dt B x; the skip D x
+    (not a write) is added back to the scan's output there."""
+    x, ch = args[0], slice(head * P, (head + 1) * P)
+    x0 = x.clone()
+    x0[:, ch, t] = 0
+
+    def skip_back(out):  # (scan output, last state) when the model keeps a cache
+        y = (out[0] if isinstance(out, tuple) else out).clone()
+        y[:, ch, t] += x[:, ch, t] * kw["D"][ch] * torch.nn.functional.silu(kw["z"][:, ch, t])
+        return (y, *out[1:]) if isinstance(out, tuple) else y
+    return [x0] + list(args[1:]), kw, skip_back
+
+
+def _xlstm_state(host, ids):  # the matrix memories C (the cache also holds the normaliser n and stabiliser m)
+    cache = host.model(input_ids=ids, use_cache=True).cache
+    return {l: cache.rnn_state[l][0] for l in host.recurrent_layers}
+
+
+def _xlstm_zero(args, kw, t, head):  # the mLSTM backend takes keyword arguments, value (B, H, T, d_v)
+    value = kw["value"].clone()
+    value[:, head, t] = 0
+    return args, dict(kw, value=value)
+
+
 def _v_zero(index):
     def zero(args, kw, t, head):
         args = list(args)
@@ -89,6 +120,12 @@ FAMILIES = {
     # passes act(W_qkv x) through its padding mask (once per lightning layer)
     "minimax": dict(source=lambda: "tiny:minimax", state=_minimax_state, zero=_minimax_zero,
                     kernel=("transformers.models.minimax.modeling_minimax", "apply_mask_to_padding_states")),
+    **{t: dict(source=lambda t=t: f"tiny:{t}", state=_mamba1_state, zero=_mamba1_zero,  # Mamba-1: elementwise decay
+               kernel=(f"transformers.models.{t}.modeling_{t}", "mamba_selective_scan"))
+       for t in ("mamba", "falcon_mamba", "jamba")},
+    # the mLSTM kernels are bound into the backend at init: the delete recomputation wraps the backend's forward
+    "xlstm": dict(source=lambda: "tiny:xlstm", state=_xlstm_state, zero=_xlstm_zero,
+                  kernel=("transformers.models.xlstm.modeling_xlstm:xLSTMBackend", "forward")),
 }
 
 
@@ -109,7 +146,9 @@ class _Patched:
     arguments of the n-th call (n = the layer's rank among recurrent layers)."""
 
     def __init__(self, kernel, change=None, call=None, extra=None):
-        self.mod = importlib.import_module(kernel[0])
+        module, _, owner = kernel[0].partition(":")  # "module:Class": a method of a class of the module
+        self.mod = importlib.import_module(module)
+        self.mod = getattr(self.mod, owner) if owner else self.mod
         self.name, self.change, self.call, self.extra = kernel[1], change, call, extra or {}
         self.orig, self.states = getattr(self.mod, self.name), []
 
@@ -118,8 +157,10 @@ class _Patched:
 
         def patched(*args, **kw):
             if self.change is not None and len(self.states) == self.call:
-                args, kw = self.change(args, kw)
+                args, kw, *after = self.change(args, kw)  # optionally a function of the output too
             out = orig(*args, **kw, **self.extra)
+            if self.change is not None and len(self.states) == self.call and after:
+                out = after[0](out)
             self.states.append(out[1] if isinstance(out, tuple) else None)
             return out
 
@@ -155,8 +196,8 @@ def test_traced_last_state_is_the_librarys_state(fam, ids):
         assert (ours - states[c.layer][:, c.head].float()).abs().max() < 1e-5
     t = tr[host.cells[1]]
     assert torch.allclose(t.write, t.b[..., None, None] * t.k[..., :, None] * t.v[..., None, :])
-    assert torch.allclose(t.update, t.state - (t.a[..., None, None] if t.a.ndim == 2 else t.a[..., None]) * t.prev_state,
-                          atol=1e-6)
+    a = {2: t.a[..., None, None], 3: t.a[..., None], 4: t.a}[t.a.ndim]  # a scalar, per key row, per entry
+    assert torch.allclose(t.update, t.state - a * t.prev_state, atol=1e-6)
     assert torch.allclose(t.out, torch.einsum("bpkv,bpk->bpv", t.state, t.q))
     assert tr.positions.tolist() == [7, T - 1]
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .data import ShardWriter, cell_key, cell_tuple
 from .hosts import EMBEDDED_DIR
+from .ops import recurrence
 
 
 def embedded_text(name="heldout"):
@@ -90,7 +91,7 @@ def extract(host, windows, cells, out_dir, *, positions_per_seq=32, min_pos=8, b
             key = cell_key(c.layer, c.head)
             out[f"{key}.state"] = ct.state.reshape(B * P, c.d_k, c.d_v)
             out[f"{key}.write"] = ct.write.reshape(B * P, c.d_k, c.d_v)
-            out[f"{key}.a"] = (ct.a if ct.a.ndim == 2 else ct.a.mean(-1)).reshape(-1)  # per-row decays: their mean
+            out[f"{key}.a"] = recurrence.mean_decay(ct.a).reshape(-1)  # per-row or elementwise decays: their mean
             out[f"{key}.b"] = ct.b.reshape(-1)
         writer.write(s, out)
         n_new += B * P * len(cells)

@@ -79,7 +79,9 @@ def _logits(host, r):
 def propagate(ct, t0, t, q):
     """``P_{t0->t}^T q`` with ``P`` the layer's own transport of a state perturbation over the steps
     t0+1..t (read from the CellTrace ``ct`` of one sequence: a, e, f at every position), and
-    ``G = prod a_s`` (the paper's gate product; for a per-key-row decay, its mean over key rows)."""
+    ``G = prod a_s`` (the paper's gate product; for a per-key-row or elementwise decay, its mean). Under an
+    elementwise decay (Mamba-1) the result is a ``(d_k, d_v)`` matrix, column j what output j reads:
+    apply it to a state change with :func:`writesae.ops.recurrence.read_through`."""
     y = q.clone()
     for s in range(t, t0, -1):
         y = recurrence.transport_back(y, ct.a[s].log(), None if ct.e is None else ct.e[s],
@@ -168,7 +170,7 @@ def closed_form(host, sae, ids, sites, *, eps=(0.1, 0.3, 1.0, 3.0), relative_to=
             for li, L in enumerate(lags):
                 t = p + L
                 y, G = propagate(_seq(ct, bi), p, t, ct.q[bi, t])
-                do, do_paper = A.T @ y, G * (A.T @ ct.q[bi, t])
+                do, do_paper = recurrence.read_through(A, y), G * (A.T @ ct.q[bi, t])
                 cx = _at(ctx, bi, t)
                 dy = jvp(lambda x: _layer_out(host, cell, x, cx), (o[bi, t],), (do,))[1]
                 dlog = jvp(lambda x: _logits(host, x), (r[bi, t],), (dy,))[1]
@@ -272,7 +274,7 @@ def edited_layer(host, sae, ids, sites, *, eps=(1e-3, 1e-2, 0.1, 1.0, 3.0), lags
         for L in lags:
             t = p + L
             y, G = propagate(_seq(ct, 0), p, t, ct.q[0, t])
-            do = A.T @ y
+            do = recurrence.read_through(A, y)
             cx = _at(ctx, 0, t)
             dy = jvp(lambda v: _layer_out(host, cell, v, cx), (o[0, t],), (do,))[1]
             y0 = _layer_out(host, cell, o[0, t], cx)

@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..ops import recurrence
+
 __all__ = ["collect", "select", "top1_at", "write_cosine", "POOLS"]
 
 POOLS = ("top1", "registers")
@@ -41,7 +43,7 @@ def _rank1_factors(sae):
 
 def _mean_decay(a):
     """The decay as one number per position: itself (scalar per head) or its mean over key rows."""
-    return a if a.ndim == 2 else a.mean(-1)
+    return recurrence.mean_decay(a)
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ from scipy import stats as _st
 
 from .. import stats
 from ..hosts import Edit
+from ..ops import recurrence
 from . import closed_form
 from . import firings as _firings
 
@@ -97,7 +98,7 @@ def _predict(d, dS):
     ``(P^T q_t)^T dS u_T`` with P the layer's own recurrence from install to read (exact)."""
     pq = torch.stack([closed_form.propagate(closed_form._seq(d["tr"], int(s)), d["install"], d["read"], d["q"][r])[0]
                       for r, s in enumerate(d["seq"])])
-    return torch.einsum("rk,rkv,rv->r", pq, dS, d["u"])
+    return (recurrence.read_through(dS, pq) * d["u"]).sum(-1)
 
 
 @torch.no_grad()

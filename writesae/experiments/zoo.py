@@ -46,6 +46,7 @@ import torch
 from .. import cache, pipeline
 from ..data import cell_tuple
 from ..hosts import Edit
+from ..ops import recurrence as _recurrence
 from ..verdicts import median_ci, median_difference
 from . import closed_form as _cf
 from . import firings as _firings
@@ -203,7 +204,7 @@ def memory_table(host, ids, layers=None) -> pd.DataFrame:
         tr = host.trace(ids, cells=cells, logits=False)
         for c in cells:
             t = tr[c]
-            a = t.a if t.a.ndim == 2 else t.a.mean(-1)
+            a = _recurrence.mean_decay(t.a)
             share = t.write.flatten(2).norm(dim=-1) / t.state.flatten(2).norm(dim=-1).clamp_min(1e-30)
             rows.append(dict(cell=f"L{c[0]}H{c[1]}", decay=round(float(a.median()), 4),
                              write_share=round(float(share.median()), 4)))

@@ -39,12 +39,18 @@ HOSTS = {
     "rwkv7": ("rwkv7", "RWKV7Host"),
     "olmo_hybrid": ("olmo_hybrid", "OlmoHybridHost"),
     "kimi_linear": ("kimi_linear", "KimiLinearHost"),
+    "minimax": ("minimax", "MiniMaxHost"),
+    "mamba": ("mamba", "MambaHost"),
+    "falcon_mamba": ("mamba", "MambaHost"),
+    "jamba": ("mamba", "JambaHost"),
+    "xlstm": ("xlstm", "XLSTMHost"),
 }
 # family names accepted by "tiny:<family>" and "embedded:<family>" -> the model_type they build
 FAMILIES = {"gdn": "qwen3_5", "gated_deltanet": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_next": "qwen3_next",
             "qwen3_5_moe": "qwen3_5_moe", "mamba2": "mamba2", "deltanet": "delta_net", "delta_net": "delta_net",
             "gla": "gla", "rwkv7": "rwkv7",
-            "olmo_hybrid": "olmo_hybrid", "kimi_linear": "kimi_linear"}
+            "olmo_hybrid": "olmo_hybrid", "kimi_linear": "kimi_linear", "minimax": "minimax", "mamba": "mamba",
+            "falcon_mamba": "falcon_mamba", "jamba": "jamba", "xlstm": "xlstm"}
 ZOO = ("gdn", "mamba2", "deltanet", "gla", "rwkv7")  # one embedded model per family
 ZOO_DIRS = {"qwen3_5": "gdn", "delta_net": "deltanet"}  # model_type -> folder of writesae/embedded/, where it differs
 
@@ -98,6 +104,33 @@ def tiny_config(family="qwen3_5", n_k_heads=2, n_v_heads=4, layers=4, vocab_size
                                 num_experts_per_tok=2, linear_num_heads=n_v_heads, linear_head_dim=16,
                                 layer_types=(["linear_attention", "full_attention"] + ["linear_attention"] * 2) * (layers // 4),
                                 pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    if mt == "minimax":
+        from transformers import MiniMaxConfig
+
+        return MiniMaxConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=32, num_hidden_layers=layers,
+                             num_attention_heads=n_v_heads, num_key_value_heads=n_k_heads, head_dim=16, block_size=16,
+                             num_local_experts=4, num_experts_per_tok=2,
+                             layer_types=(["linear_attention", "full_attention"] + ["linear_attention"] * 2) * (layers // 4),
+                             bos_token_id=None, eos_token_id=None)
+    if mt in ("mamba", "falcon_mamba"):  # d_inner 256: four heads of 64 channels (writesae.hosts.mamba)
+        import transformers
+
+        cls = transformers.MambaConfig if mt == "mamba" else transformers.FalconMambaConfig
+        return cls(vocab_size=vocab_size, hidden_size=64, state_size=8, num_hidden_layers=3, expand=4, conv_kernel=4,
+                   pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    if mt == "jamba":
+        from transformers import JambaConfig
+
+        return JambaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                           num_attention_heads=4, num_key_value_heads=n_k_heads, num_experts=4, num_experts_per_tok=2,
+                           expert_layer_period=2, expert_layer_offset=1, attn_layer_period=4, attn_layer_offset=1,
+                           mamba_d_state=8, mamba_expand=4, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    if mt == "xlstm":  # qk 64 / v 128 over 4 heads: 16 x 32 memories; chunks of 16 (the library's chunkwise form)
+        from transformers import xLSTMConfig
+
+        return xLSTMConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=3, num_heads=n_v_heads,
+                           qk_dim_factor=0.5, v_dim_factor=1.0, chunk_size=16, ffn_proj_factor=1.0,
+                           pad_token_id=None, bos_token_id=None, eos_token_id=None)
     if mt == "mamba2":
         from transformers import Mamba2Config
 
@@ -232,6 +265,13 @@ def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=
             with torch.no_grad():
                 for p in model.parameters():
                     p.add_(torch.randn_like(p) * 0.1)
+        if cfg.model_type == "xlstm":
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "gate_preact" in name:  # xLSTM's init zeroes the gates' weights and opens the input gate at
+                        p.normal_(0.0, 0.1)    # e^-10 only: writes too faint to reach the logits
+                    elif name.endswith("mlstm_layer.v.weight"):  # values at a tenth: memories of the other tiny
+                        p.mul_(0.1)                                # models' scale, for the suite's float32 tolerances
         name = source
     else:
         import json

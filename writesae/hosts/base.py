@@ -49,7 +49,8 @@ class CellTrace(NamedTuple):
     layout of :mod:`writesae.ops.recurrence` (``S`` is ``d_k x d_v``, the head reads ``o_t = S_t^T q_t``).
 
     q, k: ``(B, P, d_k)`` read vector (scaled) and write key; v: ``(B, P, d_v)``.
-    a: the decay ``D_t = exp(g_t)``: ``(B, P)`` for a scalar per head, ``(B, P, d_k)`` for a vector per key row.
+    a: the decay ``D_t = exp(g_t)``: ``(B, P)`` for a scalar per head, ``(B, P, d_k)`` for a vector per key row,
+    ``(B, P, d_k, d_v)`` for one per state entry (Mamba-1).
     b: write gate ``(B, P)``; e, f: the erase pair ``(B, P, d_k)`` (``None`` for families without one).
     write: the native write ``b_t k_t v_t^T``; update: ``S_t - D_t * S_{t-1}`` (= write without erase);
     state: ``S_t`` after the step; prev_state: ``S_{t-1}``; all ``(B, P, d_k, d_v)``.

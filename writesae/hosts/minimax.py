@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 
-from ..ops import gla as ops_gla
 from ..ops import recurrence
 from .attention import causal_sdpa
 from .base import LayerOut, LayerState
@@ -48,12 +47,7 @@ class MiniMaxHost(RecurrentHost):
         self.n_heads, self.d_k = at.num_attention_heads, at.head_dim
         self.d_v = self.d_k
 
-    @staticmethod
-    def _chunk(r, S0):
-        """Unedited stretches: the chunked torch form of a per-row decay (here the head's scalar on every row)."""
-        o, S = ops_gla.chunk_gla(r.q, r.k, r.v, r.g[..., None].expand_as(r.k), scale=1.0, initial_state=S0,
-                                 output_final_state=True)
-        return o.float(), S.float()
+    _chunk = staticmethod(recurrence.chunked)  # unedited stretches: the chunked torch form
 
     def _embed(self, input_ids):
         return self.decoder.embed_tokens(input_ids.to(self.device))

@@ -4,9 +4,12 @@ Per value head, with the matrix state ``S`` of shape ``(d_k, d_v)`` and read-out
 
     S_t = D_t * S_{t-1}  +  e_t (f_t^T S_{t-1})  +  b_t k_t v_t^T          D_t = exp(g_t)
 
-``g_t`` is a log-decay, a scalar per head ``(B, T, H)`` or a vector per key row ``(B, T, H, d_k)``
-(``D_t * S`` scales row i of S by ``D_t[i]``). The erase pair ``(e_t, f_t)`` is optional. How each family
-fills these in (see its host module for the derivation from the library's own code):
+``g_t`` is a log-decay in one of three forms: a scalar per head ``(B, T, H)``, a vector per key row
+``(B, T, H, d_k)`` (``D_t * S`` scales row i of S by ``D_t[i]``) or a matrix, one decay per entry
+``(B, T, H, d_k, d_v)`` (``D_t * S`` elementwise). The scalar and per-row forms are the fast special cases of
+the elementwise one; :func:`decay`, the edits and the exact transport (:func:`transport`,
+:func:`transport_back`) are written once for all three. The erase pair ``(e_t, f_t)`` is optional. How each
+family fills these in (see its host module for the derivation from the library's own code):
 
 ==============  ====================  =========================  ==========================  =====
 family          g                     e, f                       k, v                        b
@@ -16,6 +19,7 @@ DeltaNet        0                     e = -b k, f = k            k, v           
 GLA             vector per key row    none                       k, v                        1
 Mamba-2         scalar dt A           none                       B, x                        dt
 RWKV-7          vector per key row    e = kk * a, f = -kk        k~ (not kk), v              1
+Mamba-1         elementwise dt A      none                       B, dt * x                   1
 ==============  ====================  =========================  ==========================  =====
 
 The *native (additive) write* is ``W_t = b_t k_t v_t^T`` (rank 1); the *update* is
@@ -51,7 +55,8 @@ class Rule(NamedTuple):
 
     q: ``(B, T, H, d_k)`` the read vector, already scaled; k: ``(B, T, H, d_k)`` write key;
     v: ``(B, T, H, d_v)`` write value; g: log-decay ``(B, T, H)`` or ``(B, T, H, d_k)``;
-    b: write gate ``(B, T, H)``; e, f: erase pair ``(B, T, H, d_k)`` or ``None``."""
+    b: write gate ``(B, T, H)``; e, f: erase pair ``(B, T, H, d_k)`` or ``None``; g may also be
+    ``(B, T, H, d_k, d_v)`` (one decay per state entry)."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -71,9 +76,11 @@ class Rule(NamedTuple):
 
 
 def decay(S, g, D=None):
-    """``D * S`` with ``D = exp(g)`` (pass ``D`` when it is already known): g ``(...)`` scalar per matrix or
-    ``(..., d_k)`` per key row."""
+    """``D * S`` with ``D = exp(g)`` (pass ``D`` when it is already known): g ``(...)`` scalar per matrix,
+    ``(..., d_k)`` per key row or ``(..., d_k, d_v)`` per entry; S ``(..., d_k, d_v)``."""
     D = g.exp() if D is None else D
+    if D.ndim == S.ndim:  # elementwise
+        return S * D
     return S * (D[..., None, None] if D.ndim == S.ndim - 2 else D[..., :, None])
 
 
@@ -183,7 +190,7 @@ def run(S, rule: Rule, edits=None, record=(), chunk: Callable | None = None, min
 
 def transport(dS, g, e=None, f=None):
     """One step of a state perturbation: ``D * dS + e (f^T dS)``. dS ``(..., d_k, d_v)``; g, e, f of one
-    step (g ``(...)`` or ``(..., d_k)``; e, f ``(..., d_k)`` or None)."""
+    step (g ``(...)``, ``(..., d_k)`` or ``(..., d_k, d_v)``; e, f ``(..., d_k)`` or None)."""
     out = decay(dS, g)
     if e is not None:
         out = out + e[..., :, None] * torch.einsum("...kv,...k->...v", dS, f)[..., None, :]
@@ -191,12 +198,66 @@ def transport(dS, g, e=None, f=None):
 
 
 def transport_back(y, g, e=None, f=None):
-    """The transpose of :func:`transport` acting on a key-side vector: ``D * y + f (e . y)``; y ``(..., d_k)``.
+    """The transpose of :func:`transport`: ``D * y + f (e . y)`` on a key-side vector y ``(..., d_k)``.
 
     Carrying ``q_t`` back from t to t0 with it gives ``P^T q_t`` with ``P`` the transport from t0 to t, so a
-    perturbation ``dS_{t0}`` changes the head output at t by exactly ``dS_{t0}^T P^T q_t``."""
+    perturbation ``dS_{t0}`` changes the head output at t by exactly ``dS_{t0}^T P^T q_t``
+    (:func:`read_through`). Under an elementwise decay (g ``(..., d_k, d_v)``) each output column is carried
+    on its own: y becomes the matrix ``y 1^T`` ``(..., d_k, d_v)`` (column j what output j reads), carried as
+    ``D * Y + f (e^T Y)``; pass that matrix on to the next step."""
+    if g.ndim == y.ndim + 1:  # an elementwise decay meets a vector: y 1^T
+        y = y[..., None].expand(*y.shape, g.shape[-1])
     D = g.exp()
-    out = y * (D[..., None] if D.ndim == y.ndim - 1 else D)
+    out = y * (D[..., None] if D.ndim == y.ndim - 1 else D)  # scalar; or per-row on a vector / elementwise on a matrix
     if e is not None:
-        out = out + f * (e * y).sum(-1, keepdim=True)
+        if e.ndim == y.ndim:  # a vector
+            out = out + f * (e * y).sum(-1, keepdim=True)
+        else:  # a matrix
+            out = out + f[..., :, None] * torch.einsum("...kv,...k->...v", y, e)[..., None, :]
     return out
+
+
+def read_through(dS, y):
+    """The head-output change ``dS^T y`` (..., d_v) of a state perturbation dS ``(..., d_k, d_v)`` read with y
+    from :func:`transport_back`: a vector ``(..., d_k)``, or a matrix (elementwise decay) whose column j
+    reads column j of dS."""
+    if y.ndim == dS.ndim:
+        return (dS * y).sum(-2)
+    return torch.einsum("...kv,...k->...v", dS, y)
+
+
+def mean_decay(a, lead=2):
+    """The decay as one number per step: ``a`` itself (a scalar per head) or its mean over the key rows or the
+    entries; ``lead``: the number of leading dims to keep (a trace's (B, P): 2)."""
+    return a if a.ndim == lead else a.flatten(lead).mean(-1)
+
+
+def chunked(rule, S0, chunk_size=32):
+    """The recurrence without erase under a scalar or per-row decay over a stretch, in the chunked torch form of
+    gated linear attention (:func:`writesae.ops.gla.chunk_gla`, exact whatever the decays; b folded into k; q
+    read as given). Returns ``(o (B, T, H, d_v), S_T)``, as a ``chunk`` of :func:`run`."""
+    from .gla import chunk_gla
+
+    if rule.e is not None or rule.g.ndim == rule.k.ndim + 1:
+        raise ValueError("chunked() runs a recurrence without an erase pair and with a scalar or per-row decay")
+    g = rule.g[..., None].expand_as(rule.k) if rule.g.ndim == rule.k.ndim - 1 else rule.g
+    o, S = chunk_gla(rule.q, rule.k * rule.b[..., None], rule.v, g, scale=1.0, initial_state=S0,
+                     output_final_state=True, chunk_size=chunk_size)
+    return o.float(), S.float()
+
+
+def scan(rule, S0):
+    """The recurrence without erase over a stretch, ``S_t = D_t * S_{t-1} + b_t k_t v_t^T``, as a sequential
+    scan with everything but the time loop vectorised: the fast form of the elementwise decay (Mamba-1's
+    selective scan), whose chunked form would cost ``C^2 d_k d_v`` per chunk of C steps against the scan's
+    ``d_k d_v`` per step. Returns ``(o (B, T, H, d_v), S_T)``, as a ``chunk`` of :func:`run`."""
+    if rule.e is not None:
+        raise ValueError("scan() runs a recurrence without an erase pair; give run() the family's chunked form")
+    D, W = rule.g.exp(), native_write(rule.k, rule.v, rule.b)
+    if D.ndim != W.ndim:
+        D = D[..., None, None] if D.ndim == W.ndim - 2 else D[..., None]
+    S, states = S0, []
+    for t in range(W.shape[1]):
+        S = torch.addcmul(W[:, t], D[:, t], S)
+        states.append(S)
+    return torch.einsum("bthkv,bthk->bthv", torch.stack(states, 1), rule.q), S

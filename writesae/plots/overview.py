@@ -5,6 +5,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from ..ops import recurrence
+
 
 def _heat(ax, M, title):
     M = torch.as_tensor(M).detach().float().cpu().numpy()
@@ -23,7 +25,7 @@ def cache_overview(ct, seq=0, pos=-1, title=""):
     axes = axes.ravel()
     _heat(axes[0], ct.write[seq, pos], "native write $W_t = b_t k_t v_t^T$")
     _heat(axes[1], ct.state[seq, pos], "state $S_t$")
-    a = ct.a[seq] if ct.a.ndim == 2 else ct.a[seq].mean(-1)  # a per-key-row decay (B, P, d_k): its mean
+    a = recurrence.mean_decay(ct.a)[seq]  # a per-key-row or elementwise decay: its mean
     axes[2].plot(a.cpu(), label="forget gate $a_t$")
     axes[2].plot(ct.b[seq].cpu(), label="write gate $b_t$")
     axes[2].set_xlabel("position")
