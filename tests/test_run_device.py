@@ -1,8 +1,6 @@
 """Every artifact follows the run's device (issue 24, item 3): the pipeline trains and loads its SAEs on the
 host's device, and the sweep's device (Ray's GPU request) reaches the host those run on. Checked on this CPU
 with spies on the calls that place tensors."""
-import torch
-
 from writesae import pipeline, sweep as S
 from writesae.sae import WriteSAE
 

@@ -120,7 +120,6 @@ def run_cell(s: dict, data: dict, cell, root=None, *, threads=1, device=None, fa
     import numpy as np
     import torch
 
-    from . import pipeline
     from .experiments import closed_form as CF
     from .experiments import firings as F
     from .experiments import partition as P
@@ -250,8 +249,6 @@ def sweep(params=None, cells="all", *, address=None, workers=None, root=None, se
     The state dataset holds the params file's ``cells`` and ``heads_layer`` heads plus the swept cells, so
     sweeping ``heads_layer``'s heads shares every artifact with notebooks 02-04."""
     from tqdm.auto import tqdm
-
-    from . import pipeline
 
     s = settings(params, **overrides)
     root = cache.cache_root(root).resolve()
