@@ -11,6 +11,7 @@ import torch
 
 from writesae import book, pipeline, verdicts
 from writesae.experiments import substitution as S, zoo
+from writesae.experiments.section import TruncatedAtoms
 from writesae import Edit
 from writesae.hosts import EMBEDDED_DIR
 
@@ -103,16 +104,16 @@ def test_truncated_atoms_are_the_best_rank_r_approximation():
             return dense if indices is None else dense[torch.as_tensor(indices)]
 
     for r in (1, 2):
-        A, T = dense[3], zoo.TruncatedAtoms(Dense(), rank=r).atom(3)
+        A, T = dense[3], TruncatedAtoms(Dense(), rank=r).atom(3)
         s = torch.linalg.svdvals(A)
         assert torch.linalg.matrix_rank(T) == r
         assert torch.allclose((A - T).norm(), s[r:].norm(), atol=1e-5)  # Eckart-Young: the residual is the tail
     u, v = torch.randn(6), torch.randn(7)
     dense[0] = torch.outer(u, v)
-    assert torch.allclose(zoo.TruncatedAtoms(Dense()).atom(0), dense[0], atol=1e-5)  # rank 1 stays itself
-    batch = zoo.TruncatedAtoms(Dense(), rank=2).atoms([1, 3])
-    assert torch.allclose(batch[1], zoo.TruncatedAtoms(Dense(), rank=2).atom(3), atol=1e-6)
-    assert zoo.TruncatedAtoms(Dense()).cfg == "cfg"  # everything but the atoms is the wrapped SAE's
+    assert torch.allclose(TruncatedAtoms(Dense()).atom(0), dense[0], atol=1e-5)  # rank 1 stays itself
+    batch = TruncatedAtoms(Dense(), rank=2).atoms([1, 3])
+    assert torch.allclose(batch[1], TruncatedAtoms(Dense(), rank=2).atom(3), atol=1e-6)
+    assert TruncatedAtoms(Dense()).cfg == "cfg"  # everything but the atoms is the wrapped SAE's
 
 
 def _summary(rows):
@@ -168,7 +169,7 @@ def rwkv7(tmp_path_factory):
     try:
         fams = zoo.setup({"rwkv7": "tiny:rwkv7"}, device="cpu", window=24, n_windows=16, positions_per_seq=8,
                          eval_windows=4, n_feat=32, k=4, epochs=2, batch_size=64, min_firings=2, max_firings=4,
-                         cf_atoms=1, cf_sites=3, memory_window=24, memory_windows=1)
+                         memory_window=24, memory_windows=1)
         cells, atoms = zoo.partitions(fams)
         sub = zoo.substitutions(fams)
         flat = zoo.flat_comparison(fams)
@@ -188,7 +189,7 @@ def test_family_setup_and_partitions(rwkv7):
     for _, row in cells.iterrows():  # the register median cosine is the median over that row's register atoms
         mine = reg[reg["atom"] == row["atom"]]["cos"]
         assert (np.isnan(row["register_cos"]) and mine.empty) or np.isclose(row["register_cos"], mine.median())
-    assert f.sae(f.cells[0], zoo.RANK2_UPDATE).cfg.rank == 2
+    assert f.sae(f.cells[0], **zoo.RANK2_UPDATE.sae).cfg.rank == 2
 
 
 def test_substitution_rows(rwkv7):

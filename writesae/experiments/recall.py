@@ -15,7 +15,7 @@ where each pair was written, where it is asked, which key and value. This module
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -28,6 +28,7 @@ from ..hosts import Edit
 from . import firings as _firings
 from . import substitution as _sub
 from . import zoo as _zoo
+from .section import Section
 
 __all__ = ["passages", "padded", "answers", "by_distance", "influence", "influence_summary", "sites", "alignment",
            "Model", "cell_influence", "setup", "accuracy_table", "deletions", "influence_tables", "substitutions", "summarize",
@@ -202,8 +203,8 @@ RECALL_TEXT = "recall/train.txt"  # in writesae/embedded/: training prose with p
 @dataclass
 class Model:
     """One model of the chapter at its family's tested cell: the recall-trained one (``kind`` "recall") or
-    the zoo member it was trained from ("zoo"). ``fam`` is the zoo chapter's :class:`~writesae.experiments.zoo.Family`
-    (host, cell, the state-dataset spec on the woven text, held-out prose windows, sizes); ``passages``
+    the zoo member it was trained from ("zoo"). ``fam`` is its :class:`~writesae.experiments.section.Section`
+    (host, cell, sizes, the state-dataset spec on the woven text, held-out prose windows); ``passages``
     the held-out recall passages; ``answers`` their accuracy table; ``influence`` the per-pair deletion
     table at the tested cell (every pair token)."""
 
@@ -236,16 +237,16 @@ def cell_influence(host, *, n_passages=2, seed=1) -> pd.DataFrame:
         columns={"median_kl": "recall_influence"}))
 
 
-def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passages=4, device=None,
-          settings=None, **kw) -> list:
+def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passages=4, device=None, seed=0,
+          **kw) -> list:
     """The chapter's :class:`Model` list: for each family of ``models`` ({family: recall-trained source}) the
     recall model and, from ``baselines`` ({family: source}), the model it was trained from, both at one
     tested cell: ``cells[family]`` when given, else the recall model's cell of largest recall influence
-    (:func:`cell_influence`). A model not found here is left out, saying so. ``kw`` overrides fields of
-    ``settings`` (:class:`writesae.experiments.zoo.Settings`)."""
+    (:func:`cell_influence`). A model not found here is left out, saying so. ``kw``: fields of the models'
+    sections (:class:`~writesae.experiments.section.Section`: sizes, ...) over the zoo chapter's
+    :data:`~writesae.experiments.zoo.SIZES`; the SAEs' state datasets are windows of the woven recall text."""
     from ..hosts import EMBEDDED_DIR
 
-    s = replace(settings or _zoo.Settings(), **kw)
     out = []
     for label, source in models.items():
         pair = [("recall", source)] + ([("zoo", baselines[label])] if baselines and label in baselines else [])
@@ -258,21 +259,20 @@ def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passa
                 continue
             if cell is None:
                 fixed = (cells or {}).get(label)
-                ci = cell_influence(host, seed=s.seed + 1)
+                ci = cell_influence(host, seed=seed + 1)
                 cell = tuple(cell_tuple(fixed)) if fixed else tuple(cell_tuple(
                     ci.sort_values("recall_influence", ascending=False, kind="stable")["cell"].iloc[0]))
-            ps = passages(host, n_passages, seed=s.seed + 1)
-            acc = cache.cached_table("recall_answers", dict(model=host.name, n=n_passages, seed=s.seed + 1),
+            ps = passages(host, n_passages, seed=seed + 1)
+            acc = cache.cached_table("recall_answers", dict(model=host.name, n=n_passages, seed=seed + 1),
                                      lambda: answers(host, ps))
-            key = dict(model=host.name, cell=list(cell), n=influence_passages, seed=s.seed + 1)
+            key = dict(model=host.name, cell=list(cell), n=influence_passages, seed=seed + 1)
             infl = cache.cached_table("recall_influence", key, lambda: influence(
                 host, ps[:influence_passages], cells=[cell]))
-            data = pipeline.data_spec(host, [cell], window=s.window, n_windows=s.n_windows,
-                                      positions_per_seq=s.positions_per_seq, seed=s.seed,
-                                      corpus=str(EMBEDDED_DIR / RECALL_TEXT))
-            fam = _zoo.Family(label, host, _zoo.memory(host, influence=False), [cell], data,
-                              pipeline.windows(host, "heldout", s.window, s.eval_windows, s.seed), s)
-            out.append(Model(label, kind, fam, ps, acc, infl))
+            sec = Section(host, cell, [cell], seed=seed, **{**_zoo.SIZES, **kw})
+            sec.data = pipeline.data_spec(host, [cell], window=sec.window, n_windows=sec.n_windows,  # the woven text
+                                          positions_per_seq=sec.positions_per_seq, seed=seed,
+                                          corpus=str(EMBEDDED_DIR / RECALL_TEXT))
+            out.append(Model(label, kind, sec, ps, acc, infl))
     return out
 
 
@@ -305,10 +305,10 @@ def substitutions(models, scalings=_sub.SCALINGS, max_sites=64) -> pd.DataFrame:
         site_df = sites(f.host, sae, cell, m.passages).head(max_sites)
         parts = []
         for scaling in scalings:
-            key = f.spec(cell=list(cell), n=len(m.passages), max_sites=max_sites, scaling=scaling)
+            key = dict(f.spec, cell=list(cell), n=len(m.passages), max_sites=max_sites, scaling=scaling)
             parts.append(cache.cached_table("recall_substitution", key, lambda: _sub.substitute(
                 f.host, sae, padded(m.passages), site_df, scaling=scaling, reads=("answer", "next", "mean"),
-                direction=_sub.DIRECTIONS, seed=f.s.seed, resume=cache.parts_dir("recall_substitution", key)
+                direction=_sub.DIRECTIONS, seed=f.seed, resume=cache.parts_dir("recall_substitution", key)
             )).assign(text="recall writes", atom=_zoo.RANK1.name, decoder="WriteSAE"))
         prose = _zoo.substitutions({m.label: f}, scalings)
         parts.append(prose[prose["atom"] == _zoo.RANK1.name].assign(text="prose"))

@@ -1,16 +1,19 @@
-"""One section of the book on one host: the shared sizes, the state dataset, the SAEs and the cached tables
-every chapter notebook builds on, so a notebook's code is a few short calls.
+"""What a chapter runs on: one host, its cells, the shared sizes, the state dataset, the held-out passages, and
+the SAEs and cached tables built on them (firings, partition, substitution sites and runs, the FlatSAE + top-r
+SVD comparison), so a notebook's code is a few short calls.
 
-``writesae.notebook.setup(globals())`` builds a :class:`Section` from a notebook's parameters. Every table
-is cached (``writesae.cache``) under the section's :attr:`Section.spec` plus what the table adds, so two
-notebooks with the same parameters share one firings table, one partition and one substitution run.
+``writesae.notebook.setup(globals())`` builds a :class:`Section` from a chapter notebook's parameters; the
+zoo chapter (``writesae.experiments.zoo.setup``) builds one per family and the recall chapter one per model.
+Every table is cached (``writesae.cache``) under the section's :attr:`Section.spec` plus what the table adds,
+so two notebooks with the same parameters share one firings table, one partition and one substitution run.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
+import torch
 
 from .. import cache, pipeline
 from . import ce_recovered as _ce
@@ -18,10 +21,13 @@ from . import firings as _firings
 from . import partition as _partition
 from . import substitution as _sub
 
-__all__ = ["Section", "VARIANTS", "headline_rows"]
+__all__ = ["Section", "TruncatedAtoms", "VARIANTS", "headline_rows"]
 
-# SAE keywords that are not the section's defaults: they join the cache key of tables built on that SAE
-_SAE_DEFAULTS = dict(variant="bilinear", activation="topk", rank=1)
+# SAE keywords (and the partition's cosine column) that are not these defaults join the cache key of tables built
+# on that SAE
+_SAE_DEFAULTS = dict(variant="bilinear", activation="topk", rank=1, cos="cos")
+# the SAE training of writesae.pipeline.sae; a section's keys name batch_size, lr and warmup only when they differ
+_TRAIN_DEFAULTS = dict(batch_size=256, lr=3e-4, warmup=50)
 
 # The ablation variants of ``writesae.sae`` in the paper's words (PAPER.md §2): name, encoder, decoder atom
 VARIANTS = {
@@ -36,7 +42,7 @@ VARIANTS = {
 
 @dataclass
 class Section:
-    """The host, headline cell and sizes of one notebook run (see the module docstring)."""
+    """The host, headline cell, cells and sizes of one chapter run (see the module docstring)."""
 
     host: object
     cell: tuple
@@ -49,16 +55,24 @@ class Section:
     n_feat: int = 1024
     k: int = 16
     epochs: int = 20
+    batch_size: int = 256     # SAE training (writesae.pipeline.sae)
+    lr: float = 3e-4
+    warmup: int = 50
     seed: int = 0
     min_firings: int = 5
     max_firings: int | None = None
     max_firings_by_cell: dict | None = None  # {"L9H4": 1851, ...}: a cell's own cap (the paper's 1,500 / 1,851 / 1,500)
+    pool: str = "registers"   # the substitution pool (writesae.experiments.firings.select)
     corpus: str = "embedded"  # the passages (``writesae.corpus``): state datasets and held-out measurements
     data: dict | None = None  # the state-dataset spec; default: ``cells`` (+ ``cell``) and ``heads_layer``'s heads
     root: object = None       # the artifact cache (default ``writesae.cache.cache_root()``)
     progress: bool = False    # progress bars of extraction and training (off: a book page shows results only)
+    name: str = ""            # what a page calls it (default the host's name; the zoo: its family, e.g. "GDN")
+    memory: pd.DataFrame | None = None  # the zoo: the memory table of the host's cells (writesae.experiments.zoo.memory)
+    _partitions: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
+        self.name = self.name or self.host.name
         self.cell = tuple(int(x) for x in self.cell)
         self.cells = [tuple(int(x) for x in c) for c in self.cells]
         # the headline cell's states are extracted with the others even when ``cells`` leaves it out
@@ -71,12 +85,14 @@ class Section:
     # ------------------------------------------------------------------ keys, data, SAEs
     @property
     def spec(self) -> dict:
-        """The parameters every cached table of the section is keyed by."""
+        """The parameters every cached table of the section is keyed by (batch_size, lr and warmup when they are
+        not pipeline.sae's defaults)."""
+        train = {k: getattr(self, k) for k, v in _TRAIN_DEFAULTS.items() if getattr(self, k) != v}
         return dict(model=self.host.name, n_feat=self.n_feat, k=self.k, epochs=self.epochs, data=self.data,
-                    eval_windows=self.eval_windows, seed=self.seed)
+                    eval_windows=self.eval_windows, seed=self.seed, **train)
 
     def key(self, cell=None, **extra) -> dict:
-        """:attr:`spec` with the cell and ``extra`` (SAE keywords equal to the defaults are left out)."""
+        """:attr:`spec` with the cell and ``extra`` (SAE keywords and ``cos`` equal to the defaults are left out)."""
         extra = {k: v for k, v in extra.items() if _SAE_DEFAULTS.get(k, object()) != v}
         return dict(self.spec, cell=list(cell or self.cell), **extra)
 
@@ -102,9 +118,9 @@ class Section:
         return pd.DataFrame([self._sae_row(s["cell"], sae, ce_passages) for s, sae in zip(specs, saes)])
 
     def _sae_kw(self, kw: dict) -> dict:
-        """The section's SAE keywords (n_feat, k, epochs, seed, its dataset, cache root, progress), ``kw`` added."""
-        return dict(n_feat=self.n_feat, k=self.k, epochs=self.epochs, seed=self.seed, data=self.data, root=self.root,
-                    progress=self.progress, **kw)
+        """The section's SAE keywords (n_feat, k, training, seed, its dataset, cache root, progress), ``kw`` over them."""
+        return {**dict(n_feat=self.n_feat, k=self.k, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                       warmup=self.warmup, seed=self.seed, data=self.data, root=self.root, progress=self.progress), **kw}
 
     def describe(self) -> str:
         return (f"{self.host.name}, cell L{self.cell[0]}H{self.cell[1]}\n{self.eval_windows} held-out passages of "
@@ -123,10 +139,21 @@ class Section:
         return cache.cached_table("firings", self.key(cell, **sae_kw), lambda: _firings.collect(
             self.host, self.sae(cell, **sae_kw), cell, self.eval_ids), self.root)
 
-    def partition(self, cell=None, **sae_kw):
-        """(classes, summary) of the register / bundle partition (``writesae.experiments.partition``)."""
-        return _partition.partition(_partition.atom_table(self.firings(cell, **sae_kw)),
-                                    min_firings=self.min_firings, seed=self.seed)
+    def partition(self, cell=None, cos="cos", **sae_kw):
+        """(classes, summary) of the register / bundle partition (``writesae.experiments.partition``) of the SAE's
+        atoms by their cosine to the write (``cos="cos_update"``: to the full update), fitted once. Raises
+        ``ValueError`` when too few atoms are alive for it (:meth:`n_alive`)."""
+        cell = tuple(cell or self.cell)
+        memo = (cell, cos, tuple(sorted(sae_kw.items())))
+        if memo not in self._partitions:
+            atoms = _partition.atom_table(self.firings(cell, **sae_kw))
+            self._partitions[memo] = _partition.partition(atoms.assign(cos=atoms[cos]), min_firings=self.min_firings,
+                                                          seed=self.seed)
+        return self._partitions[memo]
+
+    def n_alive(self, cell=None, **sae_kw) -> int:
+        """The SAE's atoms with at least ``min_firings`` firings on the held-out passages."""
+        return int((_partition.atom_table(self.firings(cell, **sae_kw))["n_firings"] >= self.min_firings).sum())
 
     def partition_row(self, cell=None, max_l0_factor=4, ce_passages=16, **sae_kw) -> dict:
         """One row of a partition table: cell, SAE (the ``sae_kw`` given), its held-out L0, its CE loss recovered
@@ -142,8 +169,7 @@ class Section:
         try:
             _, sm = self.partition(cell, **sae_kw)
         except ValueError:  # too few alive atoms for a 3-component mixture
-            atoms = _partition.atom_table(self.firings(cell, **sae_kw))
-            return dict(row, n_alive=int((atoms["n_firings"] >= self.min_firings).sum()))
+            return dict(row, n_alive=self.n_alive(cell, **sae_kw))
         return dict(row, n_alive=sm["n_alive"], n_register=sm["n_register"], n_bundle=sm["n_bundle"],
                     cos_register=sm["mean_cos"]["register"], cos_bundle=sm["mean_cos"]["bundle"], dbic=sm["dbic"],
                     best_k=sm["k"])
@@ -185,54 +211,80 @@ class Section:
                     ppl_change=ce["ppl_change"], zero_cost=ce["loss_zero"] - ce["loss_clean"])
 
     # ------------------------------------------------------------------ substitution
-    def sites(self, cell=None, pool="registers", *, classes=None, max_per_atom=None, min_per_atom=1,
-              all_firings=False) -> pd.DataFrame:
-        """The firings of ``cell`` a substitution run uses: ``pool`` (``"registers"``, ``"top1"`` or a list of
-        atoms; ``classes`` from :meth:`partition`, computed when not given), at most ``max_firings`` unless
-        ``all_firings``."""
-        cell = tuple(cell or self.cell)
-        if classes is None:
-            classes, _ = self.partition(cell)
-        return _firings.select(self.firings(cell), pool, classes=classes, seed=self.seed, max_per_atom=max_per_atom,
-                               max_firings=None if all_firings else self.cap(cell), min_per_atom=min_per_atom)
+    def sites(self, cell=None, pool=None, *, classes=None, max_per_atom=None, min_per_atom=1, all_firings=False,
+              sae=None, cos="cos") -> pd.DataFrame:
+        """The firings of ``cell`` a substitution run uses: ``pool`` (default :attr:`pool`: ``"registers"``,
+        ``"top1"`` or a list of atoms) of the SAE with keywords ``sae`` (default the section's), the registers
+        from ``classes`` (default :meth:`partition`, by ``cos``), at most :meth:`cap` unless ``all_firings``."""
+        cell, pool, sae = tuple(cell or self.cell), pool or self.pool, sae or {}
+        if classes is None and isinstance(pool, str) and pool == "registers":
+            classes, _ = self.partition(cell, cos, **sae)
+        return _firings.select(self.firings(cell, **sae), pool, classes=classes, seed=self.seed,
+                               max_per_atom=max_per_atom, max_firings=None if all_firings else self.cap(cell),
+                               min_per_atom=min_per_atom)
 
-    def substitution(self, cell=None, pool="registers", *, classes=None, max_per_atom=None, min_per_atom=1,
-                     all_firings=False, **kw):
-        """(table, classes): the substitution test (``writesae.experiments.substitution.substitute``) on
-        :meth:`sites`, cached and resumable; ``kw`` go to ``substitute`` (scaling, write, ...) and into the
-        cache key."""
-        cell = tuple(cell or self.cell)
-        if classes is None:
-            classes, _ = self.partition(cell)
+    def substitution(self, cell=None, pool=None, *, classes=None, max_per_atom=None, min_per_atom=1,
+                     all_firings=False, sae=None, cos="cos", **kw):
+        """(table, classes): the substitution test (``writesae.experiments.substitution.substitute``) of the SAE
+        with keywords ``sae`` on :meth:`sites`, cached and resumable; ``classes`` is the partition the register
+        pool is drawn from (None for another pool, unless given). ``kw`` go to ``substitute`` (scaling, write,
+        ...) and into the cache key."""
+        cell, pool, sae = tuple(cell or self.cell), pool or self.pool, sae or {}
+        if classes is None and isinstance(pool, str) and pool == "registers":
+            classes, _ = self.partition(cell, cos, **sae)
         sites = self.sites(cell, pool, classes=classes, max_per_atom=max_per_atom, min_per_atom=min_per_atom,
-                           all_firings=all_firings)
-        key = self.key(cell, pool=pool if isinstance(pool, str) else sorted(map(int, pool)),
+                           all_firings=all_firings, sae=sae)
+        key = self.key(cell, **sae, cos=cos, pool=pool if isinstance(pool, str) else sorted(map(int, pool)),
                        max_firings=self.cap(cell), max_per_atom=max_per_atom, min_firings=self.min_firings, **kw)
         df = cache.cached_table("substitution", key, lambda: _sub.substitute(
-            self.host, self.sae(cell), self.eval_ids, sites, direction=_sub.DIRECTIONS, seed=self.seed,
+            self.host, self.sae(cell, **sae), self.eval_ids, sites, direction=_sub.DIRECTIONS, seed=self.seed,
             resume=cache.parts_dir("substitution", key, self.root), **kw), self.root)
         return df, classes
 
-    def flat_svd_substitution(self, cell=None, pool="registers", rank=1):
-        """App. F.4 on ``cell``: at the firings of ``pool`` (as in :meth:`substitution`), the WriteSAE atom
-        against the FlatSAE's top-1 atom at the same position truncated to its top-``rank`` SVD, both rescaled
-        to the native write's norm. One long table (``substitute`` rows, column ``decoder``) restricted to the
-        firings where the FlatSAE has an active atom."""
-        from .zoo import TruncatedAtoms
-
-        cell = tuple(cell or self.cell)
-        mine, classes = self.substitution(cell, pool, scaling="norm")
-        flat_sites = _firings.top1_at(self.firings(cell, variant="flat"), self.sites(cell, pool, classes=classes))
-        key = self.key(cell, pool=pool, max_firings=self.cap(cell), min_firings=self.min_firings, scaling="norm",
-                       decoder=f"flat+svd{rank}")
+    def flat_svd_substitution(self, cell=None, pool=None, rank=1, *, sae=None, cos="cos", **kw):
+        """App. F.4 on ``cell``: at the firings of ``pool`` (as in :meth:`substitution`), the atom of the SAE with
+        keywords ``sae`` (default the section's WriteSAE) against the FlatSAE's top-1 atom at the same position
+        truncated to its top-``rank`` SVD (:class:`TruncatedAtoms`), both rescaled to the native write's norm;
+        ``kw`` (e.g. ``write``) go to both runs. One long table (``substitute`` rows, column ``decoder``)
+        restricted to the firings where the FlatSAE has an active atom; None when there is none."""
+        cell, pool, sae = tuple(cell or self.cell), pool or self.pool, sae or {}
+        mine, classes = self.substitution(cell, pool, sae=sae, cos=cos, scaling="norm", **kw)
+        flat_sites = _firings.top1_at(self.firings(cell, variant="flat"), self.sites(cell, pool, classes=classes,
+                                                                                     sae=sae))
+        if not len(flat_sites):
+            return None
+        key = self.key(cell, **sae, cos=cos, pool=pool, max_firings=self.cap(cell), min_firings=self.min_firings,
+                       scaling="norm", decoder=f"flat+svd{rank}", **kw)
         theirs = cache.cached_table("flat_substitution", key, lambda: _sub.substitute(
             self.host, TruncatedAtoms(self.sae(cell, variant="flat"), rank=rank), self.eval_ids, flat_sites,
             scaling="norm", direction=_sub.DIRECTIONS, seed=self.seed,
-            resume=cache.parts_dir("flat_substitution", key, self.root)), self.root)
+            resume=cache.parts_dir("flat_substitution", key, self.root), **kw), self.root)
         both = set(zip(theirs["seq"], theirs["pos"]))
         mine = mine[[(s, p) in both for s, p in zip(mine["seq"], mine["pos"])]]
         return pd.concat([mine.assign(decoder="WriteSAE"), theirs.assign(decoder=f"FlatSAE + top-{rank} SVD")],
                          ignore_index=True)
+
+
+class TruncatedAtoms:
+    """A dense-atom SAE seen through the best rank-``rank`` approximation of each atom (its top singular
+    triplets): ``atom(i)`` / ``atoms(indices)`` are what App. F.4 substitutes ("FlatSAE + top-1 SVD" for rank
+    1); everything else (``cfg``, ``encode``, ``check_cell``, ...) is the wrapped SAE's."""
+
+    def __init__(self, sae, rank=1):
+        self.sae, self.rank = sae, int(rank)
+
+    def __getattr__(self, name):
+        return getattr(self.sae, name)
+
+    @torch.no_grad()
+    def atoms(self, indices=None):
+        A = self.sae.atoms(indices).float()
+        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+        r = self.rank
+        return (U[..., :r] * S[..., None, :r]) @ Vh[..., :r, :]
+
+    def atom(self, i):
+        return self.atoms(torch.tensor([int(i)]))[0]
 
 
 def headline_rows(summary, read="mean", direction="patched||base") -> pd.DataFrame:

@@ -21,7 +21,8 @@ corpus, tokenizer, context and token budget, so the comparison can be made *matc
    firings, both scalings (SAE coefficient and the native write's norm), every read-out and both KL directions.
 4. **FlatSAE + top-r SVD** (:func:`flat_comparison`, App. F.4): at the same firings, the top-1 atom of a
    FlatSAE (dense atoms on ``vec S``) truncated to its best rank-r approximation (r = the matched atom's
-   rank) and rescaled to the native write's norm, against the WriteSAE atom at the same scaling.
+   rank) and rescaled to the native write's norm, against the WriteSAE atom at the same scaling
+   (``Section.flat_svd_substitution``, as in the substitution chapter).
 5. **The closed form** (:func:`closed_forms`): ``writesae.experiments.closed_form`` per family. Its
    ``pred_direct`` is already host-specific: the exact transport of the family (scalar decay for Mamba-2 and
    GDN, per-row decay for GLA / RWKV-7, erase pair for the delta rules) and the host's own read-out Jacobian,
@@ -30,13 +31,15 @@ corpus, tokenizer, context and token budget, so the comparison can be made *matc
 7. **The numbers the verdicts read** (:func:`glue_values`): the paper's cross-architecture statements are rows
    of the book's verdict table (``writesae.verdicts``), tested on these numbers with their intervals.
 
-Every table is cached under the chapter's parameters (``writesae.cache``), as in the other chapters.
+Each family runs on a :class:`~writesae.experiments.section.Section` (:func:`setup`), the class every chapter runs
+on: its SAEs, firings, partitions and substitution runs are cached (``writesae.cache``) under the chapter's
+parameters as in the other chapters.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +55,11 @@ from . import closed_form as _cf
 from . import firings as _firings
 from . import partition as _partition
 from . import substitution as _sub
+from .section import Section
 
-__all__ = ["FAMILIES", "NAMES", "PAPER", "Atom", "RANK1", "RANK2_UPDATE", "atoms_for", "Settings", "Family",
+__all__ = ["FAMILIES", "NAMES", "PAPER", "Atom", "RANK1", "RANK2_UPDATE", "atoms_for", "SIZES",
            "memory_table", "influence_table", "measure_influence", "metrics_path", "memory", "choose_cells", "setup", "memory_tables", "partitions",
-           "family_register_cos", "substitutions", "summarize", "headline", "TruncatedAtoms", "flat_comparison",
+           "family_register_cos", "substitutions", "summarize", "headline", "flat_comparison",
            "closed_forms", "k_sweep", "REGISTER_PAIRS", "glue_values", "win_rate_rows"]
 
 FAMILIES = ("gdn", "mamba2", "deltanet", "gla", "rwkv7")
@@ -89,8 +93,9 @@ class Atom:
     cos: str            # the firings column the partition reads: cos (vs the write) or cos_update
 
     @property
-    def key(self) -> dict:
-        return dict(variant=self.variant, rank=self.rank, write=self.write)
+    def sae(self) -> dict:
+        """The SAE's keywords (``Section.sae``)."""
+        return dict(variant=self.variant, rank=self.rank)
 
 
 RANK1 = Atom("rank-1 write", "bilinear", 1, "additive", "cos")
@@ -104,91 +109,10 @@ def atoms_for(label) -> tuple:
     return (RANK1, RANK2_UPDATE) if UPDATE_RANK.get(label, 1) == 2 else (RANK1,)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The chapter's sizes, shared by every step (so every cached artifact is keyed the same way)."""
-
-    window: int = 128
-    n_windows: int = 32
-    positions_per_seq: int = 32
-    eval_windows: int = 8
-    n_feat: int = 128
-    k: int = 8
-    epochs: int = 20
-    batch_size: int = 32      # small batches and a high rate: enough optimizer steps on a small state dataset
-    lr: float = 1e-3
-    min_firings: int = 3
-    pool: str = "top1"
-    max_firings: int = 24
-    cf_atoms: int = 3
-    cf_sites: int = 4
-    eps: tuple = (0.1, 1.0)
-    memory_window: int = 128  # a measured memory table (no metrics.json): windows of min(window, this) tokens
-    memory_windows: int = 2
-    seed: int = 0
-    warmup: int = 50          # SAE learning-rate warm-up steps (the paper's Mamba-2 SAEs: 100)
-    corpus: str = "embedded"  # the passages (``writesae.corpus``)
-
-
-@dataclass
-class Family:
-    """One family of the comparison: its host, memory table, chosen cells and the shared data."""
-
-    label: str
-    host: object
-    memory: pd.DataFrame
-    cells: list
-    data: dict
-    eval_ids: torch.Tensor
-    s: Settings
-    _memo: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def name(self) -> str:
-        return NAMES.get(self.label, self.label)
-
-    def spec(self, **kw) -> dict:
-        s = self.s
-        return dict(model=self.host.name, n_feat=s.n_feat, k=s.k, epochs=s.epochs, batch_size=s.batch_size,
-                    lr=s.lr, data=self.data, eval_windows=s.eval_windows, seed=s.seed,
-                    **({} if s.warmup == 50 else {"warmup": s.warmup}), **kw)
-
-    def sae(self, cell, atom=RANK1, *, variant=None, k=None, n_feat=None):
-        """The SAE of ``cell`` with ``atom``'s decoder (``variant="flat"``: the FlatSAE), trained once."""
-        return pipeline.sae(self.host, cell, variant=variant or atom.variant, rank=1 if variant else atom.rank,
-                            n_feat=n_feat or self.s.n_feat, k=k or self.s.k, epochs=self.s.epochs,
-                            batch_size=self.s.batch_size, lr=self.s.lr, warmup=self.s.warmup, seed=self.s.seed,
-                            data=self.data, progress=False)
-
-    def firings(self, cell, atom=RANK1, *, variant=None):
-        """Every firing of that SAE on the held-out windows (cached)."""
-        v = variant or atom.variant
-        key = self.spec(cell=list(cell), variant=v, rank=1 if variant else atom.rank)
-        sae = self.sae(cell, atom, variant=variant)
-        return cache.cached_table("zoo_firings", key, lambda: _firings.collect(self.host, sae, cell, self.eval_ids))
-
-    def partition(self, cell, atom=RANK1):
-        """(classes, summary) of the register / bundle partition of ``atom``'s SAE on ``cell``, the per-atom
-        cosine read from ``atom.cos``; (None, summary with NaNs) when too few atoms are alive to fit it."""
-        memo = ("partition", tuple(cell), atom.name)
-        if memo not in self._memo:
-            atoms = _partition.atom_table(self.firings(cell, atom))
-            atoms["cos"] = atoms[atom.cos]
-            try:
-                self._memo[memo] = _partition.partition(atoms, min_firings=self.s.min_firings, seed=self.s.seed)
-            except ValueError:  # fewer than 6 alive atoms
-                alive = int((atoms["n_firings"] >= self.s.min_firings).sum())
-                self._memo[memo] = (None, dict(n_alive=alive, n_register=0, n_bundle=alive, dbic=np.nan, k=np.nan,
-                                               mean_cos={"register": np.nan, "bundle": np.nan}))
-        return self._memo[memo]
-
-    def sites(self, cell, atom=RANK1):
-        """The substitution pool (``Settings.pool``) at ``cell``: empty when it has no firings (e.g. no registers)."""
-        classes, _ = self.partition(cell, atom)
-        fir = self.firings(cell, atom)
-        if self.s.pool == "registers" and classes is None:
-            return fir.iloc[:0].assign(pool=self.s.pool)
-        return _firings.select(fir, self.s.pool, classes=classes, max_firings=self.s.max_firings, seed=self.s.seed)
+# The chapter's sizes where they are not a Section's: a small state dataset per family and small SAEs, trained in
+# small batches at a high rate (enough optimizer steps on it); every top-1 firing, at most 24 per cell
+SIZES = dict(n_windows=32, eval_windows=8, n_feat=128, k=8, batch_size=32, lr=1e-3, min_firings=3, pool="top1",
+             max_firings=24)
 
 
 # --------------------------------------------------------------------------- which cells keep a state
@@ -305,14 +229,15 @@ def choose_cells(memory_df, n=1, fixed=None, max_write_share=0.3) -> list:
     return [(int(l), int(h)) for l, h in zip(pick["layer"], pick["head"])]
 
 
-def setup(models, settings=None, *, zoo_cells=None, n_cells=1, max_write_share=0.3, device=None, dtype="float32",
-          trust_remote_code=False, **kw) -> dict:
-    """{label: :class:`Family`} for ``models`` = {label: source}: hosts loaded, memory tables read or measured,
-    cells chosen (:func:`choose_cells`; ``zoo_cells`` = {label: [[layer, head], ...]} fixes them per family), the
-    state-dataset spec shared by every SAE of a family, and the held-out windows; each model in ``dtype`` on
-    ``device`` (``trust_remote_code``: see :func:`writesae.hosts.load_host`). ``kw`` overrides fields of
-    ``settings``. A family whose model is not found here (a zoo member not trained yet) is left out, saying so."""
-    s = replace(settings or Settings(), **kw)
+def setup(models, *, zoo_cells=None, n_cells=1, max_write_share=0.3, memory_window=128, memory_windows=2,
+          window=128, seed=0, corpus="embedded", device=None, dtype="float32", trust_remote_code=False, **kw) -> dict:
+    """{label: :class:`~writesae.experiments.section.Section`} for ``models`` = {label: source}: hosts loaded,
+    memory tables read or measured (:func:`memory`, on ``memory_windows`` windows of at most ``memory_window``
+    tokens), cells chosen (:func:`choose_cells`; ``zoo_cells`` = {label: [[layer, head], ...]} fixes them per
+    family), each family's section on them (its first cell the headline): the state-dataset spec shared by every
+    SAE of a family and the held-out windows; each model in ``dtype`` on ``device`` (``trust_remote_code``: see
+    :func:`writesae.hosts.load_host`). ``kw``: further Section fields (sizes, pool, ...) over :data:`SIZES`.
+    A family whose model is not found here (a zoo member not trained yet) is left out, saying so."""
     out = {}
     for label, source in models.items():
         try:
@@ -320,14 +245,11 @@ def setup(models, settings=None, *, zoo_cells=None, n_cells=1, max_write_share=0
         except FileNotFoundError as e:  # a zoo member not trained yet: the chapter runs on the others
             print(f"{label}: left out: {e}")
             continue
-        mem = memory(host, window=min(s.window, s.memory_window), n_windows=s.memory_windows, seed=s.seed,
-                     corpus=s.corpus)
+        mem = memory(host, window=min(window, memory_window), n_windows=memory_windows, seed=seed, corpus=corpus)
         cells = choose_cells(mem, n_cells, (zoo_cells or {}).get(label), max_write_share)
         mem["chosen"] = [(int(l), int(h)) in cells for l, h in zip(mem["layer"], mem["head"])]
-        data = pipeline.data_spec(host, cells, window=s.window, n_windows=s.n_windows,
-                                  positions_per_seq=s.positions_per_seq, seed=s.seed, corpus=s.corpus)
-        out[label] = Family(label, host, mem, cells, data,
-                            pipeline.windows(host, "heldout", s.window, s.eval_windows, s.seed, s.corpus), s)
+        out[label] = Section(host, cells[0], cells, window=window, seed=seed, corpus=corpus,
+                             name=NAMES.get(label, label), memory=mem, **{**SIZES, **kw})
     return out
 
 
@@ -343,18 +265,18 @@ def partitions(fams):
     bundles, dBIC, best k) and the register median cosine (median over register atoms of their median
     cosine to the native matrix); and the per-atom table (family, cell, atom, feature, n_firings, cos, class)."""
     rows, per_atom = [], []
-    for f in fams.values():
+    for label, f in fams.items():
         mem = f.memory.set_index("cell")
         for cell in f.cells:
             key = f"L{cell[0]}H{cell[1]}"
-            for atom in atoms_for(f.label):
-                sae = f.sae(cell, atom)
-                classes, sm = f.partition(cell, atom)
+            for atom in atoms_for(label):
+                sae = f.sae(cell, **atom.sae)
+                classes, sm = _partition_of(f, cell, atom)
                 m = sae.info.get("metrics", {})
                 reg = classes.loc[classes["class"] == "register", "cos"] if classes is not None else pd.Series([], dtype=float)
                 rows.append(dict(family=f.name, cell=key, layer=cell[0], head=cell[1], atom=atom.name,
                                  write_share=float(mem.loc[key, "write_share"]), decay=float(mem.loc[key, "decay"]),
-                                 fvu=m.get("fvu", np.nan), dead_fraction=m.get("dead", np.nan) / f.s.n_feat,
+                                 fvu=m.get("fvu", np.nan), dead_fraction=m.get("dead", np.nan) / f.n_feat,
                                  n_alive=sm["n_alive"], n_register=sm["n_register"], n_bundle=sm["n_bundle"],
                                  register_cos=float(reg.median()) if len(reg) else np.nan,
                                  register_cos_mean=sm["mean_cos"]["register"], bundle_cos=sm["mean_cos"]["bundle"],
@@ -374,16 +296,22 @@ def family_register_cos(atoms, atom=RANK1.name) -> dict:
 
 
 # ------------------------------------------------------------------------------------- substitution
-def _substitution(f, cell, atom, scaling):
-    sites = f.sites(cell, atom)
-    if not len(sites):
-        return None
-    key = f.spec(cell=list(cell), **atom.key, pool=f.s.pool, max_firings=f.s.max_firings,
-                 min_firings=f.s.min_firings, scaling=scaling)
-    sae = f.sae(cell, atom)
-    return cache.cached_table("zoo_substitution", key, lambda: _sub.substitute(
-        f.host, sae, f.eval_ids, sites, scaling=scaling, write=atom.write, direction=_sub.DIRECTIONS, seed=f.s.seed,
-        resume=cache.parts_dir("zoo_substitution", key)))
+def _partition_of(f, cell, atom):
+    """``f.partition`` of ``atom``'s SAE at ``cell`` (by ``atom.cos``); (None, a summary of NaNs) when too few
+    atoms are alive to fit it."""
+    try:
+        return f.partition(cell, atom.cos, **atom.sae)
+    except ValueError:  # fewer than 6 alive atoms
+        alive = f.n_alive(cell, **atom.sae)
+        return None, dict(n_alive=alive, n_register=0, n_bundle=alive, dbic=np.nan, k=np.nan,
+                          mean_cos={"register": np.nan, "bundle": np.nan})
+
+
+def _has_sites(f, cell, atom) -> bool:
+    """Whether the family's pool has firings of ``atom``'s SAE at ``cell`` (none without registers)."""
+    if f.pool == "registers" and _partition_of(f, cell, atom)[0] is None:
+        return False
+    return len(f.sites(cell, sae=atom.sae, cos=atom.cos)) > 0
 
 
 def substitutions(fams, scalings=_sub.SCALINGS) -> pd.DataFrame:
@@ -391,13 +319,12 @@ def substitutions(fams, scalings=_sub.SCALINGS) -> pd.DataFrame:
     scaling: one long table (``writesae.experiments.substitution.substitute``'s rows, both KL directions, every
     read-out) with family, atom and pool. Cells whose pool is empty contribute no rows."""
     out = []
-    for f in fams.values():
+    for label, f in fams.items():
         for cell in f.cells:
-            for atom in atoms_for(f.label):
-                for scaling in scalings:
-                    df = _substitution(f, cell, atom, scaling)
-                    if df is not None:
-                        out.append(df.assign(family=f.name, atom=atom.name, decoder="WriteSAE"))
+            for atom in atoms_for(label):
+                if _has_sites(f, cell, atom):
+                    out += [f.substitution(cell, sae=atom.sae, cos=atom.cos, scaling=scaling, write=atom.write)[0]
+                            .assign(family=f.name, atom=atom.name, decoder="WriteSAE") for scaling in scalings]
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
@@ -422,104 +349,64 @@ def headline(summary, *, atom=RANK1.name, decoder="WriteSAE", scaling="coef", re
 
 
 # ------------------------------------------------------------------------------ FlatSAE + top-r SVD
-class TruncatedAtoms:
-    """A dense-atom SAE seen through the best rank-``rank`` approximation of each atom (its top singular
-    triplets): ``atom(i)`` / ``atoms(indices)`` are what App. F.4 substitutes ("FlatSAE + top-1 SVD" for rank
-    1); everything else (``cfg``, ``encode``, ``check_cell``, ...) is the wrapped SAE's."""
-
-    def __init__(self, sae, rank=1):
-        self.sae, self.rank = sae, int(rank)
-
-    def __getattr__(self, name):
-        return getattr(self.sae, name)
-
-    @torch.no_grad()
-    def atoms(self, indices=None):
-        A = self.sae.atoms(indices).float()
-        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
-        r = self.rank
-        return (U[..., :r] * S[..., None, :r]) @ Vh[..., :r, :]
-
-    def atom(self, i):
-        return self.atoms(torch.tensor([int(i)]))[0]
-
-
-def _flat_sites(f, cell, atom, sites):
-    """The same firings (seq, pos) as ``sites``, each with the FlatSAE's top-1 atom and coefficient there
-    (positions where the FlatSAE has no active atom are dropped)."""
-    return _firings.top1_at(f.firings(cell, atom, variant="flat"), sites)
-
-
 def flat_comparison(fams) -> pd.DataFrame:
-    """App. F.4 at every analysed cell: on the pool's firings, the WriteSAE atom against the FlatSAE's top-1
-    atom truncated to the matched rank (top-1 SVD for rank-1 atoms, top-2 for RWKV-7's rank-2 update), both
-    rescaled to the native write's norm (``scaling="norm"``). One long table (substitute's rows, column
-    ``decoder``) restricted to the firings both decoders cover."""
+    """App. F.4 at every analysed cell (``Section.flat_svd_substitution``): on the pool's firings, the WriteSAE
+    atom against the FlatSAE's top-1 atom truncated to the matched rank (top-1 SVD for rank-1 atoms, top-2 for
+    RWKV-7's rank-2 update), both rescaled to the native write's norm (``scaling="norm"``). One long table
+    (substitute's rows, column ``decoder``) restricted to the firings both decoders cover."""
     out = []
-    for f in fams.values():
+    for label, f in fams.items():
         for cell in f.cells:
-            for atom in atoms_for(f.label):
-                mine = _substitution(f, cell, atom, "norm")
-                if mine is None:
-                    continue
-                sites = _flat_sites(f, cell, atom, f.sites(cell, atom))
-                if not len(sites):
-                    continue
-                flat = TruncatedAtoms(f.sae(cell, atom, variant="flat"), rank=atom.rank)
-                key = f.spec(cell=list(cell), **atom.key, pool=f.s.pool, max_firings=f.s.max_firings,
-                             min_firings=f.s.min_firings, scaling="norm", decoder=f"flat+svd{atom.rank}")
-                theirs = cache.cached_table("zoo_flat_substitution", key, lambda: _sub.substitute(
-                    f.host, flat, f.eval_ids, sites, scaling="norm", write=atom.write, direction=_sub.DIRECTIONS,
-                    seed=f.s.seed, resume=cache.parts_dir("zoo_flat_substitution", key)))
-                both = set(zip(theirs["seq"], theirs["pos"]))
-                mine = mine[[(s, p) in both for s, p in zip(mine["seq"], mine["pos"])]]
-                name = f"FlatSAE + top-{atom.rank} SVD"
-                out += [mine.assign(family=f.name, atom=atom.name, decoder="WriteSAE"),
-                        theirs.assign(family=f.name, atom=atom.name, decoder=name)]
+            for atom in atoms_for(label):
+                if _has_sites(f, cell, atom):
+                    df = f.flat_svd_substitution(cell, rank=atom.rank, sae=atom.sae, cos=atom.cos, write=atom.write)
+                    if df is not None:
+                        out.append(df.assign(family=f.name, atom=atom.name))
     return pd.concat(out, ignore_index=True) if out else pd.DataFrame()
 
 
 # ------------------------------------------------------------------------------------- closed form
-def _cf_sites(f, cell):
+def _cf_sites(f, cell, cf_atoms, cf_sites):
     """Sites of the closed form: the ``cf_atoms`` most frequent register atoms (then the most frequent other
     alive atoms when there are fewer) that fire on at least two passages, at most ``cf_sites`` firings each,
     drawn (seeded) from as many passages as possible, so each atom has fit and held-out prompts."""
-    classes, _ = f.partition(cell, RANK1)
+    classes, _ = _partition_of(f, cell, RANK1)
     if classes is None:
         return None
     order = classes.sort_values(["n_firings", "feature"], ascending=[False, True])
     pick = (order[order["class"] == "register"]["feature"].tolist() + order[order["class"] != "register"]["feature"].tolist())
-    fir = f.firings(cell, RANK1)
+    fir = f.firings(cell)
     seqs = fir.groupby("feature")["seq"].nunique()
-    pick = [a for a in pick if seqs.get(a, 0) >= 2][:f.s.cf_atoms]
+    pick = [a for a in pick if seqs.get(a, 0) >= 2][:cf_atoms]
     if not pick:
         return None
-    rng = np.random.default_rng(f.s.seed)
+    rng = np.random.default_rng(f.seed)
     parts = []
     for a in pick:
         g = fir[fir["feature"] == a]
         g = g.iloc[rng.permutation(len(g))]
         parts.append(g.assign(_turn=g.groupby("seq").cumcount().to_numpy()).sort_values("_turn", kind="stable")
-                     .head(f.s.cf_sites))
+                     .head(cf_sites))
     sites = pd.concat(parts).drop(columns="_turn").sort_values(["seq", "pos", "rank"]).reset_index(drop=True)
     return sites.assign(pool="atoms")
 
 
-def closed_forms(fams):
-    """(per_atom, by_family): the closed form (``closed_form.closed_form``, eps in units of the write's norm,
-    lag 0) at every analysed cell with the rank-1 atoms; ``per_atom`` is ``closed_form.r2`` by atom on the
-    held-out (eval) prompts, with family and cell; ``by_family`` the median per family of each predictor's R^2."""
+def closed_forms(fams, cf_atoms=3, cf_sites=4, eps=(0.1, 1.0)):
+    """(per_atom, by_family): the closed form (``closed_form.closed_form``, ``eps`` in units of the write's norm,
+    lag 0) at every analysed cell with the rank-1 atoms, on ``cf_sites`` firings of each of ``cf_atoms`` atoms
+    (registers first); ``per_atom`` is ``closed_form.r2`` by atom on the held-out (eval) prompts, with family and
+    cell; ``by_family`` the median per family of each predictor's R^2."""
     per = []
     for f in fams.values():
         for cell in f.cells:
-            sites = _cf_sites(f, cell)
+            sites = _cf_sites(f, cell, cf_atoms, cf_sites)
             if sites is None or not len(sites):
                 continue
-            sae = f.sae(cell, RANK1)
-            key = f.spec(cell=list(cell), cf_atoms=f.s.cf_atoms, cf_sites=f.s.cf_sites, eps=list(f.s.eps),
-                         min_firings=f.s.min_firings)
+            sae = f.sae(cell)
+            key = dict(f.spec, cell=list(cell), cf_atoms=cf_atoms, cf_sites=cf_sites, eps=list(eps),
+                       min_firings=f.min_firings)
             cf = cache.cached_table("zoo_closed_form", key, lambda: _cf.closed_form(
-                f.host, sae, f.eval_ids, sites, eps=tuple(f.s.eps), lags=(0,), relative_to="write", seed=f.s.seed))
+                f.host, sae, f.eval_ids, sites, eps=tuple(eps), lags=(0,), relative_to="write", seed=f.seed))
             if not (cf["split"] == "eval").any() or not (cf["split"] == "fit").any():
                 continue
             per.append(_cf.r2(cf, by=("feature",)).assign(family=f.name, cell=f"L{cell[0]}H{cell[1]}"))
@@ -545,21 +432,21 @@ def k_sweep(f, ks=(16, 32, 64, 128), n_feat=512, cell=None) -> pd.DataFrame:
     def compute():
         rows = []
         for k in ks:
-            sae = f.sae(cell, RANK1, k=k, n_feat=n_feat)
+            sae = f.sae(cell, k=k, n_feat=n_feat)
             atoms = _partition.atom_table(_firings.collect(f.host, sae, cell, f.eval_ids))
             try:
-                classes, sm = _partition.partition(atoms, min_firings=f.s.min_firings, seed=f.s.seed)
+                classes, sm = _partition.partition(atoms, min_firings=f.min_firings, seed=f.seed)
                 reg = classes.loc[classes["class"] == "register", "cos"]
             except ValueError:
-                sm = dict(n_alive=int((atoms["n_firings"] >= f.s.min_firings).sum()), n_register=0, dbic=np.nan, k=np.nan)
+                sm = dict(n_alive=int((atoms["n_firings"] >= f.min_firings).sum()), n_register=0, dbic=np.nan, k=np.nan)
                 reg = pd.Series([], dtype=float)
             rows.append(dict(family=f.name, cell=f"L{cell[0]}H{cell[1]}", k=k, n_feat=n_feat, n_alive=sm["n_alive"],
                              n_register=sm["n_register"], register_cos=float(reg.median()) if len(reg) else np.nan,
                              dbic=sm["dbic"], best_k=sm["k"], fvu=sae.info.get("metrics", {}).get("fvu", np.nan)))
         return pd.DataFrame(rows)
 
-    return cache.cached_table("zoo_k_sweep", f.spec(cell=list(cell), ks=ks, sweep_n_feat=n_feat,
-                                                      min_firings=f.s.min_firings), compute)
+    return cache.cached_table("zoo_k_sweep", dict(f.spec, cell=list(cell), ks=ks, sweep_n_feat=n_feat,
+                                                  min_firings=f.min_firings), compute)
 
 
 # ------------------------------------------------------------------- the numbers the chapter's verdicts read
