@@ -166,3 +166,15 @@ def test_recall_models_load_by_name_or_say_how_to_train_them(tmp_path, monkeypat
     monkeypatch.setattr(hosts, "EMBEDDED_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"embedded_train --family gdn --task recall"):
         load_host("embedded:gdn-recall")
+
+
+def test_without_a_recall_model_the_chapter_runs_on_its_baseline(tmp_path, capsys):
+    from writesae.experiments import zoo
+
+    runs = rx.setup({"gdn": str(tmp_path / "no_such_model")}, {"gdn": "embedded:gdn"}, n_passages=2,
+                    influence_passages=1, window=32, n_windows=4, positions_per_seq=4, eval_windows=1, root=tmp_path)
+    host = pipeline.host("embedded:gdn", "cpu")
+    assert [(m.kind, m.cell) for m in runs] == [("zoo", zoo.choose_cells(zoo.memory(host), 1)[0])]
+    assert "GDN (recall, " in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="none of the chapter's models is here"):
+        rx.setup({"gdn": str(tmp_path / "no_such_model")}, {}, n_passages=2)

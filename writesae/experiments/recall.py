@@ -242,7 +242,8 @@ def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passa
     """The chapter's :class:`Model` list: for each family of ``models`` ({family: recall-trained source}) the
     recall model and, from ``baselines`` ({family: source}), the model it was trained from, both at one
     tested cell: ``cells[family]`` when given, else the recall model's cell of largest recall influence
-    (:func:`cell_influence`). A model not found here is left out, saying so. ``kw``: fields of the models'
+    (:func:`cell_influence`), or without a recall model here, the zoo chapter's cell of the baseline. A model not
+    found here is left out, saying so; none found is an error. ``kw``: fields of the models'
     sections (:class:`~writesae.experiments.section.Section`: sizes, ...) over the zoo chapter's
     :data:`~writesae.experiments.zoo.SIZES`; the SAEs' state datasets are windows of the woven recall text."""
     from ..hosts import EMBEDDED_DIR
@@ -254,14 +255,16 @@ def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passa
         for kind, src in pair:
             try:
                 host = pipeline.host(src, device)
-            except FileNotFoundError as e:
-                print(f"{label} ({kind}): left out: {e}")
+            except FileNotFoundError:
+                print(f"{_zoo.NAMES.get(label, label)} ({kind}, {src}): not found here, left out")
                 continue
-            if cell is None:
-                fixed = (cells or {}).get(label)
+            if cell is None and (cells or {}).get(label):
+                cell = tuple(cell_tuple(cells[label]))
+            elif cell is None and kind == "recall":
                 ci = cell_influence(host, seed=seed + 1)
-                cell = tuple(cell_tuple(fixed)) if fixed else tuple(cell_tuple(
-                    ci.sort_values("recall_influence", ascending=False, kind="stable")["cell"].iloc[0]))
+                cell = tuple(cell_tuple(ci.sort_values("recall_influence", ascending=False, kind="stable")["cell"].iloc[0]))
+            elif cell is None:  # no recall model here: the zoo member at the zoo chapter's cell
+                cell = _zoo.choose_cells(_zoo.memory(host), 1)[0]
             ps = passages(host, n_passages, seed=seed + 1)
             acc = cache.cached_table("recall_answers", dict(model=host.name, n=n_passages, seed=seed + 1),
                                      lambda: answers(host, ps))
@@ -273,6 +276,10 @@ def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passa
                                           positions_per_seq=sec.positions_per_seq, seed=seed,
                                           corpus=str(EMBEDDED_DIR / RECALL_TEXT))
             out.append(Model(label, kind, sec, ps, acc, infl))
+    if not out:
+        raise FileNotFoundError(f"none of the chapter's models is here ({', '.join(map(str, models.values()))}): "
+                                "train them with python -m writesae.embedded_train --family F --task recall, or "
+                                "pass models you have")
     return out
 
 
