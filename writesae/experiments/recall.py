@@ -237,8 +237,8 @@ def cell_influence(host, *, n_passages=2, seed=1) -> pd.DataFrame:
         columns={"median_kl": "recall_influence"}))
 
 
-def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passages=4, device=None, seed=0,
-          **kw) -> list:
+def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passages=4, device=None, dtype="float32",
+          trust_remote_code=False, seed=0, **kw) -> list:
     """The chapter's :class:`Model` list: for each family of ``models`` ({family: recall-trained source}) the
     recall model and, from ``baselines`` ({family: source}), the model it was trained from, both at one
     tested cell: ``cells[family]`` when given, else the recall model's cell of largest recall influence
@@ -254,7 +254,7 @@ def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passa
         cell = None
         for kind, src in pair:
             try:
-                host = pipeline.host(src, device)
+                host = pipeline.host(src, device, dtype, trust_remote_code)
             except FileNotFoundError:
                 print(f"{_zoo.NAMES.get(label, label)} ({kind}, {src}): not found here, left out")
                 continue
