@@ -67,13 +67,20 @@ def _at(context, *index):
     return tuple(c[index] for c in context)
 
 
+def _in_model_dtype(host, *xs):
+    """Float tensors in the model's weights' dtype (a bf16 model's direct path multiplies by bf16 weights)."""
+    dt = next(host.model.parameters()).dtype
+    return tuple(x.to(dt) if torch.is_tensor(x) and x.is_floating_point() else x for x in xs)
+
+
 def _layer_out(host, cell, o, context):
-    """The edited layer's output as a function of the head output (the rest of the layer at its run values)."""
-    return host.head_out(cell, o, *context)
+    """The edited layer's output as a function of the head output (the rest of the layer at its run values), in
+    float32; computed in the model's dtype (a bf16 model: bf16 rounding)."""
+    return host.head_out(cell, *_in_model_dtype(host, o, *context)).float()
 
 
 def _logits(host, r):
-    return host.unembed(r).float()
+    return host.unembed(*_in_model_dtype(host, r)).float()
 
 
 def propagate(ct, t0, t, q):
@@ -149,7 +156,7 @@ def closed_form(host, sae, ids, sites, *, eps=(0.1, 0.3, 1.0, 3.0), relative_to=
     split = _site_split(sites, fit_frac, seed)
     cell = host.cell(layer, head)
     sae.check_cell(cell)
-    U_tok = host.head_unembed(cell)  # (V, d_v): the paper's token read-out W_U W_O[head] of the head output
+    U_tok = host.head_unembed(cell).float()  # (V, d_v): the paper's token read-out W_U W_O[head] of the head output
     rows = []
     seqs = sorted(sites["seq"].unique())
     for b0 in range(0, len(seqs), trace_batch):

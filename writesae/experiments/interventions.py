@@ -35,6 +35,7 @@ from scipy import stats as _st
 from .. import stats
 from ..hosts import Edit
 from ..ops import recurrence
+from . import closed_form as _cf
 from . import closed_form
 from . import firings as _firings
 
@@ -62,8 +63,9 @@ def token_readout(host, cell, o, context, r, tokens):
     with torch.enable_grad():
         o = o.detach().requires_grad_(True)
         r = r.detach()
-        logits = host.unembed(r + host.head_out(cell, o, *context) - host.head_out(cell, o.detach(), *context))
-        chosen = logits.float().gather(-1, tokens[:, None]).sum()
+        logits = _cf._logits(host, r.float() + _cf._layer_out(host, cell, o, context)
+                             - _cf._layer_out(host, cell, o.detach(), context))
+        chosen = logits.gather(-1, tokens[:, None]).sum()
         return torch.autograd.grad(chosen, o)[0].detach()
 
 
@@ -85,7 +87,7 @@ def _directions(host, cell, ids, seq, tokens, install, read, key="q", window=8, 
     if output == "direct":
         w = u
     elif output == "paper":
-        w = host.head_unembed(host.cell(*cell[:2]))[torch.as_tensor(tokens, dtype=torch.long)]
+        w = host.head_unembed(host.cell(*cell[:2])).float()[torch.as_tensor(tokens, dtype=torch.long)]
     else:
         raise ValueError(f"output {output!r} is not 'direct' or 'paper'")
     D = F.normalize(k_dir, dim=-1)[:, :, None] * F.normalize(w, dim=-1)[:, None, :]

@@ -37,8 +37,10 @@ enters the recurrence to float32: q, k, v, the gates (decay, write gate, erase p
 the recurrence, the states ``S_t``, the writes, every edit (replace / delete / add, the scales read from the
 write) and the head output ``o_t = S_t^T q_t`` are float32, and ``o_t`` is cast back to the model's dtype before
 the layer's output norm and projection. Traces (:class:`CellTrace`) and prefixes keep float32 states; logits
-are returned as float32 (the read-out runs in the model's dtype). ``head_unembed`` and ``head_out``'s weights
-are float32 copies. SAEs are float32; state datasets store bfloat16 by default (``extract(..., dtype=)``).
+are returned as float32 (the read-out runs in the model's dtype). The direct path (``head_out``, ``unembed``,
+``head_unembed``) runs in the model's dtype: the experiments hand it inputs in that dtype and read its outputs
+as float32 (``closed_form._layer_out`` / ``_logits``), so on a bf16 model the closed form's predicted logit shifts
+carry bf16 rounding. SAEs are float32; state datasets store bfloat16 by default (``extract(..., dtype=)``).
 """
 from __future__ import annotations
 
