@@ -1,18 +1,10 @@
 """Host adapters: one module per recurrent family, the only code that knows a model's internals.
 
 ``load_host(source)`` returns a host (see :mod:`writesae.hosts.recurrent` for the contract) that lists
-cells, traces, runs cache edits and reads a head's output through to the logits.
-
-==================  ===============================================  ======================================
-family              model_type (library)                             checkpoints
-==================  ===============================================  ======================================
-``gated_deltanet``  qwen3_5, qwen3_5_text, qwen3_5_moe(_text),       Qwen/Qwen3.5-0.8B ... 27B, Qwen3-Next
-                    qwen3_next (transformers)
-``mamba2``          mamba2 (transformers)                            state-spaces/mamba2-370m (hf format)
-``delta_net``       delta_net (fla; ours on CPU)                     fla-hub/delta_net-1.3B-100B
-``gla``             gla (fla; ours on CPU)                           fla-hub/gla-1.3B-100B
-``rwkv7``           rwkv7 (fla; ours on CPU)                         fla-hub/rwkv7-1.5B-world
-==================  ===============================================  ======================================
+cells, traces, runs cache edits and reads a head's output through to the logits. :data:`HOSTS` says which
+host serves each model_type, :data:`FORMS` each host's form of the one recurrence and :data:`CHECKPOINTS` a
+public checkpoint per type; :func:`family_table` (``python -m writesae.hosts``) writes them as the table of the
+README and the book's method page.
 """
 from __future__ import annotations
 
@@ -53,6 +45,45 @@ FAMILIES = {"gdn": "qwen3_5", "gated_deltanet": "qwen3_5", "qwen3_5": "qwen3_5",
             "falcon_mamba": "falcon_mamba", "jamba": "jamba", "xlstm": "xlstm"}
 ZOO = ("gdn", "mamba2", "deltanet", "gla", "rwkv7")  # one embedded model per family
 ZOO_DIRS = {"qwen3_5": "gdn", "delta_net": "deltanet"}  # model_type -> folder of writesae/embedded/, where it differs
+
+
+# host class -> its layer in the one recurrence S_t = D_t * S_{t-1} + e_t (f_t^T S_{t-1}) + b_t k_t v_t^T, read o_t =
+# S_t^T q_t: (decay D_t, erase pair (e, f), the write, the update S_t - D_t S_{t-1}); a subclass has its base's
+FORMS = {
+    "GatedDeltaNetHost": ("scalar `exp(g)`", "`(-b k, exp(g) k)`", "`b k v^T`, rank 1", "rank 1"),
+    "KimiLinearHost": ("per key row `exp(g)`", "`(-b k, exp(g) k)`", "`b k v^T`, rank 1", "rank 1"),
+    "Mamba2Host": ("scalar `exp(dt A)`", "none", "`dt B x^T`, rank 1", "= write"),
+    "DeltaNetHost": ("1", "`(-b k, k)`", "`b k v^T`, rank 1", "rank 1"),
+    "GLAHost": ("per key row", "none", "`k v^T`, rank 1", "= write"),
+    "RWKV7Host": ("per key row", "`(-(kk * a), kk)`", "`k v^T`, rank 1", "rank 2"),
+    "MiniMaxHost": ("fixed scalar `exp(-slope)`", "none", "`k v^T`, rank 1", "= write"),
+    "MambaHost": ("per entry `exp(dt A)`", "none", "`B (dt x)^T`, rank 1", "= write"),
+    "XLSTMHost": ("scalar forget gate (stabilised)", "none", "`exp(i - m) k v^T`, rank 1", "= write"),
+}
+# model_type -> a public checkpoint it serves (the GPU parameter files name one per family)
+CHECKPOINTS = {
+    "qwen3_5": "Qwen/Qwen3.5-0.8B ... 27B", "qwen3_5_text": "(the text model of the above)",
+    "qwen3_5_moe": "a Qwen3.5 mixture-of-experts checkpoint", "qwen3_5_moe_text": "(the text model of the above)",
+    "qwen3_next": "Qwen/Qwen3-Next-80B-A3B-Instruct", "mamba2": "AntonV/mamba2-370m-hf",
+    "nemotron_h": "nvidia/NVIDIA-Nemotron-Nano-9B-v2", "granitemoehybrid": "ibm-granite/granite-4.0-h-micro",
+    "bamba": "ibm-ai-platform/Bamba-9B-v2", "falcon_h1": "tiiuae/Falcon-H1-0.5B-Base", "zamba2": "Zyphra/Zamba2-1.2B",
+    "delta_net": "fla-hub/delta_net-1.3B-100B", "gla": "fla-hub/gla-1.3B-100B", "rwkv7": "fla-hub/rwkv7-1.5B-world",
+    "olmo_hybrid": "allenai/Olmo-Hybrid-7B", "kimi_linear": "moonshotai/Kimi-Linear-48B-A3B-Instruct",
+    "minimax": "MiniMaxAI/MiniMax-Text-01 (456B: no single GPU)", "mamba": "state-spaces/mamba-130m-hf",
+    "falcon_mamba": "tiiuae/falcon-mamba-7b", "jamba": "ai21labs/AI21-Jamba-Mini-1.5", "xlstm": "NX-AI/xLSTM-7b",
+}
+
+
+def family_table() -> str:
+    """Every hosted model_type as a markdown table (host, layer, decay, erase, write, update, a checkpoint), from
+    :data:`HOSTS`, :data:`FORMS` and :data:`CHECKPOINTS`: the table of the README and the book's method page."""
+    rows = ["| model_type | host | layer | decay `D_t` | erase `(e, f)` | write | update `S_t - D_t S_{t-1}` | "
+            "a checkpoint |", "|---|---|---|---|---|---|---|---|"]
+    for mt, (_, cls) in HOSTS.items():
+        h = host_class(mt)
+        form = next(FORMS[c.__name__] for c in h.__mro__ if c.__name__ in FORMS)
+        rows.append(f"| `{mt}` | `{cls}` | {h.kind} | " + " | ".join(form) + f" | {CHECKPOINTS[mt]} |")
+    return "\n".join(rows) + "\n"
 
 
 def host_class(config_or_type):
@@ -293,4 +324,4 @@ def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=
 
 
 __all__ = ["Cell", "CellTrace", "Edit", "EditRun", "LayerOut", "LayerState", "Readout", "Trace", "HOSTS", "ZOO",
-           "host_class", "load_host", "tiny_config", "EMBEDDED_DIR"]
+           "FORMS", "CHECKPOINTS", "family_table", "host_class", "load_host", "tiny_config", "EMBEDDED_DIR"]
