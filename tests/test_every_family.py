@@ -44,7 +44,8 @@ def _family(name, module):
     return name
 
 
-FAMILIES = ["gdn", "qwen3_next", "mamba2", "deltanet", _family("gla", "gla"), _family("rwkv7", "rwkv7"),
+FAMILIES = ["gdn", "qwen3_next", "mamba2", "nemotron_h", "granitemoehybrid", "bamba", "falcon_h1", "zamba2",
+            "deltanet", _family("gla", "gla"), _family("rwkv7", "rwkv7"),
             "olmo_hybrid", "kimi_linear", "minimax", "mamba", "falcon_mamba", "jamba", "xlstm"]
 
 

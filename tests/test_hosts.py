@@ -107,6 +107,9 @@ FAMILIES = {
                        kernel=("transformers.models.qwen3_next.modeling_qwen3_next", "torch_chunk_gated_delta_rule")),
     "mamba2": dict(source=lambda: "tiny:mamba2", state=_mamba2_state, zero=_mamba2_zero, groups=2,
                    kernel=("transformers.models.mamba2.modeling_mamba2", "mamba2_chunk_scan")),
+    **{t: dict(source=lambda t=t: f"tiny:{t}", state=_mamba2_state, zero=_mamba2_zero, groups=2,  # Mamba-2 hybrids
+               kernel=(f"transformers.models.{t}.modeling_{t}", "mamba2_chunk_scan"))
+       for t in ("nemotron_h", "granitemoehybrid", "bamba", "falcon_h1", "zamba2")},
     "delta_net": dict(source=lambda: "tiny:delta_net", zero=_v_zero(2),
                       kernel=("writesae.models.delta_net", "delta_rule_chunked")),
     "gla": dict(source=lambda: "tiny:gla", zero=_v_zero(2), final_state={"output_final_state": True},

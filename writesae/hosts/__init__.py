@@ -26,6 +26,11 @@ HOSTS = {
     "qwen3_5_moe_text": ("gated_deltanet", "GatedDeltaNetHost"),
     "qwen3_next": ("gated_deltanet", "GatedDeltaNetHost"),
     "mamba2": ("mamba2", "Mamba2Host"),
+    "nemotron_h": ("mamba2", "NemotronHHost"),
+    "granitemoehybrid": ("mamba2", "GraniteMoeHybridHost"),
+    "bamba": ("mamba2", "BambaHost"),
+    "falcon_h1": ("mamba2", "FalconH1Host"),
+    "zamba2": ("mamba2", "Zamba2Host"),
     "delta_net": ("delta_net", "DeltaNetHost"),
     "gla": ("gla", "GLAHost"),
     "rwkv7": ("rwkv7", "RWKV7Host"),
@@ -39,7 +44,9 @@ HOSTS = {
 }
 # family names accepted by "tiny:<family>" and "embedded:<family>" -> the model_type they build
 FAMILIES = {"gdn": "qwen3_5", "gated_deltanet": "qwen3_5", "qwen3_5": "qwen3_5", "qwen3_next": "qwen3_next",
-            "qwen3_5_moe": "qwen3_5_moe", "mamba2": "mamba2", "deltanet": "delta_net", "delta_net": "delta_net",
+            "qwen3_5_moe": "qwen3_5_moe", "mamba2": "mamba2",
+            "nemotron_h": "nemotron_h", "granitemoehybrid": "granitemoehybrid", "bamba": "bamba",
+            "falcon_h1": "falcon_h1", "zamba2": "zamba2", "deltanet": "delta_net", "delta_net": "delta_net",
             "gla": "gla", "rwkv7": "rwkv7",
             "olmo_hybrid": "olmo_hybrid", "kimi_linear": "kimi_linear", "minimax": "minimax", "mamba": "mamba",
             "falcon_mamba": "falcon_mamba", "jamba": "jamba", "xlstm": "xlstm"}
@@ -162,6 +169,47 @@ def tiny_config(family="qwen3_5", n_k_heads=2, n_v_heads=4, layers=4, vocab_size
         return xLSTMConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=3, num_heads=n_v_heads,
                            qk_dim_factor=0.5, v_dim_factor=1.0, chunk_size=16, ffn_proj_factor=1.0,
                            pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    if mt in ("nemotron_h", "granitemoehybrid", "bamba", "falcon_h1", "zamba2"):
+        import transformers
+
+        # tiny:mamba2's mixer (heads of 16 x 8 states, B and C in 2 groups, chunks of 16) in each type's layout, an
+        # attention layer (Falcon-H1: beside every mixer; Zamba2: one shared block before the mixers of layers 1 and
+        # 3), the types' multipliers away from 1 (Falcon-H1's muP vector and gate-only norm: test_mamba2_hosts.py).
+        # Weights of initializer_range 0.15 (at 0.02 a deleted write moves the logits by 1e-6; Zamba2 at 0.15
+        # amplifies float32 round-off to 3e-5 in the logits: 0.1); NemotronH and Zamba2 draw dt in [0.01, 0.3] (at
+        # their default [1e-3, 0.1] the longest-memory heads write almost nothing). Layer counts and orders are
+        # ones on whose random weights test_every_family's properties hold (Bamba, Granite-4.0-H and Falcon-H1 start
+        # every dt_bias at 1: the longest memory decays by ~0.3 a step, which leaves little margin there).
+        att = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_attention_heads=2,
+                   num_key_value_heads=1, pad_token_id=None, bos_token_id=None, eos_token_id=None, initializer_range=0.15)
+        mix = dict(mamba_n_heads=n_v_heads, mamba_d_head=16, mamba_d_state=8, mamba_chunk_size=16)
+        return {
+            "nemotron_h": lambda: transformers.NemotronHConfig(
+                **att, layers_block_type=["linear_attention", "moe", "full_attention", "linear_attention", "mlp",
+                                          "linear_attention"], head_dim=32, mamba_num_heads=n_v_heads,
+                mamba_head_dim=16, ssm_state_size=8, n_groups=2, chunk_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, n_group=1, topk_group=1,
+                time_step_min=0.01, time_step_max=0.3),
+            "granitemoehybrid": lambda: transformers.GraniteMoeHybridConfig(
+                **att, **mix, mamba_n_groups=2, mamba_expand=1, num_hidden_layers=4,
+                layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+                shared_intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, position_embedding_type="rope",
+                embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.1, logits_scaling=4.0),
+            "bamba": lambda: transformers.BambaConfig(**att, **mix, mamba_n_groups=2, mamba_expand=1,
+                                                      num_hidden_layers=5, attn_layer_indices=[1]),
+            "falcon_h1": lambda: transformers.FalconH1Config(
+                **att, **mix, mamba_n_groups=2, mamba_d_ssm=64, num_hidden_layers=3, mamba_rms_norm=True,
+                lm_head_multiplier=0.5, embedding_multiplier=2.0, mlp_multipliers=[0.8, 1.2], key_multiplier=0.7,
+                attention_in_multiplier=0.9, attention_out_multiplier=1.1, ssm_multipliers=[1.0] * 5,
+                ssm_in_multiplier=1.2, ssm_out_multiplier=0.8),
+            # Zamba2: one shared block (tied weights, per-layer adapters) in layers 1 and 3; key/value heads = heads
+            # (its adapters add to q, k and v alike)
+            "zamba2": lambda: transformers.Zamba2Config(
+                **{**att, "num_key_value_heads": 2, "initializer_range": 0.1}, n_mamba_heads=n_v_heads, mamba_expand=1,
+                mamba_d_state=8, mamba_ngroups=2, chunk_size=16, num_hidden_layers=4, time_step_min=0.01, time_step_max=0.3,
+                layers_block_type=["linear_attention", "hybrid", "linear_attention", "hybrid"], num_mem_blocks=1,
+                use_shared_attention_adapter=True, adapter_rank=8, use_mem_rope=True),
+        }[mt]()
     if mt == "mamba2":
         from transformers import Mamba2Config
 
