@@ -31,18 +31,18 @@ def config_370m(model_type, vocab=1024, layers=4):
         "mamba2": lambda: transformers.Mamba2Config(vocab_size=vocab, hidden_size=1024, num_hidden_layers=layers,
                                                     num_heads=32, head_dim=64, state_size=128, expand=2, n_groups=1,
                                                     chunk_size=256),
-        "nemotron_h": lambda: transformers.NemotronHConfig(**att, layers_block_type=[lin, full, lin, "mlp"], head_dim=128,
-                                                           mamba_num_heads=32, mamba_head_dim=64, ssm_state_size=128,
-                                                           n_groups=1, chunk_size=256),
+        "nemotron_h": lambda: transformers.NemotronHConfig(
+            **att, layers_block_type=[lin, full, lin, "mlp"], head_dim=128, mamba_num_heads=32, mamba_head_dim=64,
+            ssm_state_size=128, n_groups=1, chunk_size=256),
         "granitemoehybrid": lambda: transformers.GraniteMoeHybridConfig(
             **att, **mix, mamba_expand=2, num_hidden_layers=layers, layer_types=[lin, full, lin, lin],
             shared_intermediate_size=2048, num_local_experts=0),
         "bamba": lambda: transformers.BambaConfig(**att, **mix, mamba_expand=2, num_hidden_layers=layers,
                                                   attn_layer_indices=[1]),
         "falcon_h1": lambda: transformers.FalconH1Config(**att, **mix, mamba_d_ssm=2048, num_hidden_layers=layers),
-        "zamba2": lambda: transformers.Zamba2Config(**{**att, "num_key_value_heads": 8}, n_mamba_heads=32,
-                                                    mamba_expand=2, mamba_d_state=128, mamba_ngroups=1, chunk_size=256,
-                                                    num_hidden_layers=layers, layers_block_type=[lin, "hybrid", lin, lin]),
+        "zamba2": lambda: transformers.Zamba2Config(
+            **{**att, "num_key_value_heads": 8}, n_mamba_heads=32, mamba_expand=2, mamba_d_state=128, mamba_ngroups=1,
+            chunk_size=256, num_hidden_layers=layers, layers_block_type=[lin, "hybrid", lin, lin]),
     }[model_type]()
 
 
@@ -56,7 +56,8 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"unedited runs: {a.seqs} x {a.window} tokens, {a.size} configs, {a.threads} thread(s), median of {a.repeats}")
+    print(f"unedited runs: {a.seqs} x {a.window} tokens, {a.size} configs, {a.threads} thread(s), "
+          f"median of {a.repeats}")
     print(f"{'model_type':17} {'library s':>9} {'chunked s':>9} {'stepwise s':>10} {'chunked/library':>15} "
           f"{'stepwise/chunked':>16} {'max rel. diff':>16}")
     cpu = torch.device("cpu")

@@ -16,6 +16,11 @@ Unedited stretches run transformers' own chunked (SSD) form, ``mamba2_chunk_scan
 state; the edited and recorded steps run step by step (:func:`writesae.ops.recurrence.run`). Both give the
 same states and outputs to float32 round-off (``tests/test_mamba2_hosts.py``).
 
+``dt`` is clamped to the config's ``time_step_limit`` at every step, as transformers' chunked forward does; its
+cached one-token decode (``mamba2_selective_state_update``) skips that clamp, so where the clamp binds (Zamba2's
+lower limit ``time_step_min``; any config with an upper limit) the library's ``generate`` departs from its own
+forward and from this host. The default ``(0, inf)`` never binds.
+
 What differs between the types is around the mixer (one small subclass each: the layer layout and scalings):
 
 ================  =====================================================================================
@@ -149,10 +154,10 @@ class Mamba2Host(RecurrentHost):
         out = self.layers[i](h, attention_mask=ctx.mask, cache=kv, position_embeddings=ctx.rope)
         return LayerOut(out[0] if isinstance(out, tuple) else out, LayerState(kv.windows))
 
-    def _attention(self, at, x, ctx, state, j, **kw):
-        """A library attention module on x: (output, its new (keys, values) windows)."""
+    def _attention(self, at, x, ctx, state, j):
+        """A library attention module on x: (output, its new (keys, values) windows ``j``, ``j + 1``)."""
         kv = _KV(state, j)
-        out = at(hidden_states=x, attention_mask=ctx.mask, cache=kv, position_embeddings=ctx.rope, **kw)[0]
+        out = at(hidden_states=x, attention_mask=ctx.mask, cache=kv, position_embeddings=ctx.rope)[0]
         return out, kv.windows
 
     def _chunk_kernel(self, m):
