@@ -167,7 +167,7 @@ class Mamba2Host(RecurrentHost):
         size = m.chunk_size if self.device.type == "cuda" else min(m.chunk_size, CPU_CHUNK)
 
         def chunk(r, S0):
-            o, S = self._scan(r.v, r.b, A, r.k, r.q, chunk_size=size, initial_states=S0.transpose(-1, -2),
+            o, S = self._scan(r.v, r.b, A, r.k, r.q, chunk_size=size, initial_states=S0.transpose(-1, -2).contiguous(),
                               return_final_states=True)
             return o.float(), S.transpose(-1, -2).float()
 
