@@ -48,3 +48,10 @@ def test_edited_forward_benchmarks_agree_with_the_naive_method(script):
 def test_bench_train_streamed_and_in_memory_weights_equal():
     out = run("bench_train.py", "--d", "8", "--n", "256", "--n-feat", "64", "--k", "4", "--epochs", "1", "--batch", "32")
     assert "weights equal: True" in out and "steps/s" in out
+
+
+def test_bench_hybrids_checks_every_new_type_against_the_library():
+    out = run("bench_hybrids.py", "--size", "tiny", "--window", "32", "--repeats", "1")
+    rows = re.findall(r"^(\w+) +\d+ x \d+ .* ([0-9.]+)x +([0-9.e+-]+)$", out, flags=re.M)
+    assert {r[0] for r in rows} >= {"olmo_hybrid", "kimi_linear", "minimax", "mamba", "falcon_mamba", "jamba", "xlstm"}
+    assert all(float(r[2]) < 1e-4 for r in rows)  # the host's logits equal the library's
