@@ -69,8 +69,7 @@ def _at(context, *index):
 
 def _in_model_dtype(host, *xs):
     """Float tensors in the model's weights' dtype (a bf16 model's direct path multiplies by bf16 weights)."""
-    dt = next(host.model.parameters()).dtype
-    return tuple(x.to(dt) if torch.is_tensor(x) and x.is_floating_point() else x for x in xs)
+    return tuple(x.to(host.dtype) if torch.is_tensor(x) and x.is_floating_point() else x for x in xs)
 
 
 def _layer_out(host, cell, o, context):

@@ -161,6 +161,11 @@ class RecurrentHost:
         return next(self.model.parameters()).device
 
     @property
+    def dtype(self):
+        """The dtype of the model's weights (what its projections, norms and read-out compute in)."""
+        return next(self.model.parameters()).dtype
+
+    @property
     def cells(self) -> list[Cell]:
         return [Cell(l, h, self.d_k, self.d_v) for l in self.recurrent_layers for h in range(self.n_heads)]
 
