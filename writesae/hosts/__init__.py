@@ -302,7 +302,7 @@ def tokenizer_source(path, source=None, trust_remote_code=False):
     in one line naming ``trust_remote_code`` unless that opt-in is given."""
     import json
 
-    shared = Path(path).resolve().parent == EMBEDDED_DIR  # the zoo shares the embedded tokenizer
+    shared = EMBEDDED_DIR in Path(path).resolve().parents  # the zoo shares the embedded tokenizer
     tok_dir = str(EMBEDDED_DIR) if shared and not os.path.exists(os.path.join(path, "tokenizer.json")) else path
     cfg = Path(tok_dir, "tokenizer_config.json")
     code = cfg.is_file() and json.loads(cfg.read_text()).get("auto_map")
