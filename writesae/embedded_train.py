@@ -646,6 +646,19 @@ def add_influence(family, root=OUT):
     log("influence added to", path)
 
 
+def save_bf16(model, out: Path) -> dict:
+    """Save ``model`` to ``out`` with bf16 weights (small on disk) and a config that upcasts them to float32 on
+    load; returns the config."""
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return cfg
+
+
 def export_zoo(family, root=OUT):
     """Export a zoo member to ``root/<family>/`` (default writesae/embedded/<family>/): bf16 weights, config,
     model card, metrics (the tokenizer is the shared one in writesae/embedded/)."""
@@ -659,11 +672,7 @@ def export_zoo(family, root=OUT):
     state = json.loads((ckpt / "state.json").read_text())
     model = build_model(family)
     load_ckpt_weights(model, ckpt)
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    cfg = save_bf16(model, out)
     host = load_host(str(out), device="cpu", tokenizer=False)
     tok = AutoTokenizer.from_pretrained(OUT)
     val = np.load(WORK / "val.npy")
@@ -754,11 +763,7 @@ def export_recall(family, root=OUT):
     export_recall_text(root)
     model = build_model(family)
     load_ckpt_weights(model, ckpt)
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    cfg = save_bf16(model, out)
     host = load_host(str(out), device="cpu")
     win = eval_windows(np.load(WORK / "val.npy"), n=64, seq=ZOO_SEQ)
     val_loss = eval_loss(host.model, win)
