@@ -754,6 +754,8 @@ def export_recall(family, root=OUT):
     and a model card."""
     import torch
 
+    from transformers import AutoTokenizer
+
     from .experiments import recall as rx
     from .hosts import load_host
 
@@ -764,7 +766,8 @@ def export_recall(family, root=OUT):
     model = build_model(family)
     load_ckpt_weights(model, ckpt)
     cfg = save_bf16(model, out)
-    host = load_host(str(out), device="cpu")
+    host = load_host(str(out), device="cpu", tokenizer=False)
+    host.tokenizer = AutoTokenizer.from_pretrained(OUT)  # the shared one (``root`` may be elsewhere)
     win = eval_windows(np.load(WORK / "val.npy"), n=64, seq=ZOO_SEQ)
     val_loss = eval_loss(host.model, win)
     zoo = json.loads((OUT / family / "metrics.json").read_text())
