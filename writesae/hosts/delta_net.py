@@ -1,5 +1,6 @@
-"""DeltaNet host: flash-linear-attention's ``DeltaNetForCausalLM`` (fla's class on CUDA, or the pure-torch
-mirror in :mod:`writesae.models.delta_net`; both have the same module tree, which is all this host reads).
+"""DeltaNet host: flash-linear-attention's ``DeltaNetForCausalLM`` (the pure-torch mirror in
+:mod:`writesae.models.delta_net`, which ``load_host`` builds on every device, or fla's own class passed in;
+both have the same module tree, which is all this host reads).
 
 fla's layer (``fla/layers/delta_net.py``), per head, on the normed input x::
 

@@ -1,5 +1,6 @@
-"""GLA host: flash-linear-attention's ``GLAForCausalLM`` (fla's class on CUDA, or the pure-torch mirror in
-:mod:`writesae.models.gla`; both have the same module tree, which is all this host reads).
+"""GLA host: flash-linear-attention's ``GLAForCausalLM`` (the pure-torch mirror in :mod:`writesae.models.gla`,
+which ``load_host`` builds on every device, or fla's own class passed in; both have the same module tree,
+which is all this host reads).
 
 fla's gated linear attention (``fla/layers/gla.py``), per head, on the normed input x::
 

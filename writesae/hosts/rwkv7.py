@@ -1,5 +1,6 @@
-"""RWKV-7 host: flash-linear-attention's ``RWKV7ForCausalLM`` (fla's class on CUDA, or the pure-torch mirror
-in :mod:`writesae.models.rwkv7`; both have the same module tree, which is all this host reads).
+"""RWKV-7 host: flash-linear-attention's ``RWKV7ForCausalLM`` (the pure-torch mirror in
+:mod:`writesae.models.rwkv7`, which ``load_host`` builds on every device, or fla's own class passed in; both
+have the same module tree, which is all this host reads).
 
 fla's time mixing (``fla/layers/rwkv7.py``), per head, on the normed input x with token shift
 ``x~ = x + (x_{t-1} - x_t) * mu``::
