@@ -27,7 +27,9 @@ from writesae.models import CLASSES, classes  # noqa: E402
 IDS = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(0))
 KERNELS = {"deltanet": ("delta_rule", "chunk_delta_rule"), "gla": ("gla", "chunk_gla"),
            "rwkv7": ("generalized_delta_rule", "chunk_dplr_delta_rule"),
-           "gdn": ("gated_delta_rule", "chunk_gated_delta_rule")}
+           "gdn": ("gated_delta_rule", "chunk_gated_delta_rule"),
+           "olmo_hybrid": ("gated_delta_rule", "chunk_gated_delta_rule")}
+# not here: Kimi Linear's chunk_kda (a kernel program per token and head) takes ~100 s in the interpreter
 F32, BF16 = torch.float32, torch.bfloat16
 
 
@@ -61,7 +63,7 @@ def _as_accurate(got, ref, truth):
 
 
 @pytest.mark.parametrize("family, dtype", [("deltanet", BF16), ("gla", F32), ("gla", BF16), ("rwkv7", F32),
-                                           ("rwkv7", BF16), ("gdn", F32), ("gdn", BF16)])
+                                           ("rwkv7", BF16), ("gdn", F32), ("gdn", BF16), ("olmo_hybrid", F32)])
 def test_a_hosts_fla_lane_equals_its_torch_lane(monkeypatch, family, dtype):
     host = load_host(f"tiny:{family}", device="cpu", dtype=dtype)
     assert host.kernels == "torch"  # the default on a CPU, fla installed or not
