@@ -354,18 +354,13 @@ def alignments(models) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _interval_verdict(lo, hi, null=0.5):
-    """The chapter's rule for a rate against ``null``: above (its Wilson interval above it), below, or neither."""
-    if not np.isfinite(lo) or not np.isfinite(hi):
-        return "not testable here"
-    return "holds" if lo > null else "fails" if hi < null else "inconclusive"
-
-
 def claims(acc, infl, summary, *, scaling="coef", read="answer", direction=_zoo.DIRECTION) -> pd.DataFrame:
     """The paper's substitution claims where writes matter, per model: deletion's cost at the answer (target:
     median >= 0.1 nats), the atom beating deletion (paper 92.4%) and the strict chain (paper 89.5%) on recall
-    writes at the answer, and the same on prose; the answer kept by each edit. Rule: a rate *holds* when its
-    Wilson 95% interval lies above 50%, *fails* when it lies below, else *inconclusive*."""
+    writes at the answer, and the same on prose; the answer kept by each edit. Win rates get the book's one rule
+    (:func:`writesae.verdicts.verdict`, against 50% and the paper's value)."""
+    from ..verdicts import verdict
+
     rows = []
     for model, g in infl[infl["token"] == "value"].groupby("model", sort=False):
         med = float(g["kl"].median())
@@ -378,7 +373,8 @@ def claims(acc, infl, summary, *, scaling="coef", read="answer", direction=_zoo.
                 continue
             r = r.iloc[0]
             rows.append(dict(model=model, claim=f"atom beats deletion, {text} ({rd})", paper=0.924, here=r["win_rate"],
-                             lo=r["wilson_lo"], hi=r["wilson_hi"], verdict=_interval_verdict(r["wilson_lo"], r["wilson_hi"])))
+                             lo=r["wilson_lo"], hi=r["wilson_hi"],
+                             verdict=verdict(r["win_rate"], r["wilson_lo"], r["wilson_hi"], paper=0.924, null=0.5)[0]))
             if "chain_rate" in r:
                 rows.append(dict(model=model, claim=f"chain atom < delete < random, {text} ({rd})", paper=0.895,
                                  here=r["chain_rate"], lo=np.nan, hi=np.nan, verdict="(point estimate)"))
