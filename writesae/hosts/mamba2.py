@@ -261,7 +261,11 @@ class BambaHost(Mamba2Host):
         blk = self.layers[i]
         y, *rest = self._mamba(i, blk.input_layernorm(h), state, edits, record)
         h = h + y
-        return LayerOut(h + blk.feed_forward(blk.pre_ff_layernorm(h)), *rest)
+        return LayerOut(h + self._feed_forward(blk, h), *rest)
+
+    def _feed_forward(self, blk, h):
+        """A Mamba layer's feed-forward branch (added to the stream after the mixer)."""
+        return blk.feed_forward(blk.pre_ff_layernorm(h))
 
 
 class GraniteMoeHybridHost(BambaHost):
@@ -275,15 +279,10 @@ class GraniteMoeHybridHost(BambaHost):
         self.embed_scale, self.out_scale = c.embedding_multiplier, c.residual_multiplier
         super().__init__(model, tokenizer, name)
 
-    def _block(self, i, h, ctx, state, edits, record):
-        if i not in self.recurrent_layers:
-            return self._library_layer(i, h, ctx, state)
-        blk = self.layers[i]
-        y, *rest = self._mamba(i, blk.input_layernorm(h), state, edits, record)
-        h = h + y
+    def _feed_forward(self, blk, h):
         z = blk.post_attention_layernorm(h)
         f = blk.block_sparse_moe(z) + blk.shared_mlp(z) if blk.has_experts else blk.shared_mlp(z)
-        return LayerOut(h + f * blk.residual_multiplier, *rest)
+        return f * blk.residual_multiplier
 
     def _logit_scale(self, logits):
         return logits / self.config.logits_scaling
