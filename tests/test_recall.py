@@ -73,12 +73,13 @@ def test_window_masks_exactly_the_answers(voc):
 
 def test_training_batches_are_fixed_by_step_and_grow(voc):
     data = np.random.default_rng(0).integers(100, 8000, 50_000).astype(np.uint16)
-    x, m = embedded_train.recall_batch(voc, data, 7, bs=2, seq=128)
-    y, n = embedded_train.recall_batch(voc, data, 7, bs=2, seq=128)
+    x, m = embedded_train.recall_batch(voc, data, 7, 2400, bs=2, seq=128)
+    y, n = embedded_train.recall_batch(voc, data, 7, 2400, bs=2, seq=128)
     assert x.shape == (2, 129) and m.shape == (2, 128) and torch.equal(x, y) and torch.equal(m, n)
     assert np.isin(x[:, 1:][m].numpy(), voc.values).all()
-    assert embedded_train.recall_level(0) == (2, 16)
-    assert embedded_train.recall_level(embedded_train.RECALL_RAMP) == (8, 256) == embedded_train.recall_level(10 ** 6)
+    assert embedded_train.recall_level(0, 2400) == (2, 16)
+    assert embedded_train.recall_level(1200, 2400) == (8, 256) == embedded_train.recall_level(10 ** 6, 2400)
+    assert embedded_train.recall_level(600, 2400) == (5, 136)
 
 
 def test_heldout_passages_are_fixed_and_spread(voc):
@@ -178,3 +179,21 @@ def test_without_a_recall_model_the_chapter_runs_on_its_baseline(tmp_path, capsy
     assert "GDN (recall, " in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="none of the chapter's models is here"):
         rx.setup({"gdn": str(tmp_path / "no_such_model")}, {}, n_passages=2)
+
+
+def test_recall_gdn_is_pure_gated_deltanet_from_the_zoo_weights():
+    """The recall GDN has no attention layer; it starts from the zoo GDN's weights where they fit, and the two
+    layers that were attention start fresh (named)."""
+    model = embedded_train.build_model("gdn", "recall")
+    assert set(model.config.layer_types) == {"linear_attention"}
+    fresh = embedded_train.load_ckpt_weights(model, embedded_train.OUT / "gdn", partial=True)
+    assert fresh == ["model.layers.3.linear_attn", "model.layers.7.linear_attn"]
+    zoo = embedded_train.build_model("gdn")
+    embedded_train.load_ckpt_weights(zoo, embedded_train.OUT / "gdn")
+    a, b = model.state_dict(), zoo.state_dict()
+    assert torch.equal(a["model.layers.3.mlp.up_proj.weight"], b["model.layers.3.mlp.up_proj.weight"])
+    assert torch.equal(a["model.layers.2.linear_attn.in_proj_qkv.weight"], b["model.layers.2.linear_attn.in_proj_qkv.weight"])
+    x = torch.randint(0, 8000, (1, 12))
+    assert model(input_ids=x).logits.shape == (1, 12, embedded_train.VOCAB)  # no cache asked of a model without attention
+    with pytest.raises(ValueError, match="does not fit"):
+        embedded_train.load_ckpt_weights(embedded_train.build_model("gdn", "recall"), embedded_train.OUT / "gdn")

@@ -241,13 +241,24 @@ ZOO = {
 ZOO_TYPES = {"gdn": "qwen3_5_text", "mamba2": "mamba2", "deltanet": "delta_net", "gla": "gla", "rwkv7": "rwkv7"}
 
 
-def model_config(family=None):
-    """The config of the default embedded model (family None) or of a zoo member."""
+# The recall models' configs where they differ from their zoo member's. The zoo's GDN is a hybrid (every fourth
+# layer full attention); trained on recall, its attention layers did the recall and deleting a value write cost at
+# most 4.6e-5 nats. The recall GDN is pure Gated DeltaNet: those two layers become Gated DeltaNet layers (fresh
+# weights; every other weight from the zoo member), so that recall has to go through the cache. Without
+# use_cache=False transformers 5.25's Qwen3.5 forward raises on a model with no attention layer (its causal mask
+# asks the cache for an attention layer's length); the hosts never use the library's cache.
+RECALL_CONFIG = {"gdn": dict(layer_types=["linear_attention"], use_cache=False)}
+
+
+def model_config(family=None, task="text"):
+    """The config of the default embedded model (family None), of a zoo member, or of a recall model."""
     from transformers import AutoConfig
 
     from .hosts import _register
 
     kw = dict(MODEL_KW if family is None else ZOO[family])
+    if task == "recall":
+        kw.update(RECALL_CONFIG.get(family, {}))
     if "layer_types" in kw:
         kw["layer_types"] = kw["layer_types"] * (kw["num_hidden_layers"] // len(kw["layer_types"]))
     mt = "qwen3_5_text" if family is None else ZOO_TYPES[family]
@@ -255,7 +266,7 @@ def model_config(family=None):
     return AutoConfig.for_model(mt, **kw)
 
 
-def build_model(family=None):
+def build_model(family=None, task="text"):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -264,7 +275,7 @@ def build_model(family=None):
         if importlib.util.find_spec(pkg) is not None:
             log(f"WARNING: {pkg} is importable; transformers may bind its kernels")
     torch.manual_seed(SEED)
-    return AutoModelForCausalLM.from_config(model_config(family))
+    return AutoModelForCausalLM.from_config(model_config(family, task))
 
 
 def run_dir(family=None, task="text") -> Path:
@@ -275,27 +286,29 @@ def run_dir(family=None, task="text") -> Path:
 
 # Recall training (``--task recall``): a zoo member trained further on its corpus with associative-recall
 # passages woven in (writesae.recall), so that its heads store what is read later. Windows of RECALL_SEQ
-# tokens; a curriculum grows the passages' pairs (2 -> 8) and prose gaps (16 -> 256 tokens) over the first
-# RECALL_RAMP steps. The loss adds the mean cross-entropy of the answers to the language-model loss.
-RECALL_SEQ, RECALL_BATCH, RECALL_STEPS, RECALL_RAMP, RECALL_LR = 512, 4, 3000, 1500, 1e-3
+# tokens; a curriculum grows the passages' pairs (2 -> 8) and prose gaps (16 -> 256 tokens) over the first half
+# of the run. The loss adds the mean cross-entropy of the answers to the language-model loss. Steps per family
+# sized to this CPU (one thread: GDN 2.5 s a step, Mamba-2 3.9 s).
+RECALL_SEQ, RECALL_BATCH, RECALL_LR = 512, 4, 1e-3
+RECALL_STEPS = {"gdn": 2400, "mamba2": 1600, "deltanet": 2400, "gla": 2400, "rwkv7": 2400}
 
 
-def recall_level(step: int) -> tuple[int, int]:
-    """(max pairs, max gap) of the curriculum at ``step``."""
+def recall_level(step: int, steps: int) -> tuple[int, int]:
+    """(max pairs, max gap) of the curriculum at ``step`` of a ``steps``-step run."""
     from . import recall
 
-    f = min(1.0, step / RECALL_RAMP)
+    f = min(1.0, step / (steps // 2))
     return 2 + round(f * (recall.MAX_PAIRS - 2)), 16 + round(f * (recall.MAX_GAP - 16))
 
 
-def recall_batch(voc, data: np.ndarray, step: int, bs=RECALL_BATCH, seq=RECALL_SEQ):
+def recall_batch(voc, data: np.ndarray, step: int, steps: int, bs=RECALL_BATCH, seq=RECALL_SEQ):
     """(tokens (bs, seq+1), answer mask (bs, seq)) of one training step, fixed by (SEED, step)."""
     import torch
 
     from . import recall
 
     rng = np.random.default_rng([SEED, 1, step])
-    pairs, gap = recall_level(step)
+    pairs, gap = recall_level(step, steps)
     rows = [recall.window(voc, data, rng, seq + 1, pairs, gap) for _ in range(bs)]
     x = torch.from_numpy(np.stack([r[0] for r in rows]).astype(np.int64))
     mask = torch.from_numpy(np.stack([r[1][:-1] for r in rows]))
@@ -395,7 +408,7 @@ def train(args):
     data = np.load(WORK / "train.npy")
     val_ids = np.load(WORK / "val.npy")
     val = eval_windows(val_ids, n=64 * 256 // SEQ, seq=SEQ)
-    model = build_model(fam)
+    model = build_model(fam, task)
     nparams = sum(p.numel() for p in model.parameters())
     total, peak, warmup = args.tokens // (BATCH * SEQ), 2e-3, 100
     if task == "recall":
@@ -405,7 +418,7 @@ def train(args):
 
         voc = recall.vocab(AutoTokenizer.from_pretrained(OUT))
         probes = recall.heldout(voc, val_ids, 64)
-        total, peak, warmup = RECALL_STEPS, RECALL_LR, 50
+        total, peak, warmup = RECALL_STEPS[fam], RECALL_LR, 50
     opt = torch.optim.AdamW(model.parameters(), lr=peak, betas=(0.9, 0.95), weight_decay=0.1)
     ckpt = run_dir(fam, task) / "ckpt"
     state = {"step": 0, "elapsed_s": 0.0, "total_steps": total, "evals": []}
@@ -414,8 +427,8 @@ def train(args):
         total = state["total_steps"]
         log("resumed at step", state["step"])
     elif task == "recall":  # start from the shipped zoo member
-        load_ckpt_weights(model, OUT / fam)
-        log("initialised from", OUT / fam)
+        fresh = load_ckpt_weights(model, OUT / fam, partial=fam in RECALL_CONFIG)
+        log("initialised from", OUT / fam, f"(fresh: {', '.join(fresh)})" if fresh else "")
     log(f"params {nparams:,}; steps {total} x {BATCH}x{SEQ} = {total * BATCH * SEQ:,} tokens")
     t0, last_ck = time.time() - state["elapsed_s"], time.time()
     bar = tqdm(range(state["step"], total), initial=state["step"], total=total,
@@ -424,7 +437,7 @@ def train(args):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total, peak, warmup)
         if task == "recall":
-            x, mask = recall_batch(voc, data, step, BATCH, SEQ)
+            x, mask = recall_batch(voc, data, step, total, BATCH, SEQ)
         else:
             x = batch_at(data, step, BATCH, SEQ)
         logits = model(input_ids=x[:, :-1]).logits
@@ -445,7 +458,7 @@ def train(args):
             row = [step + 1, round(loss.item(), 4), round(vl, 4)]
             if task == "recall":
                 acc, by_d = recall_eval(model, probes)
-                row += [round(acc, 4), [r[3] for r in by_d], list(recall_level(step))]
+                row += [round(acc, 4), [r[3] for r in by_d], list(recall_level(step, total))]
             state["evals"].append(row)
             log(f"step {step + 1}/{total} train {loss.item():.3f} val {vl:.3f} "
                 + (f"recall {row[3]:.3f} by distance {row[4]} level {row[5]} " if task == "recall" else "")
@@ -763,7 +776,7 @@ def export_recall(family, root=OUT):
     ckpt, out = run_dir(family, "recall") / "ckpt", Path(root) / "recall" / family
     state = json.loads((ckpt / "state.json").read_text())
     export_recall_text(root)
-    model = build_model(family)
+    model = build_model(family, "recall")
     load_ckpt_weights(model, ckpt)
     cfg = save_bf16(model, out)
     host = load_host(str(out), device="cpu", tokenizer=False)
@@ -801,7 +814,7 @@ its heads store what is read later. Reproduce with
 
 From the zoo member's weights: AdamW (betas 0.9/0.95, wd 0.1), peak LR {RECALL_LR}, 50 warm-up steps, cosine to 10%,
 batch {RECALL_BATCH}x{RECALL_SEQ} windows of training prose with recall passages woven in; a curriculum grows the
-pairs per passage (2 -> 8) and the prose gap (16 -> 256 tokens) over the first {RECALL_RAMP} steps; the loss is the
+pairs per passage (2 -> 8) and the prose gap (16 -> 256 tokens) over the first {state['total_steps'] // 2} steps; the loss is the
 language-model loss plus the mean cross-entropy of the answers. {state['step']} steps =
 {metrics['train_tokens']:,} tokens in {state['elapsed_s'] / 60:.1f} min on one CPU thread.
 Curve (step, train loss, held-out text loss, held-out recall accuracy, by distance, curriculum level):
@@ -832,14 +845,21 @@ zoo's); recall influence: median KL at the answer when the write at a pair's val
     log("exported recall", family, "to", out, {k: v for k, v in metrics.items() if k not in ("memory",)})
 
 
-def load_ckpt_weights(model, ckpt: Path):
+def load_ckpt_weights(model, ckpt: Path, partial=False) -> list[str]:
+    """Load ``ckpt``'s weights into ``model``. ``partial``: the model's layers whose weights the checkpoint lacks
+    keep their fresh initialisation and the checkpoint's layers the model lacks are dropped (a recall model whose
+    config differs from its zoo member's, RECALL_CONFIG); returns the fresh layers' names."""
     from safetensors.torch import load_file
     weights = load_file(str(ckpt / "model.safetensors"))
+    own = model.state_dict()
+    if partial:
+        weights = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if unexpected or (missing and not partial):
         raise ValueError(f"checkpoint {ckpt} does not fit the model: missing {missing}, unexpected {unexpected}")
-    if missing:
-        model.tie_weights()
+    model.tie_weights()
+    return sorted({".".join(k.split(".")[:4]) for k in missing})
 
 
 def main():
