@@ -32,6 +32,15 @@ def test_the_fla_lane_without_fla_names_the_install(monkeypatch):
     assert host.kernels == "torch"
     with pytest.raises(ModuleNotFoundError, match="kernels='torch'"):
         host.kernels = "fla"
+    with pytest.raises(ModuleNotFoundError, match="kernels='torch'"):
+        load_host("tiny:gla", device="cpu", kernels="fla")
+
+
+def test_load_host_passes_the_lane():
+    assert load_host("tiny:deltanet", device="cpu", kernels="torch").kernels == "torch"
+    assert load_host("tiny", device="cpu", kernels="torch").kernels == "torch"
+    with pytest.raises(ValueError, match="Mamba2Host has no fla kernel lane.*leave kernels unset"):
+        load_host("tiny:mamba2", device="cpu", kernels="torch")
 
 
 @pytest.fixture

@@ -313,7 +313,8 @@ def tokenizer_source(path, source=None, trust_remote_code=False):
     return tok_dir, bool(code)
 
 
-def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=True, trust_remote_code=False):
+def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=True, trust_remote_code=False,
+              kernels=None):
     """Load a model as a host.
 
     source: ``"embedded"`` (the shipped Gated DeltaNet model) or ``"embedded:<family>"`` (the zoo: gdn,
@@ -323,7 +324,8 @@ def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=
     an already-loaded model. device: default CUDA when available, else CPU. trust_remote_code: let a checkpoint
     whose tokenizer is Python code it ships (tokenizer_config.json ``auto_map``, e.g. RWKV-7-world's
     ``RwkvTokenizer``) run that code; without it such a checkpoint is refused before its weights load. No other
-    code of a checkpoint ever runs (configs and models load into the registered classes)."""
+    code of a checkpoint ever runs (configs and models load into the registered classes). kernels: the kernel
+    lane of a host that has one (``"fla"``, ``"torch"``; None: by device, see :mod:`writesae.hosts.fla`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -368,7 +370,15 @@ def load_host(source="embedded", *, dtype=torch.float32, device=None, tokenizer=
         if tokenizer:
             tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=bool(code))
     model = model.to(device=device, dtype=dtype)
-    return host_class(model.config)(model, tokenizer=tok, name=name)
+    host = host_class(model.config)(model, tokenizer=tok, name=name)
+    if kernels is not None:
+        from .fla import KernelLane
+
+        if not isinstance(host, KernelLane):
+            raise ValueError(f"kernels={kernels!r}: {type(host).__name__} has no fla kernel lane (its unedited "
+                             f"stretches always run its torch form); leave kernels unset")
+        host.kernels = kernels
+    return host
 
 
 __all__ = ["Cell", "CellTrace", "Edit", "EditRun", "LayerOut", "LayerState", "Readout", "Trace", "HOSTS", "ZOO",
