@@ -93,7 +93,7 @@ CLAIMS = (
           "(bits/token, random minus delete)", "+0.226 vs +0.005 bits/token: +0.221 (42x)", "nll_d_gap",
           paper=0.221, lo="nll_d_gap_lo", hi="nll_d_gap_hi", fmt="+.4f",
           extra="delete {nll_d_delete:+.4f}, random {nll_d_random:+.4f}: {nll_ratio:.1f}x"),
-    Claim("3", 3, "03_substitution", "the atom beats deletion (win rate on register firings, headline cell)",
+    Claim("3", 3, "03_substitution", "the atom beats deletion (win rate on register firings, headline head)",
           "92.4% of 4,851 [91.6, 93.1]", "sub_win_rate", paper=0.924, lo="sub_wilson_lo", hi="sub_wilson_hi",
           null=0.5, fmt="%", extra="n = {sub_n:.0f}"),
     Claim("4", 4, "03_substitution", "per-atom win rate over alive atoms (population)", "89.8% over 87 atoms "

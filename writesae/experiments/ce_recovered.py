@@ -81,7 +81,7 @@ def ce_losses(host, saes, input_ids, split=None, *, conditions=CONDITIONS, batch
         raise ValueError(f"split={split} must leave context and at least two tokens to score: use 1..{T - 2} for "
                          f"passages of {T} tokens (the paper: 512 of 1024)")
     if not saes:
-        raise ValueError("saes is empty: pass {(layer, head): sae} for the cells to splice")
+        raise ValueError("saes is empty: pass {(layer, head): sae} for the heads to splice")
     bad = sorted(set(conditions) - set(CONDITIONS))
     if bad or "sae" not in conditions:
         raise ValueError(f"conditions {tuple(conditions)} must include 'sae' and be among {CONDITIONS}")
@@ -143,7 +143,7 @@ def record(host, sae, input_ids, split=None, *, key="ce_recovered", progress=Tru
     from ..data import cell_tuple
 
     if not sae.info.get("cell"):
-        raise ValueError("the SAE does not know its cell (info['cell']); use ce_losses(host, {(layer, head): sae}, ...)")
+        raise ValueError("the SAE does not know its head (info['cell']); use ce_losses(host, {(layer, head): sae}, ...)")
     ids = torch.as_tensor(input_ids)
     ids = ids[None] if ids.ndim == 1 else ids
     params = dict(model=host.name, passages=_fingerprint(ids), shape=list(ids.shape),

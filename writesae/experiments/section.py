@@ -123,7 +123,7 @@ class Section:
                        warmup=self.warmup, seed=self.seed, data=self.data, root=self.root, progress=self.progress), **kw}
 
     def describe(self) -> str:
-        return (f"{self.host.name}, cell L{self.cell[0]}H{self.cell[1]}\n{self.eval_windows} held-out passages of "
+        return (f"{self.host.name}, head L{self.cell[0]}H{self.cell[1]}\n{self.eval_windows} held-out passages of "
                 f"{self.window} tokens\nSAEs: n_feat = {self.n_feat}, k = {self.k}, {self.epochs} epochs")
 
     # ------------------------------------------------------------------ firings and partition

@@ -161,7 +161,7 @@ def substitute(host, sae, ids, sites, *, conditions=("atom", "delete", "random")
         raise ValueError(f"write {write!r} is not 'additive' or 'update'")
     cells = sites[["layer", "head"]].drop_duplicates()
     if len(cells) != 1:
-        raise ValueError(f"sites must hold one cell, got {len(cells)}")
+        raise ValueError(f"sites must hold one head, got {len(cells)}")
     layer, head = (int(x) for x in cells.iloc[0])
     sae.check_cell(host.cell(layer, head))
     ids = torch.as_tensor(ids)
@@ -363,7 +363,7 @@ def substitute_cells(host, saes, ids, *, pool="top1", min_pos=8, max_firings=Non
                                 min_per_atom=min_per_atom, seed=select_seed)
         out.append(substitute(host, sae, ids, sites, progress=progress, **kw))
         if progress:
-            print(f"cell {cell}: {len(sites)} firings")
+            print(f"head L{cell[0]}H{cell[1]}: {len(sites)} firings")
     df = pd.concat(out, ignore_index=True)
     df.attrs["params"] = dict(out[0].attrs["params"], cell=[list(map(int, c)) for c in saes],
                               pool=pool, max_firings=max_firings, max_per_atom=max_per_atom)
