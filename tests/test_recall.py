@@ -1,6 +1,7 @@
 """The recall task (writesae.recall), its training batches, and the recall chapter's measurements
 (writesae.experiments.recall) against independent recomputations."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -197,3 +198,23 @@ def test_recall_gdn_is_pure_gated_deltanet_from_the_zoo_weights():
     assert model(input_ids=x).logits.shape == (1, 12, embedded_train.VOCAB)  # no cache asked of a model without attention
     with pytest.raises(ValueError, match="does not fit"):
         embedded_train.load_ckpt_weights(embedded_train.build_model("gdn", "recall"), embedded_train.OUT / "gdn")
+
+
+def test_the_tested_head_is_one_both_models_have(monkeypatch):
+    """The recall GDN's strongest head may sit in a former attention layer, which its zoo member lacks: the pair
+    is tested at the strongest head they share; a given head wins; without a recall model, the zoo's choice."""
+    from types import SimpleNamespace
+
+    from writesae.hosts import Cell
+    from writesae.experiments import zoo as _zoo
+
+    pure = SimpleNamespace(cells=[Cell(l, h, 4, 4) for l in range(4) for h in range(2)])
+    hybrid = SimpleNamespace(cells=[Cell(l, h, 4, 4) for l in (0, 1, 2) for h in range(2)])
+    table = pd.DataFrame(dict(cell=["L3H0", "L1H1", "L0H0"], recall_influence=[0.9, 0.5, 0.1]))
+    monkeypatch.setattr(rx, "cell_influence", lambda host, seed: table)
+    assert rx._tested_cell([("recall", pure), ("zoo", hybrid)], None, 0) == (1, 1)
+    assert rx._tested_cell([("recall", pure)], None, 0) == (3, 0)
+    assert rx._tested_cell([("recall", pure), ("zoo", hybrid)], "L2H0", 0) == (2, 0)
+    monkeypatch.setattr(_zoo, "memory", lambda host: "mem")
+    monkeypatch.setattr(_zoo, "choose_cells", lambda mem, n: [(0, 1)])
+    assert rx._tested_cell([("zoo", hybrid)], None, 0) == (0, 1)

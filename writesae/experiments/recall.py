@@ -237,12 +237,26 @@ def cell_influence(host, *, n_passages=2, seed=1) -> pd.DataFrame:
         columns={"median_kl": "recall_influence"}))
 
 
+def _tested_cell(hosts, given, seed) -> tuple:
+    """The head one family's models are tested at: ``given``; else the recall model's head of largest recall
+    influence among the heads every model of the pair has (the recall GDN's two former attention layers are not
+    heads of its zoo member); without a recall model, the zoo chapter's head of the baseline."""
+    if given:
+        return tuple(cell_tuple(given))
+    kinds = dict(hosts)
+    if "recall" not in kinds:
+        return _zoo.choose_cells(_zoo.memory(kinds["zoo"]), 1)[0]
+    shared = set.intersection(*({c.key for c in h.cells} for h in kinds.values()))
+    ci = cell_influence(kinds["recall"], seed=seed + 1)
+    ci = ci[ci["cell"].isin(shared)].sort_values("recall_influence", ascending=False, kind="stable")
+    return tuple(cell_tuple(ci["cell"].iloc[0]))
+
+
 def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passages=4, device=None, dtype="float32",
           trust_remote_code=False, seed=0, **kw) -> list:
     """The chapter's :class:`Model` list: for each family of ``models`` ({family: recall-trained source}) the
     recall model and, from ``baselines`` ({family: source}), the model it was trained from, both at one
-    tested cell: ``cells[family]`` when given, else the recall model's cell of largest recall influence
-    (:func:`cell_influence`), or without a recall model here, the zoo chapter's cell of the baseline. A model not
+    tested head (:func:`_tested_cell`). A model not
     found here is left out, saying so; none found is an error. ``kw``: fields of the models'
     sections (:class:`~writesae.experiments.section.Section`: sizes, ...) over the zoo chapter's
     :data:`~writesae.experiments.zoo.SIZES`; the SAEs' state datasets are windows of the woven recall text."""
@@ -251,20 +265,16 @@ def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passa
     out = []
     for label, source in models.items():
         pair = [("recall", source)] + ([("zoo", baselines[label])] if baselines and label in baselines else [])
-        cell = None
+        hosts = []
         for kind, src in pair:
             try:
-                host = pipeline.host(src, device, dtype, trust_remote_code)
+                hosts.append((kind, pipeline.host(src, device, dtype, trust_remote_code)))
             except FileNotFoundError:
                 print(f"{_zoo.NAMES.get(label, label)} ({kind}, {src}): not found here, left out")
-                continue
-            if cell is None and (cells or {}).get(label):
-                cell = tuple(cell_tuple(cells[label]))
-            elif cell is None and kind == "recall":
-                ci = cell_influence(host, seed=seed + 1)
-                cell = tuple(cell_tuple(ci.sort_values("recall_influence", ascending=False, kind="stable")["cell"].iloc[0]))
-            elif cell is None:  # no recall model here: the zoo member at the zoo chapter's cell
-                cell = _zoo.choose_cells(_zoo.memory(host), 1)[0]
+        if not hosts:
+            continue
+        cell = _tested_cell(hosts, (cells or {}).get(label), seed)
+        for kind, host in hosts:
             ps = passages(host, n_passages, seed=seed + 1)
             acc = cache.cached_table("recall_answers", dict(model=host.name, n=n_passages, seed=seed + 1),
                                      lambda: answers(host, ps))
