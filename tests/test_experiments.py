@@ -313,7 +313,7 @@ def test_figures(host, sae, ids, sites, firings):
 
 
 def test_divergence_plot_of_the_last_recurrent_layer():
-    """The last recurrent layer has no later cells: that panel is all zeros and is left out of the figure."""
+    """The last recurrent layer has no later heads: that panel is all zeros and is left out of the figure."""
     import pandas as pd
 
     from writesae.plots.measurements import divergence_curves
@@ -323,7 +323,7 @@ def test_divergence_plot_of_the_last_recurrent_layer():
             for c in ("atom", "delete") for lag in range(4)]
     fig = divergence_curves(pd.DataFrame(rows))
     assert len(fig.axes) == 2 and fig.axes[1].get_yscale() == "log"
-    assert fig.axes[1].get_ylabel() == "relative state change, edited cell"
+    assert fig.axes[1].get_ylabel() == "relative state change, edited head"
 
 
 def test_interrupted_substitution_resumes_without_redoing_or_losing_work(host, sae, ids, sites, tmp_path, monkeypatch):

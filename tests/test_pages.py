@@ -72,7 +72,7 @@ def test_divergence_figure_leaves_out_an_empty_panel():
                 r.update({f"{col}_q25": v, f"{col}_median": v, f"{col}_q75": v})
             rows.append(r)
     fig = mplots.divergence_curves(pd.DataFrame(rows))
-    assert [ax.get_ylabel() for ax in fig.axes] == ["KL(next token)", "relative state change, edited cell"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["KL(next token)", "relative state change, edited head"]
 
 
 def test_install_figure_shows_inclusion_on_the_full_share_axis():

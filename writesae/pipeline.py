@@ -136,14 +136,15 @@ def _trained(h, d, d_states, a):
     return WriteSAE.load(best, expect_cell=a["cell"], expect_dims=(h.d_k, h.d_v), device=h.device)
 
 
-def savefig(fig, name, root=None, dpi=120):
-    """Save a figure as ``<cache root>/figures/<name>`` (PNG) too, next to the other artifacts (returns None,
-    so a notebook cell ending with it shows nothing extra)."""
+def savefig(fig, name, root=None, dpi=None):
+    """Save a figure as ``<cache root>/figures/<name>`` (PNG) too, next to the other artifacts, at ``dpi``
+    (default: the figure's own, :data:`writesae.plots.DPI`, as the page shows it); returns None, so a notebook
+    cell ending with it shows nothing extra."""
     from .cache import cache_root
 
     path = cache_root(root) / "figures" / name
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=dpi or "figure", bbox_inches="tight", format="png")
 
 
 def data_spec(h, cells, *, heads_layer=None, window=128, n_windows=256, positions_per_seq=32, seed=0,

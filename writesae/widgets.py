@@ -66,10 +66,13 @@ def _shows_errors(view, fn):
 
 
 def _png(fig) -> str:
+    """The figure as an inline PNG at its own dpi (:data:`writesae.plots.DPI`), shown at most as wide as the
+    view (a page-wide figure is scaled to the page's column, as a notebook's inline figures are)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi="figure", bbox_inches="tight")
     plt.close(fig)
-    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
+    return (f'<img style="max-width:100%;height:auto" '
+            f'src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>')
 
 
 def _tok(host, t) -> str:

@@ -4,18 +4,24 @@ Each function takes the tidy tables of :mod:`writesae.experiments.interventions`
 """
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
+
+from . import figure, panels
 
 __all__ = ["atom_figure", "erasure_figure", "sign_figure", "install_figure", "steering_figure"]
 
 
-def _heat(ax, M, title):
+def _heat(ax, M, title, xlabel=None, ylabel=None):
+    """A symmetric heatmap; an axis with a label gets its first and last index as ticks, the other none."""
     lim = float(np.abs(M).max()) or 1.0
     im = ax.imshow(M, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+    rows, cols = M.shape
+    ax.set_xticks([0, cols - 1] if xlabel else [])
+    ax.set_yticks([0, rows - 1] if ylabel else [])
+    ax.set_xlabel(xlabel or "", fontsize=9, labelpad=-6)
+    ax.set_ylabel(ylabel or "", fontsize=9, labelpad=-8)
+    ax.tick_params(labelsize=9)
     return im
 
 
@@ -24,16 +30,19 @@ def atom_figure(v, w, cos=None, title=""):
     to the native write over its firings) a histogram of them."""
     v, w = np.asarray(v, float), np.asarray(w, float)
     n = 4 if cos is not None else 3
-    fig, ax = plt.subplots(1, n, figsize=(2.6 * n, 2.6), width_ratios=[0.25, 1, 1, 1.2][:n])
-    _heat(ax[0], v[:, None], "v (d_k)")
-    _heat(ax[1], w[None, :], "w (d_v)")
-    fig.colorbar(_heat(ax[2], np.outer(v, w), "atom v w^T"), ax=ax[2], fraction=0.046)
+    fig, ax = figure(1, n, 2.1 * n, 2.9, width_ratios=[0.3, 1, 1, 1.3][:n])
+    _heat(ax[0], v[:, None], "v", ylabel="$d_k$")
+    _heat(ax[1], w[None, :], "w", xlabel="$d_v$")
+    cb = fig.colorbar(_heat(ax[2], np.outer(v, w), "atom $v w^T$", xlabel="$d_v$", ylabel="$d_k$"), ax=ax[2],
+                      fraction=0.08)
+    cb.ax.tick_params(labelsize=9)
     if cos is not None:
         ax[3].hist(np.asarray(cos, float), bins=20, range=(-1, 1), color="0.4")
-        ax[3].set_title("cos(atom, W_t) at firings", fontsize=9)
-        ax[3].set_xlabel("Frobenius cosine")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        ax[3].set_title("cos(atom, $W_t$) at firings", fontsize=10)
+        ax[3].set_xlabel("Frobenius cosine", fontsize=9)
+        ax[3].set_ylabel("firings", fontsize=9)
+        ax[3].tick_params(labelsize=9)
+    fig.suptitle(title, fontsize=11)
     return fig
 
 
@@ -41,7 +50,7 @@ def erasure_figure(df):
     """Log-prob change of each feature's most-affected token on held-out erasures: firing vs matched
     non-firing positions (left, dose 1) and the median over doses (right)."""
     ev = df[df["split"] == "eval"]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, ax = figure(1, 2, 8, 3.4)
     one = ev[ev["dose"] == 1.0]
     groups = [one.loc[one["where"] == w, "dlogp"].to_numpy() for w in ("firing", "non-firing")]
     ax[0].boxplot(groups, showfliers=False)
@@ -57,14 +66,13 @@ def erasure_figure(df):
     ax[1].axhline(0, color="k", lw=0.5)
     ax[1].set_xlabel("dose (x a_i(t) A_i removed)")
     ax[1].set_ylabel("median Δ log p")
-    ax[1].legend(fontsize=8)
-    fig.tight_layout()
+    ax[1].legend(fontsize=9)
     return fig
 
 
 def sign_figure(df):
     """Measured vs first-order predicted logit change of single-position installs."""
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    fig, ax = figure(width=4.6, height=4.0)
     ok = df["correct"].to_numpy()
     ax.scatter(df["predicted"][ok], df["measured"][ok], s=8, label="sign correct")
     ax.scatter(df["predicted"][~ok], df["measured"][~ok], s=8, color="C3", label="sign wrong")
@@ -75,15 +83,14 @@ def sign_figure(df):
     ax.set_xlabel("predicted Δ logit (direct path, 1st order)")
     ax.set_ylabel("measured Δ logit")
     ax.set_title(f"sign accuracy {ok.mean():.1%} (n = {len(df)})", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=9)
     return fig
 
 
 def install_figure(df):
     """Generation install: target inclusion native vs edited per stratum at each m (left), and the pooled
     dose response with the first-step lift (right)."""
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, ax = figure(1, 2, 8, 3.6)
     strata = list(dict.fromkeys(df["stratum"]))
     ms = sorted(df["m"].unique())
     width = 0.8 / (len(ms) + 1)
@@ -96,7 +103,7 @@ def install_figure(df):
     ax[0].set_xticks(x + width * len(ms) / 2, strata)
     ax[0].set_ylabel("target in the generated tokens")
     ax[0].set_ylim(0, 1)  # a share: the full range, so a flat line looks flat
-    ax[0].legend(fontsize=8)
+    ax[0].legend(fontsize=9)
     pooled = df.groupby("m").agg(edited=("included_edited", "mean"), native=("included_native", "mean"),
                                  lift=("lift", "mean"))
     ax[1].plot(pooled.index, pooled["edited"], "o-", label="edited")
@@ -109,8 +116,7 @@ def install_figure(df):
     tw.set_ylabel("mean first-step Δ log p", color="C3")
     lift = pooled["lift"]
     tw.set_ylim(min(0.0, 1.2 * lift.min()), max(0.1, 1.2 * lift.max()))  # from 0: no magnified wiggle
-    ax[1].legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
+    ax[1].legend(fontsize=9, loc="upper left")
     return fig
 
 
@@ -118,14 +124,13 @@ def steering_figure(summary):
     """Mean rate (per 100 generated tokens) per condition and alpha with CIs, one panel per counted token
     set; takes :func:`writesae.experiments.interventions.steering_summary`."""
     groups = list(summary.groupby("counted", sort=False))
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.4), squeeze=False)
-    for ax, (counted, g) in zip(axes[0], groups):
+    fig, axes = panels(len(groups), max_cols=2, panel_width=4.0, panel_height=3.4)
+    for ax, (counted, g) in zip(axes, groups):
         labels = [c if c == "baseline" else f"{c} x{a:g}" for c, a in zip(g["condition"], g["alpha"])]
         mean = g["mean_rate"].to_numpy()
         err = np.vstack([mean - g["ci_low"].to_numpy(), g["ci_high"].to_numpy() - mean])
         colors = ["0.6" if c == "baseline" else "C0" if c == "boundary" else "C1" for c in g["condition"]]
         ax.bar(range(len(labels)), mean, yerr=err, color=colors, capsize=3)
-        ax.set_xticks(range(len(labels)), labels, rotation=20)
-        ax.set_ylabel(f"{counted} per 100 generated tokens")
-    fig.tight_layout()
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", rotation_mode="anchor")
+        ax.set_ylabel(f"{counted}\nper 100 generated tokens")
     return fig

@@ -2,9 +2,10 @@
 ``writesae.experiments`` and returns a matplotlib Figure; no computation beyond plotting."""
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
+
+from . import PAGE_WIDTH, figure, panels
 
 __all__ = ["partition_histogram", "substitution_kl", "win_rate_strip", "closed_form_scatter", "divergence_curves"]
 
@@ -15,7 +16,7 @@ COLORS = {"register": "tab:blue", "bundle": "tab:orange", "atom": "tab:blue", "d
 def partition_histogram(table, summary, bins=40):
     """Claim 1: histogram of the per-atom median cosine to the native write, by class, with each
     class drawn as a normal curve (its members' weight, mean, std), and the BIC of k = 1, 2, 3."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = figure(width=6.4, height=3.6)
     edges = np.histogram_bin_edges(table["cos"], bins=bins)
     width = edges[1] - edges[0]
     x = np.linspace(edges[0], edges[-1], 400)
@@ -27,10 +28,9 @@ def partition_histogram(table, summary, bins=40):
             dens = np.exp(-0.5 * ((x - c["mean"]) / c["std"]) ** 2) / (c["std"] * np.sqrt(2 * np.pi))
             ax.plot(x, dens * c["weight"] * len(table) * width, color=COLORS[cls])
     bic = ", ".join(f"k={k}: {v:.0f}" for k, v in sorted(summary["bic"].items(), key=lambda kv: int(kv[0])))
-    ax.set(xlabel="median cos(atom, native write) over firings", ylabel="atoms",
-           title=f"BIC {bic}; dBIC(2-1) = {summary['dbic']:.1f}")
+    ax.set(xlabel="median cos(atom, native write) over firings", ylabel="atoms")
+    ax.set_title(f"BIC {bic}; dBIC(2-1) = {summary['dbic']:.1f}", fontsize=10)
     ax.legend(frameon=False)
-    fig.tight_layout()
     return fig
 
 
@@ -39,21 +39,20 @@ def substitution_kl(df, read="mean", direction="patched||base"):
     distribution of log10 KL per condition."""
     d = df[(df["read"] == read) & (df["direction"] == direction)]
     conds = [c for c in ("atom", "delete", "random", "native") if f"kl_{c}" in d]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = figure(1, 2, 8, 3.8)
     floor = 1e-12
     sc = ax1.scatter(d["kl_delete"].clip(lower=floor), d["kl_atom"].clip(lower=floor), c=d["cos_native"], s=8,
                      cmap="coolwarm", vmin=-1, vmax=1)
     lim = [max(floor, min(d["kl_delete"].min(), d["kl_atom"].min())), max(d["kl_delete"].max(), d["kl_atom"].max())]
     ax1.plot(lim, lim, "k--", lw=1)
-    ax1.set(xscale="log", yscale="log", xlabel="KL delete", ylabel="KL atom",
-            title=f"win rate {d['win'].mean():.1%} (n={len(d)}; {read}, {direction})")
+    ax1.set(xscale="log", yscale="log", xlabel="KL delete", ylabel="KL atom")
+    ax1.set_title(f"win rate {d['win'].mean():.1%} (n={len(d)})\n{read} read, {direction}", fontsize=10)
     fig.colorbar(sc, ax=ax1, label="cos(atom, write)")
     long = d.melt(value_vars=[f"kl_{c}" for c in conds], var_name="condition", value_name="kl")
     long["log10 KL"] = np.log10(long["kl"].clip(lower=floor))
     long["condition"] = long["condition"].str[3:]
     sns.violinplot(long, x="condition", y="log10 KL", hue="condition", palette=COLORS, ax=ax2, cut=0, legend=False)
-    ax2.set_title(f"scaling: {d['scaling'].iloc[0]}, write: {d['write'].iloc[0]}")
-    fig.tight_layout()
+    ax2.set_title(f"scaling: {d['scaling'].iloc[0]}, write: {d['write'].iloc[0]}", fontsize=10)
     return fig
 
 
@@ -62,7 +61,9 @@ def win_rate_strip(summary, chosen=None):
     direction) by layer, each point labelled with its head (``H3``), the ``chosen`` (layer, head) in red,
     with its Wilson CI when the table has one."""
     layers = sorted(summary["layer"].unique())
-    fig, ax = plt.subplots(figsize=(max(4.5, 2.2 * len(layers) + 2.5), 3.8))
+    most = int(summary.groupby("layer").size().max())  # heads in the fullest layer: room for their labels
+    fig, ax = figure(width=min(PAGE_WIDTH, max(4.5, 2.2 * len(layers) + 2.5, 2.0 + 0.3 * most * len(layers))),
+                     height=3.8)
     for i, layer in enumerate(layers):
         g = summary[summary["layer"] == layer].sort_values("head").reset_index(drop=True)
         xs = i + np.linspace(-0.25, 0.25, len(g)) if len(g) > 1 else np.array([float(i)])
@@ -78,8 +79,7 @@ def win_rate_strip(summary, chosen=None):
     ax.set_xticks(range(len(layers)), [f"layer {l}" for l in layers])
     ax.set(ylabel="win rate (KL atom < KL delete)", ylim=(0, 1), xlim=(-0.6, len(layers) - 0.4))
     if chosen is not None:
-        ax.set_title(f"red: the headline cell L{chosen[0]}H{chosen[1]}; bars: Wilson 95% CI", fontsize=10)
-    fig.tight_layout()
+        ax.set_title(f"red: the headline head L{chosen[0]}H{chosen[1]}; bars: Wilson 95% CI", fontsize=10)
     return fig
 
 
@@ -90,32 +90,30 @@ def closed_form_scatter(df, predictor="pred_direct", split="eval"):
     order = sorted(d["eps"].unique(), key=float)
     distinct = ["tab:blue", "tab:red", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:gray"]
     palette = dict(zip(order, (distinct * len(order))[:len(order)]))
-    fig, axes = plt.subplots(1, len(lags), figsize=(4.8 * len(lags), 4.2), squeeze=False)
-    for ax, L in zip(axes[0], lags):
+    fig, axes = panels(len(lags), max_cols=2, panel_width=4.0, panel_height=3.6)
+    for ax, L in zip(axes, lags):
         g = d[d["lag"] == L]
         sns.scatterplot(g, x=predictor, y="measured", hue="eps", hue_order=order, palette=palette, s=14, ax=ax,
                         legend=L == lags[0])
         lim = [min(g[predictor].min(), g["measured"].min()), max(g[predictor].max(), g["measured"].max())]
         ax.plot(lim, lim, "k--", lw=1)
         ax.set(title=f"lag {L}", xlabel=f"predicted ({predictor})", ylabel="measured logit shift")
-    fig.tight_layout()
     return fig
 
 
 def divergence_curves(curves):
-    """§4: median (and quartiles) of the KL and of the relative state change of the edited cell and, when a
-    recurrent cell follows it, of the later cells, per lag after the edit, one line per condition (a
+    """§4: median (and quartiles) of the KL and of the relative state change of the edited head and, when a
+    recurrent head follows it, of the later heads, per lag after the edit, one line per condition (a
     :func:`writesae.experiments.divergence.curves` table). A panel with nothing to show (no later recurrent
-    cell) is left out."""
-    panels = [(c, label) for c, label in (("kl", "KL(next token)"), ("state_rel", "relative state change, edited cell"),
-                                          ("state_rel_later", "relative state change, later cells"))
-              if f"{c}_median" in curves and (curves[f"{c}_median"] > 0).any()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
-    for ax, (col, label) in zip(axes[0], panels):
+    head) is left out."""
+    shown = [(c, label) for c, label in (("kl", "KL(next token)"), ("state_rel", "relative state change, edited head"),
+                                         ("state_rel_later", "relative state change, later heads"))
+             if f"{c}_median" in curves and (curves[f"{c}_median"] > 0).any()]
+    fig, axes = panels(len(shown), max_cols=3, panel_width=3.6, panel_height=3.4)
+    for ax, (col, label) in zip(axes, shown):
         for cond, g in curves.groupby("cond"):
             ax.plot(g["lag"], g[f"{col}_median"], label=cond, color=COLORS.get(cond))
             ax.fill_between(g["lag"], g[f"{col}_q25"], g[f"{col}_q75"], alpha=0.2, color=COLORS.get(cond))
         ax.set(yscale="log", xlabel="positions after the edit", ylabel=label)
-    axes[0][0].legend(frameon=False)
-    fig.tight_layout()
+    axes[0].legend(frameon=False, fontsize=9)
     return fig

@@ -2,8 +2,9 @@
 returns a matplotlib Figure; no computation beyond plotting."""
 from __future__ import annotations
 
-import matplotlib.pyplot as plt
 import numpy as np
+
+from . import figure, panels
 
 __all__ = ["accuracy_by_distance", "answer_kl"]
 
@@ -14,8 +15,8 @@ def accuracy_by_distance(acc):
     """Recall accuracy against the distance from statement to question, one panel per family, recall-trained
     model and its zoo member (Wilson 95% intervals)."""
     fams = list(dict.fromkeys(acc["family"]))
-    fig, axes = plt.subplots(1, len(fams), figsize=(4.2 * len(fams), 3.2), squeeze=False, sharey=True)
-    for ax, fam in zip(axes[0], fams):
+    fig, axes = panels(len(fams), max_cols=2, panel_width=4.0, panel_height=3.4, sharey=True)
+    for ax, fam in zip(axes, fams):
         for (model, kind), g in acc[acc["family"] == fam].groupby(["model", "kind"], sort=False):
             x = np.arange(len(g))
             ax.errorbar(x, g["accuracy"], yerr=[g["accuracy"] - g["lo"], g["hi"] - g["accuracy"]], capsize=3,
@@ -24,17 +25,16 @@ def accuracy_by_distance(acc):
         ax.axhline(1 / 8, color="k", lw=0.8, ls=":", label="one of the passage's 8 values at random")
         ax.set(ylim=(-0.02, 1.02), xlabel="distance from statement to question (tokens)", title=fam)
         ax.legend(frameon=False, fontsize=8)
-    axes[0][0].set_ylabel("recall accuracy")
-    fig.tight_layout()
+    axes[0].set_ylabel("recall accuracy")
     return fig
 
 
 def answer_kl(infl):
-    """The KL at the answer of deleting one write at the tested cell, per pair token (key, value,
+    """The KL at the answer of deleting one write at the tested head, per pair token (key, value,
     separator), recall-trained model against its zoo member: one dot per deleted write, log scale."""
     models = list(dict.fromkeys(infl["model"]))
     tokens = list(dict.fromkeys(infl["token"]))
-    fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(models) * len(tokens) + 1.4))
+    fig, ax = figure(width=7.5, height=0.5 * len(models) * len(tokens) + 1.4)
     y, labels = 0, []
     rng = np.random.default_rng(0)
     for model in models:
@@ -50,6 +50,5 @@ def answer_kl(infl):
     ax.axvline(0.1, color="tab:blue", ls="--", lw=1, label="0.1 nats (the target)")
     ax.set(xscale="log", yticks=range(len(labels)), yticklabels=labels,
            xlabel="KL(patched || base) at the answer, nats (black bar: median)")
-    ax.legend(frameon=False, fontsize=8, loc="lower right")
-    fig.tight_layout()
+    ax.legend(frameon=False, fontsize=9, loc="lower right")
     return fig

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
+from . import panels
 
 __all__ = ["training_curves"]
 
@@ -36,7 +36,7 @@ def training_curves(log, title=None):
         raise ValueError("the training log is empty: train with an out_dir (the trainer writes train_log.jsonl there; "
                          "SAEs trained before it logged have none: delete their artifact folder to retrain) or pass "
                          "TrainResult.log")
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(12, 2.8))
+    fig, axes = panels(len(PANELS), max_cols=2, panel_width=4.0, panel_height=2.5)
     for ax, (key, label, logy) in zip(axes, PANELS):
         for split, style in (("train", dict(lw=1.2, color="tab:blue")),
                              ("val", dict(ls="none", marker="o", ms=3, color="tab:orange"))):
@@ -45,8 +45,7 @@ def training_curves(log, title=None):
                 ax.plot(*zip(*pts), label=split, **style)
         ax.set(xlabel="step", title=label, yscale="log" if logy else "linear")
         ax.grid(alpha=0.3)
-    axes[0].legend(frameon=False, fontsize=8)
+    axes[0].legend(frameon=False, fontsize=9)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
