@@ -126,7 +126,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="writesae", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    c = sub.add_parser("cells", help="list a model's recurrent cells with their memory statistics")
+    c = sub.add_parser("cells", help="list a model's recurrent heads (layer, head) with their memory statistics")
     c.add_argument("--model", default="embedded")
     c.add_argument("--device", default=None)
     c.add_argument("--window", type=int, default=128, help="tokens per held-out window for measured statistics")
@@ -153,7 +153,7 @@ def main(argv=None):
     e.add_argument("--out", required=True)
     e.set_defaults(fn=cmd_extract)
 
-    t = sub.add_parser("train-sae", help="train an SAE on one cell of a state dataset (resumable)")
+    t = sub.add_parser("train-sae", help="train an SAE on one head of a state dataset (resumable)")
     t.add_argument("--data", required=True)
     t.add_argument("--cell", required=True, help="e.g. L1H1")
     t.add_argument("--variant", default="bilinear",
@@ -182,23 +182,23 @@ def main(argv=None):
                         "cache, computing each artifact once; started in the params file's build_order, then longest "
                         "first by the last build's times (default: 2, or 1 on a 1-core machine)")
     b.add_argument("--profile", action="store_true", help="only print where the last build's seconds went")
-    b.add_argument("--top", type=int, default=3, help="slowest cells shown per notebook (default 3)")
+    b.add_argument("--top", type=int, default=3, help="slowest code cells shown per notebook (default 3)")
     b.set_defaults(fn=cmd_book)
 
     x = sub.add_parser("explore", help="serve the explorer's live widgets (Voila) on http://127.0.0.1:PORT")
     x.add_argument("--params", default=None, help="parameter file in params/ (default: params/embedded_cpu.yaml, "
                    "the book's, so its cached SAEs are reused)")
-    x.add_argument("--cell", default=None, help="cell the widgets start on, e.g. L6H0")
+    x.add_argument("--cell", default=None, help="the head the widgets start on, e.g. L6H0")
     x.add_argument("--port", type=int, default=8866)
     x.add_argument("--no-browser", action="store_true", help="do not open a browser")
     x.set_defaults(fn=cmd_explore)
 
-    w = sub.add_parser("sweep", help="the per-cell pipeline for many cells as Ray tasks: one table, a row per cell")
+    w = sub.add_parser("sweep", help="the per-head pipeline for many heads as Ray tasks: one table, a row per head")
     w.add_argument("--params", required=True, help="parameter file (params/*.yaml)")
     w.add_argument("--cells", default="all", help='"all" or e.g. "L1H2,L4H3"')
     w.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     w.add_argument("--workers", type=int, default=None, help="local Ray: CPUs (default: one per core)")
-    w.add_argument("--serial", action="store_true", help="no Ray: the cells one after another in this process")
+    w.add_argument("--serial", action="store_true", help="no Ray: the heads one after another in this process")
     w.set_defaults(fn=cmd_sweep)
 
     pl = sub.add_parser("plan", help="what a parameter file's run needs (models, corpus, disk, memory, GPU-hours), "

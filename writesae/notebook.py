@@ -49,7 +49,7 @@ def _cell(name, value):
             value = None
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(x, int) for x in value):
         return [int(value[0]), int(value[1])]
-    raise ParameterError(f"parameter {name}: expected a cell as [layer, head], 'L4H3' or '4,3', got {value!r}")
+    raise ParameterError(f"parameter {name}: expected a head as [layer, head], 'L4H3' or '4,3', got {value!r}")
 
 
 def _coerce(name, value, default):
@@ -59,9 +59,9 @@ def _coerce(name, value, default):
     if name in CELLS_NAMES:
         if isinstance(value, str):
             parts = re.findall(r"[Ll]\d+[Hh]\d+", value)
-            value = parts if parts else _literal(name, value, "a list of cells like [[1, 2], [4, 3]] or 'L1H2,L4H3'")
+            value = parts if parts else _literal(name, value, "a list of heads like [[1, 2], [4, 3]] or 'L1H2,L4H3'")
         if not isinstance(value, (list, tuple)) or not value:
-            raise ParameterError(f"parameter {name}: expected a non-empty list of cells, got {value!r}")
+            raise ParameterError(f"parameter {name}: expected a non-empty list of heads, got {value!r}")
         return [_cell(name, c) for c in value]
     if default is None:
         return value
