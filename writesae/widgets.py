@@ -153,7 +153,7 @@ def atom_explorer(host, saes, ids, *, firings=None, classes=None, kls=None, n_co
         tables[cell] = t.assign(**{"class": t["class"].fillna("—")} if "class" in t else {"class": "—"})
 
     first = tuple(cell) if cell is not None and tuple(cell) in saes else next(iter(saes))
-    cell_w = W.Dropdown(options=[(_cell_name(c), c) for c in saes], value=first, description="cell")
+    cell_w = W.Dropdown(options=[(_cell_name(c), c) for c in saes], value=first, description="head")
     # it opens on the first cell's strongest register (highest median cosine to the write), where it has one
     registers = (tables[first]["class"] == "register").any()
     cls_w = W.Dropdown(options=["all", "register", "bundle"], value="register" if registers else "all",
@@ -259,7 +259,7 @@ def live_install(host, saes=None, *, prompt=None, cell=None, target=None, n_new=
     if target is None:
         target = " water" if host.tokenizer is not None else "7"
     prompt_w = W.Textarea(value=prompt, description="prompt", layout=W.Layout(width="600px"))
-    cell_w = W.Dropdown(options=[(_cell_name(c), c) for c in cells], value=tuple(cell or cells[-1]), description="cell")
+    cell_w = W.Dropdown(options=[(_cell_name(c), c) for c in cells], value=tuple(cell or cells[-1]), description="head")
     mode_w = W.ToggleButtons(options=["target direction", "atom"], value="target direction")
     target_w = W.Text(value=target, description="target")
     atom_w = W.IntText(value=0, description="atom")
