@@ -218,3 +218,18 @@ def test_the_tested_head_is_one_both_models_have(monkeypatch):
     monkeypatch.setattr(_zoo, "memory", lambda host: "mem")
     monkeypatch.setattr(_zoo, "choose_cells", lambda mem, n: [(0, 1)])
     assert rx._tested_cell([("zoo", hybrid)], None, 0) == (0, 1)
+
+
+def test_long_memory_init_spans_long_decays():
+    """The recall GDN's dt_bias re-initialised: softplus(dt_bias) log-uniform in [1e-3, 1e-1] (decays at a
+    zero gate input from exp(-A 0.1) to exp(-A 0.001)), seeded; the zoo's dt_bias (about 1) forgets at once."""
+    model = embedded_train.build_model("gdn", "recall")
+    embedded_train.load_ckpt_weights(model, embedded_train.OUT / "gdn", partial=True)
+    zoo_dt = torch.nn.functional.softplus(model.model.layers[0].linear_attn.dt_bias.detach())
+    assert (zoo_dt > 1.0).all()
+    embedded_train.long_memory_init(model)
+    dts = torch.cat([torch.nn.functional.softplus(l.linear_attn.dt_bias.detach()) for l in model.model.layers])
+    assert ((dts >= 1e-3 * 0.999) & (dts <= 1e-1 * 1.001)).all() and dts.max() / dts.min() > 10
+    again = embedded_train.build_model("gdn", "recall")
+    embedded_train.long_memory_init(again)
+    assert torch.equal(again.model.layers[5].linear_attn.dt_bias, model.model.layers[5].linear_attn.dt_bias)
