@@ -252,7 +252,7 @@ RECALL_CONFIG = {"gdn": dict(layer_types=["linear_attention"], use_cache=False)}
 
 def long_memory_init(model, lo=1e-3, hi=1e-1, seed=SEED):
     """Re-initialise the Gated DeltaNet layers' ``dt_bias`` as Mamba and fla do (softplus(dt_bias) = dt,
-    log-uniform in [lo, hi]), so that the decays exp(-A dt) span long memories. transformers initialises
+    log-uniform in [1e-3, 1e-1]), so that the decays exp(-A dt) span long memories. transformers initialises
     dt_bias to 1 (dt = 1.31), and the zoo GDN kept it there: with A_log about 2 its heads' decays are about
     e^-9.6, so each state forgets within a token; started from those weights, the pure recall GDN stayed at
     chance (3.1% recall after 1,000 steps)."""
@@ -824,6 +824,11 @@ def export_recall(family, root=OUT):
                          for r in metrics["recall_by_distance"])
     mem_rows = "\n".join(f"| {m['cell']} | {m['decay']:.3f} | {m['write_share']:.3f} | {m['influence']:.2e} | "
                          f"{m['recall_influence']:.3g} |" for m in mem)
+    changes = ""  # what differs from the zoo member before training
+    if family in RECALL_CONFIG:
+        changes += f"\n- Config changed: `{RECALL_CONFIG[family]}` (fresh weights where the zoo member has none)."
+    if family in RECALL_INIT:
+        changes += f"\n- `{RECALL_INIT[family].__name__}`: " + " ".join(RECALL_INIT[family].__doc__.split())
     card = f"""# WriteSAE recall model: {family}
 
 The zoo's {family} model (`../../{family}/`) trained further on its corpus with associative-recall passages
@@ -834,7 +839,9 @@ its heads store what is read later. Reproduce with
 
 ## Training
 
-From the zoo member's weights: AdamW (betas 0.9/0.95, wd 0.1), peak LR {RECALL_LR}, 50 warm-up steps, cosine to 10%,
+From the zoo member's weights{":" if changes else "."}{changes}
+
+AdamW (betas 0.9/0.95, wd 0.1), peak LR {RECALL_LR}, 50 warm-up steps, cosine to 10%,
 batch {RECALL_BATCH}x{RECALL_SEQ} windows of training prose with recall passages woven in; a curriculum grows the
 pairs per passage (2 -> 8) and the prose gap (16 -> 256 tokens) over the first {state['total_steps'] // 2} steps; the loss is the
 language-model loss plus the mean cross-entropy of the answers. {state['step']} steps =
