@@ -158,7 +158,8 @@ def atom_explorer(host, saes, ids, *, firings=None, classes=None, kls=None, n_co
     registers = (tables[first]["class"] == "register").any()
     cls_w = W.Dropdown(options=["all", "register", "bundle"], value="register" if registers else "all",
                        description="class")
-    cos_w = W.FloatRangeSlider(value=(-1, 1), min=-1, max=1, step=0.05, description="median cos")
+    cos_w = W.FloatRangeSlider(value=(-1, 1), min=-1, max=1, step=0.1, description="median cos",
+                               readout_format=".1f")  # "-1.0 – 1.0" fits the readout's box; ".2f" was clipped
     sort_w = W.Dropdown(options=["fire_rate", "cos", "n_firings", "feature"], value="cos" if registers else "fire_rate",
                         description="sort by")
     atom_w = W.Dropdown(description="atom", layout=W.Layout(width="420px"))
