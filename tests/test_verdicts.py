@@ -202,6 +202,9 @@ def test_ce_recovered_is_not_measurable_where_zeroing_costs_nothing():
     assert out["ce_note"][3] == ""
     assert "ppl_change" not in out and out["ppl_change_pct"].tolist() == pytest.approx([1.0, 0.2, 0.0, 0.76])
     assert "ce_note" not in CE.shown(df.iloc[3:])  # nothing to explain, no column
+    cap = CE.caption(out.assign(name=["A", "B", "C", "D"]), "name")  # the reasons once, under the table
+    assert cap.startswith("CE recovered not measurable here. A: 1.300, above 1") and "; B: " in cap and "; C: " in cap
+    assert "D:" not in cap and CE.caption(CE.shown(df.iloc[3:]).assign(name=["D"]), "name") is None
     assert CE.describe(0.95, 0.2, 0.0076) == "0.950 (perplexity +0.76%)"
     assert CE.describe(1.3, 0.05, 0.01).startswith("not measurable here: 1.300, above 1: ")
     assert CE.describe(1.3, 0.05, 0.01).endswith("(perplexity +1.00%)")

@@ -206,6 +206,14 @@ def shown(df, min_zero_cost=MIN_ZERO_COST):
     return out
 
 
+def caption(shown_df, label) -> str | None:
+    """One caption for a :func:`shown` table saying why its "not measurable here" entries are, each row named
+    by its ``label`` column (instead of a column repeating long reasons on every row); None when nothing needs
+    it."""
+    notes = [f"{name}: {w}" for name, w in zip(shown_df[label], shown_df.get("ce_note", [""] * len(shown_df))) if w]
+    return "CE recovered not measurable here. " + "; ".join(notes) + "." if notes else None
+
+
 def describe(ce_recovered, zero_cost, ppl_change=None, min_zero_cost=MIN_ZERO_COST) -> str:
     """CE loss recovered for a sentence: "0.950 (perplexity +0.76%)", or "not measurable here (why; perplexity
     +0.76%)" where :func:`not_measurable` says so."""
