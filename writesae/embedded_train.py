@@ -880,8 +880,8 @@ def load_ckpt_weights(model, ckpt: Path, partial=False) -> list[str]:
     config differs from its zoo member's, RECALL_CONFIG); returns the fresh layers' names."""
     from safetensors.torch import load_file
     weights = load_file(str(ckpt / "model.safetensors"))
-    own = model.state_dict()
     if partial:
+        own = model.state_dict()
         weights = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]

@@ -19,7 +19,7 @@ def cell_memory(host, ids, min_pos=8, max_bytes=2 ** 30) -> pd.DataFrame:
     ids = torch.as_tensor(ids)
     positions = list(range(min_pos, ids.shape[1]))
     cells = list(host.cells)
-    one = len(positions) * max(c.d_k * c.d_v for c in cells) * 4 * 2  # one cell, one window: state and write
+    one = host.trace_bytes(cells, len(positions))  # one cell over one window
     seqs = max(1, min(len(ids), max_bytes // one))
     group = max(1, min(len(cells), max_bytes // (one * seqs)))
     parts = {(c.layer, c.head): ([], [], []) for c in cells}

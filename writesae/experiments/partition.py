@@ -92,8 +92,7 @@ def reader_heads(host, sae, cell, ids, firings, features, *, n_sites=8, batch=4,
             edits = [Edit(r, layer, head, int(p), "add", float(c) * A) for r, (p, c) in enumerate(zip(chunk["pos"], chunk["coef"]))]
             p0 = int(chunk["pos"].min())
             pos = range(p0, x.shape[1])
-            one = len(x) * len(pos) * max(host.cell(*c).d_k * host.cell(*c).d_v for c in later) * 4 * 2
-            group = max(1, max_bytes // one)
+            group = max(1, max_bytes // host.trace_bytes(later, len(x) * len(pos)))
             for g in range(0, len(later), group):
                 cells = later[g:g + group]
                 base = host.trace(x, cells=cells, positions=pos, logits=False)

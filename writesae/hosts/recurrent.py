@@ -233,6 +233,11 @@ class RecurrentHost:
         traced = {c: self._cell_trace(run[3][c.layer], c.head, positions, slot(c)) for c in cells}
         return cells, positions, run, traced
 
+    def trace_bytes(self, cells, tokens) -> int:
+        """The memory one of ``cells`` (the largest) takes in a :meth:`trace` over ``tokens`` (rows x positions):
+        its state and write at each, float32. Callers that trace many cells split them by it."""
+        return tokens * 2 * 4 * max(self.cell(c[0], c[1]).d_k * self.cell(c[0], c[1]).d_v for c in cells)
+
     @torch.no_grad()
     def trace(self, input_ids, cells=None, positions=None, edits=(), logits=True) -> Trace:
         """One batched forward returning, for each cell, what the recurrence used at ``positions``
