@@ -28,14 +28,16 @@ IDS = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(0))
 KERNELS = {"deltanet": ("delta_rule", "chunk_delta_rule"), "gla": ("gla", "chunk_gla"),
            "rwkv7": ("generalized_delta_rule", "chunk_dplr_delta_rule"),
            "gdn": ("gated_delta_rule", "chunk_gated_delta_rule"),
-           "olmo_hybrid": ("gated_delta_rule", "chunk_gated_delta_rule")}
-# not here: Kimi Linear's chunk_kda (a kernel program per token and head) takes ~100 s in the interpreter
+           "olmo_hybrid": ("gated_delta_rule", "chunk_gated_delta_rule"), "kimi_linear": ("kda", "chunk_kda")}
+# Kimi Linear's chunk_kda runs a kernel program per token and head in the interpreter: 16 tokens (8 s), not 40
+SHORT = {"kimi_linear": 16}
 F32, BF16 = torch.float32, torch.bfloat16
 
 
-def _edited(host):
-    """Logits of one edit row: the unedited prefix and the stretch after the edit run the lane's kernel."""
-    return host.run_edits(IDS, [Edit(0, host.recurrent_layers[-1], 1, 20, "delete")]).logits
+def _edited(host, n=IDS.shape[1]):
+    """Logits of one edit row over the first ``n`` tokens: the unedited prefix and the stretch after the edit
+    (at the middle) run the lane's kernel."""
+    return host.run_edits(IDS[:, :n], [Edit(0, host.recurrent_layers[-1], 1, n // 2, "delete")]).logits
 
 
 def _spy(monkeypatch, family):
@@ -63,20 +65,22 @@ def _as_accurate(got, ref, truth):
 
 
 @pytest.mark.parametrize("family, dtype", [("deltanet", BF16), ("gla", F32), ("gla", BF16), ("rwkv7", F32),
-                                           ("rwkv7", BF16), ("gdn", F32), ("gdn", BF16), ("olmo_hybrid", F32)])
+                                           ("rwkv7", BF16), ("gdn", F32), ("gdn", BF16), ("olmo_hybrid", F32),
+                                           ("kimi_linear", F32)])
 def test_a_hosts_fla_lane_equals_its_torch_lane(monkeypatch, family, dtype):
     host = load_host(f"tiny:{family}", device="cpu", dtype=dtype)
     assert host.kernels == "torch"  # the default on a CPU, fla installed or not
-    ref = _edited(host)
+    n = SHORT.get(family, IDS.shape[1])
+    ref = _edited(host, n)
     calls = _spy(monkeypatch, family)
     host.kernels = "fla"
-    got = _edited(host)
+    got = _edited(host, n)
     # DeltaNet hands fla the model's bf16 (fla has no float32 delta rule); the others keep float32 inputs
     assert calls and set(calls) == {BF16 if family == "deltanet" else F32}
     if dtype == F32:
         _agree(got, ref)
     else:
-        _as_accurate(got, ref, _edited(host_class(host.model.config)(copy.deepcopy(host.model).float())))
+        _as_accurate(got, ref, _edited(host_class(host.model.config)(copy.deepcopy(host.model).float()), n))
 
 
 def _fla_model(ours):
