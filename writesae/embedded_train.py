@@ -309,7 +309,7 @@ def run_dir(family=None, task="text") -> Path:
 # of the run. The loss adds the mean cross-entropy of the answers to the language-model loss. Steps per family
 # sized to this CPU (one thread: GDN 2.5 s a step, Mamba-2 3.9 s).
 RECALL_SEQ, RECALL_BATCH, RECALL_LR = 512, 4, 1e-3
-RECALL_STEPS = {"gdn": 900, "mamba2": 1200, "deltanet": 1800, "gla": 1800, "rwkv7": 1800}
+RECALL_STEPS = {"gdn": 900, "mamba2": 1200, "deltanet": 1200, "gla": 1200, "rwkv7": 1200}
 
 
 def recall_level(step: int, steps: int) -> tuple[int, int]:
