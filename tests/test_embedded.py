@@ -86,3 +86,28 @@ def test_zoo_member_loads_and_scores_its_card(family):
         loss = torch.nn.functional.cross_entropy(host.logits(ids[:, :-1])[0], ids[0, 1:]).item()
     assert abs(loss - metrics["heldout_loss"]) < 0.5  # one window vs the card's 64: same model, same scale
     assert len(metrics["memory"]) == len(host.cells) and np.isfinite([m["write_share"] for m in metrics["memory"]]).all()
+
+
+RECALL = sorted(p.name for p in (EMB / "recall").iterdir() if (p / "metrics.json").exists())
+
+
+@pytest.mark.parametrize("family", RECALL)
+def test_recall_member_loads_and_recalls_as_its_card_says(family):
+    """Each shipped recall-trained model loads by name through its host, has its card's parameter count (within
+    10% of its zoo member's: the recall GDN keeps only the Gated DeltaNet layers),
+    and recalls on the first 32 of its card's held-out passages (256 pairs) as the card's 256 passages say,
+    within four binomial standard errors; well above chance (1/32: a value among 32 words)."""
+    from writesae import load_host
+    from writesae.experiments import recall as rx
+
+    metrics = json.loads((EMB / "recall" / family / "metrics.json").read_text())
+    zoo = json.loads((EMB / family / "metrics.json").read_text())
+    host = load_host(f"embedded:{family}-recall", device="cpu")
+    n = sum(p.numel() for p in host.model.parameters())
+    assert n == metrics["params"] and abs(n / zoo["params"] - 1) < 0.1
+    assert metrics["task"] == "recall" and metrics["recall_passages"] == 256
+    assert metrics["heldout_loss"] < zoo["heldout_loss"] + 0.1  # recall training kept the prose
+    acc = rx.answers(host, rx.passages(host, 32))["correct"]
+    p = metrics["recall_accuracy"]
+    assert len(acc) == 256 and abs(acc.mean() - p) < 4 * math.sqrt(p * (1 - p) / len(acc))
+    assert p > 5 / 32
