@@ -82,15 +82,20 @@ CHECKPOINTS = {
 
 
 def family_table() -> str:
-    """Every hosted model_type as a markdown table (host, layer, decay, erase, write, update, a checkpoint), from
-    :data:`HOSTS`, :data:`FORMS` and :data:`CHECKPOINTS`: the table of the README and the book's method page."""
-    rows = ["| model_type | host | layer | decay `D_t` | erase `(e, f)` | write | update `S_t - D_t S_{t-1}` | "
-            "a checkpoint |", "|---|---|---|---|---|---|---|---|"]
+    """Every hosted model_type as two markdown tables, from :data:`HOSTS`, :data:`FORMS` and :data:`CHECKPOINTS`:
+    each layer rule's terms of the one recurrence (decay, erase, write, update; one row per rule), then each
+    model_type's host, layer rule and a checkpoint. The tables of the README and the book's method page."""
+    forms = ["| layer | decay `D_t` | erase `(e, f)` | write | update `S_t - D_t S_{t-1}` |", "|---|---|---|---|---|"]
+    types = ["| model_type | host | layer | a checkpoint |", "|---|---|---|---|"]
+    seen = set()
     for mt, (_, cls) in HOSTS.items():
         h = host_class(mt)
-        form = next(FORMS[c.__name__] for c in h.__mro__ if c.__name__ in FORMS)
-        rows.append(f"| `{mt}` | `{cls}` | {h.kind} | " + " | ".join(form) + f" | {CHECKPOINTS[mt]} |")
-    return "\n".join(rows) + "\n"
+        if h.kind not in seen:
+            seen.add(h.kind)
+            form = next(FORMS[c.__name__] for c in h.__mro__ if c.__name__ in FORMS)
+            forms.append(f"| {h.kind} | " + " | ".join(form) + " |")
+        types.append(f"| `{mt}` | `{cls}` | {h.kind} | {CHECKPOINTS[mt]} |")
+    return "\n".join(forms) + "\n\n" + "\n".join(types) + "\n"
 
 
 def host_class(config_or_type):
