@@ -28,8 +28,8 @@ def test_command_line_help_does_not_load_torch():
 
 
 def test_family_tables_are_the_registrys():
-    """The README's and the method page's tables of layer rules and model types are writesae.hosts.family_table() (generated from
-    HOSTS, FORMS and CHECKPOINTS), so they cannot drift from what is hosted."""
+    """The README's and the method page's tables of layer rules and model types are writesae.hosts.family_table()
+    (generated from HOSTS, FORMS and CHECKPOINTS), so they cannot drift from what is hosted."""
     from writesae.hosts import HOSTS, family_table, host_class
 
     table = family_table()

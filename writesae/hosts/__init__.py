@@ -3,8 +3,8 @@
 ``load_host(source)`` returns a host (see :mod:`writesae.hosts.recurrent` for the contract) that lists
 cells, traces, runs cache edits and reads a head's output through to the logits. :data:`HOSTS` says which
 host serves each model_type, :data:`FORMS` each host's form of the one recurrence and :data:`CHECKPOINTS` a
-public checkpoint per type; :func:`family_table` (``python -m writesae.hosts``) writes them as the table of the
-README and the book's method page.
+public checkpoint per type; :func:`family_table` (``python -m writesae.hosts``) writes them as the two tables
+of the README and the book's method page.
 """
 from __future__ import annotations
 
