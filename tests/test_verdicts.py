@@ -81,11 +81,22 @@ def test_each_chapter_with_claims_opens_with_its_rows_and_glues_them():
 
 
 def test_rows_read_the_chapters_numbers():
-    values = dict(sub_win_rate=0.440, sub_wilson_lo=0.39, sub_wilson_hi=0.49, sub_n=400,
-                  pop_mean_win_rate=0.9, pop_ci_lo=0.88, pop_ci_hi=0.92, pop_n_atoms=30)
+    # claim 3 reads the interval that clusters firings by atom, not Wilson's (which treats them as independent)
+    values = dict(sub_win_rate=0.440, sub_wilson_lo=0.39, sub_wilson_hi=0.49, sub_boot_feature_lo=0.36,
+                  sub_boot_feature_hi=0.52, sub_n=400, pop_mean_win_rate=0.9, pop_ci_lo=0.88, pop_ci_hi=0.92,
+                  pop_n_atoms=30)
     t = V.rows("03_substitution", values).set_index("id")
-    assert t.loc["3", "verdict"] == V.DOES_NOT and t.loc["3", "why"] == "significantly the other way"
-    assert t.loc["3", "ours"] == "44.0% [39.0%, 49.0%]; n = 400"
+    assert t.loc["3", "verdict"] == V.DOES_NOT and t.loc["3", "why"] == "null: our interval contains no effect"
+    assert t.loc["3", "ours"].startswith("44.0% [36.0%, 52.0%]; n = 400; ")
+    assert t.loc["3", "ours"].endswith("(Wilson, firings as independent: [39.0%, 49.0%])")
+    t = V.rows("03_substitution", dict(values, sub_boot_feature_hi=0.47)).set_index("id")
+    assert t.loc["3", "why"] == "significantly the other way"
+    # claim 8's second statement: no significant change at non-firing positions (05)
+    t8 = V.rows("05_interventions", dict(er_firing_median=-0.1, er_firing_p=1e-6, er_non_firing_median=-0.1,
+                                         er_non_firing_p=1e-7, er_p_vs_nonfiring=0.5)).set_index("id")
+    assert t8.loc["8", "verdict"] == V.REPRODUCES and t8.loc["8b", "verdict"] == V.DOES_NOT
+    assert V.rows("05_interventions", dict(er_non_firing_median=-0.001, er_non_firing_p=0.4)).set_index(
+        "id").loc["8b", "verdict"] == V.REPRODUCES
     assert t.loc["4", "verdict"] == V.REPRODUCES and t.loc["4", "why"] == "our interval contains the paper's value"
     # an R^2 far below zero is written as such (04: the median's interval over few atoms)
     t4 = V.rows("04_closed_form", dict(r2_pred_paper_fit=-0.146, r2_pred_paper_fit_lo=-418.7,
@@ -124,12 +135,13 @@ def test_the_intro_table_is_the_chapters_glued_rows(tmp_path):
     src = tmp_path / "src"
     _executed(src / "notebooks" / "03_substitution.ipynb", (
         "import numpy as np\nfrom writesae import verdicts\n"
-        "nums = dict(sub_win_rate=np.float64(0.44), sub_wilson_lo=0.39, sub_wilson_hi=0.49, sub_n=400, other=1)\n"
+        "nums = dict(sub_win_rate=np.float64(0.44), sub_boot_feature_lo=0.39, sub_boot_feature_hi=0.49, sub_n=400, other=1)\n"
         "verdicts.glue_chapter('03_substitution', nums)"))
     glued = V.read_glue(src / "notebooks" / "03_substitution.ipynb")
     assert "verdict_rows" in glued and glued["verdict_3"].startswith("Paper: 92.4% of 4,851")
     values = V.executed_values(src)
-    assert values["03_substitution"] == dict(sub_win_rate=0.44, sub_wilson_lo=0.39, sub_wilson_hi=0.49, sub_n=400)
+    assert values["03_substitution"] == dict(sub_win_rate=0.44, sub_boot_feature_lo=0.39, sub_boot_feature_hi=0.49,
+                                             sub_n=400)
     assert values["02_feature_classes"] is None  # not executed in this build
     t = V.table(values).set_index("id")
     assert t.loc["3", "verdict"] == V.DOES_NOT and t.loc["1", "verdict"] == V.NOT_TESTABLE
@@ -231,7 +243,7 @@ def test_intro_directive_and_chapter_top_render_the_same_rows(tmp_path):
     src = tmp_path / "src"
     nb_path = src / "notebooks" / "03_substitution.ipynb"
     _executed(nb_path, "from writesae import verdicts\nverdicts.glue_chapter('03_substitution', "
-                       "dict(sub_win_rate=0.44, sub_wilson_lo=0.39, sub_wilson_hi=0.49, sub_n=400))")
+                       "dict(sub_win_rate=0.44, sub_boot_feature_lo=0.39, sub_boot_feature_hi=0.49, sub_n=400))")
     nb = nbformat.read(nb_path, as_version=4)
     nb.cells.insert(0, nbformat.v4.new_markdown_cell("# Substitution\n\n```{glue} verdict_rows\n```"))
     nbformat.write(nb, nb_path)

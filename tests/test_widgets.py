@@ -143,8 +143,8 @@ def test_explorer_shows_kls_and_hands_its_atom_to_the_install(setup, tmp_path, m
     monkeypatch.setenv("WRITESAE_CACHE", str(tmp_path))
     ex = widgets.atom_explorer(host, {CELL: sae}, ids, n_contexts=2, n_kl=2, kl_key={"test": 1})
     view = ex.controls["view"].value
-    assert "substitution KL at its 2 strongest firings" in view and "kl_delete" in view
-    rows = view.split("kl_random")[1].split("top firings")[0].split("<tr>")[1:]  # next, final, mean
+    assert "substitution KL at its 2 strongest firings" in view and "kl delete" in view
+    rows = view.split("kl random")[1].split("top firings")[0].split("<tr>")[1:]  # next, final, mean
     assert [r.split("<td>")[1].split("</td>")[0] for r in rows] == ["next", "final", "mean"]
     assert len(list((tmp_path / "explorer_kls").glob("*/table.csv"))) == 1  # cached on disk
     inst = widgets.live_install(host, {CELL: sae}, prompt="5 17 42 8", target="7", n_new=2, explorer=ex)

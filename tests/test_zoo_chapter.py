@@ -43,6 +43,11 @@ def test_choose_cells_takes_the_most_influential_cell_that_keeps_a_state():
     assert zoo.choose_cells(mem, 3) == [(0, 1), (1, 0), (1, 1)]
     assert zoo.choose_cells(mem, 4) == [(0, 1), (1, 0), (1, 1), (0, 0)]
     assert zoo.choose_cells(mem, 1, max_write_share=0.1) == [(1, 1)]
+    # and each chosen row says why: a head that keeps no state is never passed off as one that does
+    four = zoo.choose_cells(mem, 4)
+    assert zoo.chosen_by(mem, four) == ["lowest write share (no other head <= 0.3)"] + [
+        "most influential with write share <= 0.3"] * 3
+    assert zoo.chosen_by(mem, [(0, 0)], fixed=["L0H0"]) == ["fixed (zoo_cells)", "", "", ""]
 
 
 def test_influence_is_the_deletion_kl_of_each_cell():
@@ -130,9 +135,9 @@ def test_glue_values_give_every_family_and_the_verdicts_intervals():
                               head=0, seq=i, pos=1, decoder=d, win=w) for i in range(40)
                          for d, w in (("WriteSAE", i % 4 != 0), ("FlatSAE + top-1 SVD", i % 4 == 0))])
     rng = np.random.default_rng(0)
-    atoms = pd.DataFrame([dict(family=f, atom="rank-1 write", cls="register", cos=c) for f, mu in
-                          (("GDN", 0.3), ("RWKV-7", 0.2), ("Mamba-2", 0.05)) for c in rng.normal(mu, 0.02, 30)]
-                         ).rename(columns={"cls": "class"})
+    atoms = pd.DataFrame([dict(family=f, atom="rank-1 write", cls="register", cos=c, register_class=two) for f, mu, two in
+                          (("GDN", 0.3, True), ("RWKV-7", 0.2, True), ("Mamba-2", 0.05, False))
+                          for c in rng.normal(mu, 0.02, 30)]).rename(columns={"cls": "class"})
     cf = pd.DataFrame(dict(family=["GDN", "Mamba-2"], r2_pred_paper_fit=[0.9, -0.4]))
     cf_atoms = pd.DataFrame(dict(family=["Mamba-2"] * 5, r2_pred_paper_fit=[-0.6, -0.5, -0.4, -0.3, -0.2]))
     sweep = pd.DataFrame(dict(k=[16, 32, 64, 128], n_register=[0, 0, 3, 5], dbic=[5.0, 4.0, -3.0, -19.0],
@@ -147,6 +152,8 @@ def test_glue_values_give_every_family_and_the_verdicts_intervals():
     assert np.isnan(values["flat_gap_gdn"])
     d = values["reg_cos_diff_gdn_rwkv7"]
     assert 0.08 < d < 0.12 and values["reg_cos_diff_gdn_rwkv7_lo"] > 0.05
+    # Mamba-2's "registers" are the upper half of a one-class fit (dBIC not below -10): no register cosine
+    assert np.isnan(values["reg_cos_diff_rwkv7_mamba2"]) and set(zoo.family_register_cos(atoms)) == {"GDN", "RWKV-7"}
     assert values["r2_pred_paper_fit_mamba2_hi"] < 0 and np.isnan(values["r2_pred_paper_fit_gdn_lo"])
     # the chapter's verdicts on these numbers: GDN's 90% does not make Mamba-2's 20% a reproduction
     t = verdicts.rows("08_across_architectures", values).set_index("id")
@@ -186,9 +193,13 @@ def test_family_setup_and_partitions(rwkv7):
     assert cells["atom"].tolist() == ["rank-1 write", "rank-2 update"]
     assert (cells["n_alive"] == cells["n_register"] + cells["n_bundle"]).all()
     reg = atoms[atoms["class"] == "register"]
-    for _, row in cells.iterrows():  # the register median cosine is the median over that row's register atoms
-        mine = reg[reg["atom"] == row["atom"]]["cos"]
-        assert (np.isnan(row["register_cos"]) and mine.empty) or np.isclose(row["register_cos"], mine.median())
+    for _, row in cells.iterrows():  # the register median cosine: the median over that row's register atoms, where
+        mine = reg[reg["atom"] == row["atom"]]["cos"]  # two components beat one (dBIC < -10); else none
+        if mine.empty or not row["dbic"] < -10:
+            assert np.isnan(row["register_cos"])
+        else:
+            assert np.isclose(row["register_cos"], mine.median())
+        assert (atoms.loc[atoms["atom"] == row["atom"], "register_class"] == (row["dbic"] < -10)).all()
     assert f.sae(f.cells[0], **zoo.RANK2_UPDATE.sae).cfg.rank == 2
 
 
@@ -244,3 +255,10 @@ def test_shipped_influence_is_the_chapters_measurement():
     tol = 2 * np.sqrt(2 * fresh.abs()) * delta + delta ** 2
     assert ((shipped.loc[fresh.index] - fresh).abs() <= tol).all()
     assert not ((shipped.loc[fresh.index] * 1.5 - fresh).abs() <= tol).all()  # the bound still tells numbers apart
+
+
+def test_k_sweep_gives_a_register_cosine_only_where_registers_are_a_class(rwkv7):
+    sw = zoo.k_sweep(rwkv7[0]["rwkv7"], ks=(2, 8), n_feat=32)
+    assert sw["k"].tolist() == [2, 8] and sw["n_alive"].gt(0).all()
+    for _, r in sw.iterrows():
+        assert np.isnan(r["register_cos"]) or r["dbic"] < -10

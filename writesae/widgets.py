@@ -75,6 +75,11 @@ def _png(fig) -> str:
             f'src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>')
 
 
+def _table(df) -> str:
+    """A small table for a view: headers in words (``n_firings`` -> "n firings"), numbers to 3 significant digits."""
+    return df.rename(columns=lambda c: str(c).replace("_", " ")).to_html(index=False, float_format=lambda x: f"{x:.3g}")
+
+
 def _tok(host, t) -> str:
     """One token in quotes as it reads (newlines shown as ↵, never as an escape), or its id."""
     return f"'{_text(host, [t])}'" if host.tokenizer is not None else str(int(t))
@@ -187,18 +192,18 @@ def atom_explorer(host, saes, ids, *, firings=None, classes=None, kls=None, n_co
         mine = fr[fr["feature"] == f]
         fig = plots.atom_figure(sae.v[f].detach(), sae.w[f].detach(), mine["cos"], title=f"{_cell_name(cell)} atom {f}")
         row = tables[cell][tables[cell]["feature"] == f]
-        parts = [_png(fig), row.to_html(index=False, float_format="%.3f")]
+        parts = [_png(fig), _table(row)]
         if cell in kls:
             k = kls[cell][kls[cell]["feature"] == f]
             cols = [c for c in k.columns if c.startswith("kl")]
             if len(k) and cols:
                 parts.append("<b>substitution KL (median over firings)</b>"
-                             + k[cols].median().to_frame().T.assign(n=len(k)).to_html(index=False, float_format="%.4f"))
+                             + _table(k[cols].median().to_frame().T.assign(n=len(k))))
         elif n_kl > 0 and len(mine):
             parts.append(f"<b>substitution KL at its {min(n_kl, len(mine))} strongest firings</b> (median; "
                          "KL(patched || base) of the next-token distributions when the native write is replaced "
                          "by the atom, deleted, or replaced by a random rank-1 matrix of the atom's norm)"
-                         + atom_kls(cell, f, mine).to_html(index=False, float_format="%.4g"))
+                         + _table(atom_kls(cell, f, mine)))
         top = mine.nlargest(n_contexts, "coef").assign(window=lambda d: [ids[s] for s in d["seq"]])
         parts.append("<b>top firings</b><ol>" + "".join(
             f"<li>coef {r.coef:.3f} · seq {r.seq} pos {r.pos}: {_context(host, r, width)}</li>" for r in top.itertuples())

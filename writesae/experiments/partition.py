@@ -6,7 +6,10 @@ with BIC and dBIC = BIC(2) - BIC(1); the atoms of the higher-mean component of t
 the "registers", the others the "bundles". A mixture with unequal variances gives the broader component
 both tails, so an atom far *below* the bundles can land in the register component; registers are
 therefore the register-component atoms whose cosine also exceeds the bundle component's mean (a
-threshold at the upper crossing of the two components), and the summary keeps the raw GMM count. The exemplar table adds fire rate, top tokens and the top
+threshold at the upper crossing of the two components), and the summary keeps the raw GMM count. A mixture
+always puts some atoms in its upper component: the registers are a *class* only where two components fit
+better than one by more than :data:`CLASS_DBIC` (:func:`has_classes`); elsewhere a register cosine is not
+reported. The exemplar table adds fire rate, top tokens and the top
 reader head: the later recurrent head whose output responds most when the atom is added to the state.
 """
 from __future__ import annotations
@@ -18,7 +21,14 @@ import torch
 from .. import stats
 from ..hosts import Edit
 
-__all__ = ["atom_table", "partition", "reader_heads", "exemplars"]
+__all__ = ["CLASS_DBIC", "has_classes", "atom_table", "partition", "reader_heads", "exemplars"]
+
+CLASS_DBIC = -10.0  # dBIC = BIC(2) - BIC(1) below this: two classes (a BIC difference of 10 is strong evidence)
+
+
+def has_classes(dbic) -> bool:
+    """Whether a partition's ``dbic`` shows two classes of atoms (below :data:`CLASS_DBIC`; NaN: no fit)."""
+    return bool(np.isfinite(dbic) and dbic < CLASS_DBIC)
 
 
 def atom_table(firings) -> pd.DataFrame:

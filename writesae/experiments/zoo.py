@@ -229,6 +229,19 @@ def choose_cells(memory_df, n=1, fixed=None, max_write_share=0.3) -> list:
     return [(int(l), int(h)) for l, h in zip(pick["layer"], pick["head"])]
 
 
+def chosen_by(memory_df, cells, fixed=None, max_write_share=0.3) -> list:
+    """Per row of ``memory_df``: why :func:`choose_cells` chose it ("" where it did not): fixed by ``zoo_cells``,
+    the most influential head that keeps a state, or, where too few heads keep one, the lowest write share."""
+    cells = {tuple(c) for c in cells}
+    out = []
+    for l, h, share in zip(memory_df["layer"], memory_df["head"], memory_df["write_share"]):
+        out.append("" if (int(l), int(h)) not in cells else "fixed (zoo_cells)" if fixed
+                   else (f"most influential with write share <= {max_write_share:g}" if share <= max_write_share
+                         and "influence" in memory_df else f"lowest write share (no other head <= {max_write_share:g})"
+                         if share > max_write_share else "lowest write share"))
+    return out
+
+
 def setup(models, *, zoo_cells=None, n_cells=1, max_write_share=0.3, memory_window=128, memory_windows=2,
           window=128, seed=0, corpus="embedded", device=None, dtype="float32", trust_remote_code=False, **kw) -> dict:
     """{label: :class:`~writesae.experiments.section.Section`} for ``models`` = {label: source}: hosts loaded,
@@ -248,6 +261,7 @@ def setup(models, *, zoo_cells=None, n_cells=1, max_write_share=0.3, memory_wind
         mem = memory(host, window=min(window, memory_window), n_windows=memory_windows, seed=seed, corpus=corpus)
         cells = choose_cells(mem, n_cells, (zoo_cells or {}).get(label), max_write_share)
         mem["chosen"] = [(int(l), int(h)) in cells for l, h in zip(mem["layer"], mem["head"])]
+        mem["chosen_by"] = chosen_by(mem, cells, (zoo_cells or {}).get(label), max_write_share)
         out[label] = Section(host, cells[0], cells, window=window, seed=seed, corpus=corpus,
                              name=NAMES.get(label, label), memory=mem, **{**SIZES, **kw})
     return out
@@ -273,7 +287,8 @@ def partitions(fams):
                 sae = f.sae(cell, **atom.sae)
                 classes, sm = _partition_of(f, cell, atom)
                 m = sae.info.get("metrics", {})
-                reg = classes.loc[classes["class"] == "register", "cos"] if classes is not None else pd.Series([], dtype=float)
+                two = _partition.has_classes(sm["dbic"])  # a register cosine only where registers are a class
+                reg = classes.loc[classes["class"] == "register", "cos"] if classes is not None and two else pd.Series([], dtype=float)
                 rows.append(dict(family=f.name, cell=key, layer=cell[0], head=cell[1], atom=atom.name,
                                  write_share=float(mem.loc[key, "write_share"]), decay=float(mem.loc[key, "decay"]),
                                  fvu=m.get("fvu", np.nan), dead_fraction=m.get("dead", np.nan) / f.n_feat,
@@ -283,16 +298,24 @@ def partitions(fams):
                                  dbic=sm["dbic"], best_k=sm["k"]))
                 if classes is not None:
                     per_atom.append(classes[["feature", "n_firings", "cos", "class"]].assign(
-                        family=f.name, cell=key, atom=atom.name))
-    cols = ["family", "cell", "atom", "feature", "n_firings", "cos", "class"]
+                        family=f.name, cell=key, atom=atom.name, register_class=two))
+    cols = ["family", "cell", "atom", "feature", "n_firings", "cos", "class", "register_class"]
     atoms = pd.concat(per_atom, ignore_index=True)[cols] if per_atom else pd.DataFrame(columns=cols)
     return pd.DataFrame(rows), atoms
 
 
+def registers(atoms, atom=RANK1.name) -> pd.DataFrame:
+    """The register atoms of :func:`partitions`' per-atom table, at the cells where registers are a class
+    (:func:`writesae.experiments.partition.has_classes`)."""
+    if not len(atoms):
+        return atoms
+    return atoms[(atoms["atom"] == atom) & (atoms["class"] == "register") & atoms["register_class"].astype(bool)]
+
+
 def family_register_cos(atoms, atom=RANK1.name) -> dict:
-    """{family name: median cosine over the register atoms of every analysed cell of that family} (NaN: none)."""
-    reg = atoms[(atoms["atom"] == atom) & (atoms["class"] == "register")]
-    return {fam: float(g["cos"].median()) for fam, g in reg.groupby("family")}
+    """{family name: median cosine over the register atoms of every analysed cell of that family where registers
+    are a class} (a family without one is absent)."""
+    return {fam: float(g["cos"].median()) for fam, g in registers(atoms, atom).groupby("family")}
 
 
 # ------------------------------------------------------------------------------------- substitution
@@ -422,8 +445,8 @@ def closed_forms(fams, cf_atoms=3, cf_sites=4, eps=(0.1, 1.0)):
 # ------------------------------------------------------------------------------------- DeltaNet vs k
 def k_sweep(f, ks=(16, 32, 64, 128), n_feat=512, cell=None) -> pd.DataFrame:
     """Register cosine against the TopK ``k`` at one cell of family ``f`` (default its first analysed cell):
-    per k, an SAE with ``n_feat`` rank-1 atoms on the same states, its alive atoms, registers and register
-    median cosine. Empty without a family."""
+    per k, an SAE with ``n_feat`` rank-1 atoms on the same states, its alive atoms, registers, dBIC and register
+    median cosine (NaN where registers are not a class). Empty without a family."""
     if f is None:
         return pd.DataFrame(columns=["family", "cell", "k", "n_alive", "n_register", "register_cos"])
     cell = tuple(cell or f.cells[0])
@@ -445,8 +468,10 @@ def k_sweep(f, ks=(16, 32, 64, 128), n_feat=512, cell=None) -> pd.DataFrame:
                              dbic=sm["dbic"], best_k=sm["k"], fvu=sae.info.get("metrics", {}).get("fvu", np.nan)))
         return pd.DataFrame(rows)
 
-    return cache.cached_table("zoo_k_sweep", dict(f.spec, cell=list(cell), ks=ks, sweep_n_feat=n_feat,
-                                                  min_firings=f.min_firings), compute)
+    out = cache.cached_table("zoo_k_sweep", dict(f.spec, cell=list(cell), ks=ks, sweep_n_feat=n_feat,
+                                                 min_firings=f.min_firings), compute)
+    two = out["dbic"].map(_partition.has_classes)  # a register cosine only where registers are a class
+    return out.assign(register_cos=out["register_cos"].where(two))
 
 
 # ------------------------------------------------------------------- the numbers the chapter's verdicts read
@@ -474,7 +499,7 @@ def glue_values(*, reg_cos=None, atoms=None, summary=None, flat_summary=None, fl
     if reg_cos is not None:
         out.update({f"reg_cos_{lab}": float(reg_cos.get(NAMES[lab], np.nan)) for lab in FAMILIES})
     if atoms is not None:
-        reg = atoms[(atoms["atom"] == RANK1.name) & (atoms["class"] == "register")] if len(atoms) else atoms
+        reg = registers(atoms)
         for a, b in REGISTER_PAIRS:
             d = median_difference(*(reg.loc[reg["family"] == NAMES[x], "cos"] if len(reg) else [] for x in (a, b)))
             out.update(zip((f"reg_cos_diff_{a}_{b}", f"reg_cos_diff_{a}_{b}_lo", f"reg_cos_diff_{a}_{b}_hi"), d))

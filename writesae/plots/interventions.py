@@ -15,13 +15,13 @@ def _heat(ax, M, title, xlabel=None, ylabel=None):
     """A symmetric heatmap; an axis with a label gets its first and last index as ticks, the other none."""
     lim = float(np.abs(M).max()) or 1.0
     im = ax.imshow(M, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=11)
     rows, cols = M.shape
     ax.set_xticks([0, cols - 1] if xlabel else [])
     ax.set_yticks([0, rows - 1] if ylabel else [])
-    ax.set_xlabel(xlabel or "", fontsize=9, labelpad=-6)
-    ax.set_ylabel(ylabel or "", fontsize=9, labelpad=-8)
-    ax.tick_params(labelsize=9)
+    ax.set_xlabel(xlabel or "", fontsize=10, labelpad=-6)
+    ax.set_ylabel(ylabel or "", fontsize=10, labelpad=-8)
+    ax.tick_params(labelsize=10)
     return im
 
 
@@ -30,18 +30,18 @@ def atom_figure(v, w, cos=None, title=""):
     to the native write over its firings) a histogram of them."""
     v, w = np.asarray(v, float), np.asarray(w, float)
     n = 4 if cos is not None else 3
-    fig, ax = figure(1, n, 2.1 * n, 2.9, width_ratios=[0.3, 1, 1, 1.3][:n])
+    fig, ax = figure(1, n, 1.8 * n, 2.7, width_ratios=[0.3, 1, 1, 1.3][:n])
     _heat(ax[0], v[:, None], "v", ylabel="$d_k$")
     _heat(ax[1], w[None, :], "w", xlabel="$d_v$")
     cb = fig.colorbar(_heat(ax[2], np.outer(v, w), "atom $v w^T$", xlabel="$d_v$", ylabel="$d_k$"), ax=ax[2],
                       fraction=0.08)
-    cb.ax.tick_params(labelsize=9)
+    cb.ax.tick_params(labelsize=10)
     if cos is not None:
         ax[3].hist(np.asarray(cos, float), bins=20, range=(-1, 1), color="0.4")
-        ax[3].set_title("cos(atom, $W_t$) at firings", fontsize=10)
-        ax[3].set_xlabel("Frobenius cosine", fontsize=9)
-        ax[3].set_ylabel("firings", fontsize=9)
-        ax[3].tick_params(labelsize=9)
+        ax[3].set_title("cos(atom, $W_t$) at firings", fontsize=11)
+        ax[3].set_xlabel("Frobenius cosine", fontsize=10)
+        ax[3].set_ylabel("firings", fontsize=10)
+        ax[3].tick_params(labelsize=10)
     fig.suptitle(title, fontsize=11)
     return fig
 
