@@ -45,8 +45,8 @@ def test_choose_cells_takes_the_most_influential_cell_that_keeps_a_state():
     assert zoo.choose_cells(mem, 1, max_write_share=0.1) == [(1, 1)]
     # and each chosen row says why: a head that keeps no state is never passed off as one that does
     four = zoo.choose_cells(mem, 4)
-    assert zoo.chosen_by(mem, four) == ["lowest write share (no other head <= 0.3)"] + [
-        "most influential with write share <= 0.3"] * 3
+    assert zoo.chosen_by(mem, four) == ["lowest write share (no other head ≤ 0.3)"] + [
+        "most influential with write share ≤ 0.3"] * 3
     assert zoo.chosen_by(mem, [(0, 0)], fixed=["L0H0"]) == ["fixed (zoo_cells)", "", "", ""]
 
 
@@ -160,6 +160,7 @@ def test_glue_values_give_every_family_and_the_verdicts_intervals():
     assert t.loc["11c", "verdict"] == verdicts.DOES_NOT and t.loc["11a", "verdict"] == verdicts.REPRODUCES
     assert t.loc["6b", "verdict"] == verdicts.REPRODUCES and t.loc["11d", "verdict"] == verdicts.REPRODUCES
     assert t.loc["12f", "verdict"] == verdicts.REPRODUCES and t.loc["11e", "verdict"] == verdicts.NOT_TESTABLE
+    assert t.loc["11b", "verdict"] == verdicts.NOT_TESTABLE and "no register class" in t.loc["11b", "why"]
     # nothing measured: every value is NaN and the text still renders
     empty = zoo.glue_values(atoms=atoms.iloc[:0], flat=pd.DataFrame(), cf_atoms=pd.DataFrame(), sweep=zoo.k_sweep(None))
     assert np.isnan(empty["reg_cos_diff_rwkv7_mamba2"]) and np.isnan(empty["flat_gap_mamba2"])

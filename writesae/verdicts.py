@@ -52,6 +52,7 @@ class Claim:
     ``null`` (default: the sign of ``paper - null``; 0: the paper reports no difference). fmt: ``"%"`` a rate,
     ``"pts"`` a difference of rates, ``"r2"`` an R^2 (three decimals, "below -1" under -1), else a format spec. extra: context after our number, ``{key:fmt}`` fields
     (left out where a key is missing). untestable: why this statement cannot be tested here, whatever the values.
+    missing: why a build can lack the number although the chapter ran (said instead of "no such number").
     """
 
     id: str
@@ -71,6 +72,7 @@ class Claim:
     unit: str = ""
     extra: str = ""
     untestable: str | None = None
+    missing: str | None = None
 
     @property
     def keys(self) -> list:
@@ -149,10 +151,12 @@ CLAIMS = (
           hi="r2_pred_paper_fit_mamba2_hi", direction=-1, fmt="r2", extra="GDN {r2_pred_paper_fit_gdn:.3f}"),
     Claim("11a", 11, "08_across_architectures", "register median cosine GDN > RWKV-7 (difference, matched zoo)",
           "0.262 vs 0.180: +0.082", "reg_cos_diff_gdn_rwkv7", paper=0.082, lo="reg_cos_diff_gdn_rwkv7_lo",
-          hi="reg_cos_diff_gdn_rwkv7_hi", fmt="+.3f", extra="GDN {reg_cos_gdn:.3f}, RWKV-7 {reg_cos_rwkv7:.3f}"),
+          hi="reg_cos_diff_gdn_rwkv7_hi", fmt="+.3f", extra="GDN {reg_cos_gdn:.3f}, RWKV-7 {reg_cos_rwkv7:.3f}",
+          missing="a family of the pair has no register class at its analysed heads (ΔBIC not below −10) or is not in this run"),
     Claim("11b", 11, "08_across_architectures", "register median cosine RWKV-7 > Mamba-2 (difference, matched zoo)",
           "0.180 vs 0.0575: +0.123", "reg_cos_diff_rwkv7_mamba2", paper=0.1225, lo="reg_cos_diff_rwkv7_mamba2_lo",
-          hi="reg_cos_diff_rwkv7_mamba2_hi", fmt="+.3f", extra="RWKV-7 {reg_cos_rwkv7:.3f}, Mamba-2 {reg_cos_mamba2:.3f}"),
+          hi="reg_cos_diff_rwkv7_mamba2_hi", fmt="+.3f", extra="RWKV-7 {reg_cos_rwkv7:.3f}, Mamba-2 {reg_cos_mamba2:.3f}",
+          missing="a family of the pair has no register class at its analysed heads (ΔBIC not below −10) or is not in this run"),
     Claim("11c", 11, "08_across_architectures", "the atom beats deletion on Mamba-2 (win rate, matched zoo)",
           "88.1% of 2,500", "sub_win_rate_mamba2", paper=0.881, lo="sub_wilson_lo_mamba2", hi="sub_wilson_hi_mamba2",
           null=0.5, fmt="%", extra="n = {sub_n_mamba2:.0f}; GDN {sub_win_rate_gdn:.1%}"),
@@ -282,6 +286,8 @@ def row(c: Claim, values: dict) -> dict:
         out, why = NOT_TESTABLE, c.untestable
     else:
         out, why = verdict(v, lo, hi, p, paper=c.paper, null=c.null, direction=c.direction, margin=c.margin)
+        if c.missing and not _finite(v):
+            why = c.missing
     return dict(id=c.id, claim=c.claim, chapter=c.chapter, what=c.what, paper=c.paper_text,
                 ours=_ours(c, values, v, lo, hi, p), verdict=out, why=why)
 

@@ -236,8 +236,8 @@ def chosen_by(memory_df, cells, fixed=None, max_write_share=0.3) -> list:
     out = []
     for l, h, share in zip(memory_df["layer"], memory_df["head"], memory_df["write_share"]):
         out.append("" if (int(l), int(h)) not in cells else "fixed (zoo_cells)" if fixed
-                   else (f"most influential with write share <= {max_write_share:g}" if share <= max_write_share
-                         and "influence" in memory_df else f"lowest write share (no other head <= {max_write_share:g})"
+                   else (f"most influential with write share ≤ {max_write_share:g}" if share <= max_write_share
+                         and "influence" in memory_df else f"lowest write share (no other head ≤ {max_write_share:g})"
                          if share > max_write_share else "lowest write share"))
     return out
 
