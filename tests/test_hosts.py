@@ -219,6 +219,20 @@ def test_a_traced_head_keeps_only_its_states_and_skips_the_logits_on_request(fam
     assert set(few.cells) == {(layer, 1)}
 
 
+def test_a_trace_without_logits_runs_no_layer_above_its_last_head(fam, ids, monkeypatch):
+    _, _, host = fam
+    layer = host.recurrent_layers[0]
+    full = host.trace(ids, cells=[(layer, 1)], positions=[3, 20])
+    ran = []
+    block = host._block
+    monkeypatch.setattr(host, "_block", lambda i, *a, **kw: ran.append(i) or block(i, *a, **kw))
+    few = host.trace(ids, cells=[(layer, 1)], positions=[3, 20], logits=False)
+    assert ran == list(range(layer + 1)) and len(host.layers) > layer + 1  # the layers above never ran
+    for name in few[(layer, 1)]._fields:  # and the trace is the full forward's, to the bit
+        a, b = getattr(few[(layer, 1)], name), getattr(full[(layer, 1)], name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+
+
 def test_replace_by_itself_is_a_noop(fam, ids):
     _, _, host = fam
     layer = host.recurrent_layers[1]

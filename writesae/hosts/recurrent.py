@@ -110,17 +110,21 @@ class RecurrentHost:
         raise NotImplementedError
 
     # ------------------------------------------------------------------------- the engine
-    def _run(self, stream, start, first_layer, states, edits=None, record=None, keep_inputs=False, read=None):
+    def _run(self, stream, start, first_layer, states, edits=None, record=None, keep_inputs=False, read=None,
+             last_layer=None):
         """Run layers first_layer.. on ``stream`` (the input of layer first_layer at positions
         start..start+T-1) from per-layer states. edits / record: ``{layer: {step: [...]}}`` / ``{layer: steps}``.
         read: the steps (an index tensor or a slice of 0..T-1) whose logits to compute (default all): the
         read-out costs about as much as a few layers per position, so a caller reading a few positions says so.
+        last_layer: stop after this layer (a trace that reads no logits needs no layer above its last cell);
+        logits and final residual are then None.
 
         Returns (logits at ``read``, new_states, layer_inputs {layer: stream}, {layer: LayerOut} of recorded
         layers, final residual (every position))."""
         ctx = self._context(stream, start)
         new_states, inputs, recorded = dict(states), {}, {}
-        for i in range(first_layer, len(self.layers)):
+        stop = len(self.layers) if last_layer is None else last_layer + 1
+        for i in range(first_layer, stop):
             if keep_inputs:
                 inputs[i] = stream
             rec = (record or {}).get(i, ())
@@ -128,6 +132,8 @@ class RecurrentHost:
             stream, new_states[i] = out.hidden, out.state
             if rec:
                 recorded[i] = out
+        if stop < len(self.layers):
+            return None, new_states, inputs, recorded, None
         residual = self._residual(stream)
         logits = self.unembed(residual if read is None else residual[:, read]).float()
         return logits, new_states, inputs, recorded, residual
@@ -217,7 +223,9 @@ class RecurrentHost:
 
     def _traced(self, input_ids, cells, positions, edits, logits=True):
         """(cells, positions, ``_run``'s outputs, {cell: CellTrace}); each layer keeps the states of its traced
-        heads only, and ``logits=False`` computes none (at a 248k vocabulary they are 1 GB per 1,024-token window)."""
+        heads only, and ``logits=False`` computes none (at a 248k vocabulary they are 1 GB per 1,024-token window)
+        and runs no layer above the last traced one (tracing a model's heads a few layers at a time then costs
+        about half the forwards)."""
         ids = self._ids(input_ids)
         T = ids.shape[1]
         cells = self.cells if cells is None else [self.cell(int(c[0]), int(c[1])) for c in cells]
@@ -228,7 +236,8 @@ class RecurrentHost:
         heads = {l: h if len(h) < self.n_heads else None for l, h in heads.items()}  # None: all, kept as views
         record = {l: recurrence.Record(positions, h) for l, h in heads.items()}
         run = self._run(self._embed(ids), 0, 0, {}, record=record, read=None if logits else slice(0, 0),
-                        edits=self._edits_by_layer([(e.seq, e) for e in self._norm_edits(edits, T)]))
+                        edits=self._edits_by_layer([(e.seq, e) for e in self._norm_edits(edits, T)]),
+                        last_layer=None if logits else max(heads))
         slot = lambda c: None if heads[c.layer] is None else heads[c.layer].index(c.head)  # noqa: E731
         traced = {c: self._cell_trace(run[3][c.layer], c.head, positions, slot(c)) for c in cells}
         return cells, positions, run, traced
