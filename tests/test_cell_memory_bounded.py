@@ -12,18 +12,38 @@ def test_cell_memory_in_pieces_is_the_same_table():
     host = load_host("tiny", device="cpu")
     ids = torch.randint(0, 101, (3, 20), generator=torch.Generator().manual_seed(0))
     whole = O.cell_memory(host, ids)
-    sizes, trace = [], host.trace
+    sizes, walks, trace_layers = [], [], host.trace_layers
 
-    def spy(input_ids, cells=None, positions=None, **kw):
-        c = host.cells[0]
-        sizes.append(len(input_ids) * len(cells) * len(positions) * c.d_k * c.d_v * 4 * 2)
-        return trace(input_ids, cells=cells, positions=positions, **kw)
+    def spy(input_ids, cells=None, positions=None):  # the bytes held at once: one layer's traced heads
+        walks.append(len(cells))
+        for layer, tr in trace_layers(input_ids, cells=cells, positions=positions):
+            c = host.cells[0]
+            sizes.append(len(input_ids) * len(tr) * len(positions) * c.d_k * c.d_v * 4 * 2)
+            yield layer, tr
 
-    host.trace = spy
+    host.trace_layers = spy
     budget = 2 * 12 * host.cells[0].d_k * host.cells[0].d_v * 4 * 2  # two cells of one passage's 12 positions
     pieces = O.cell_memory(host, ids, max_bytes=budget)
-    pd.testing.assert_frame_equal(whole, pieces)
+    pd.testing.assert_frame_equal(whole, pieces, rtol=1e-5)
     assert len(sizes) > 1 and max(sizes) <= budget
+    # the budget holds 2 passages of one head per layer: 2 pieces of passages x one walk per head, each walk over
+    # every layer, every cell traced once per piece
+    assert len(walks) == 2 * host.n_heads and sum(walks) == 2 * len(host.cells)
+
+
+def test_trace_layers_is_the_trace_layer_by_layer():
+    host = load_host("tiny", device="cpu")
+    ids = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(1))
+    cells = [(host.recurrent_layers[0], 1), (host.recurrent_layers[-1], 0), (host.recurrent_layers[-1], 2)]
+    full = host.trace(ids, cells=cells, positions=[4, 19])
+    got = list(host.trace_layers(ids, cells=cells, positions=[4, 19]))
+    assert [layer for layer, _ in got] == [host.recurrent_layers[0], host.recurrent_layers[-1]]
+    assert [sorted(tr) for _, tr in got] == [[cells[0]], cells[1:]]
+    for _, tr in got:
+        for key, t in tr.items():
+            for name in t._fields:
+                a, b = getattr(t, name), getattr(full[key], name)
+                assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6, rtol=1e-5), (key, name)
 
 
 def test_reader_heads_in_pieces_is_the_same_table():

@@ -231,6 +231,15 @@ def test_a_trace_without_logits_runs_no_layer_above_its_last_head(fam, ids, monk
     for name in few[(layer, 1)]._fields:  # and the trace is the full forward's, to the bit
         a, b = getattr(few[(layer, 1)], name), getattr(full[(layer, 1)], name)
         assert (a is None and b is None) or torch.equal(a, b), name
+    # walking up the model layer by layer (trace_layers) gives the same traces of every head of two layers
+    two = [(l, h) for l in host.recurrent_layers[:2] for h in range(host.n_heads)]
+    ref = host.trace(ids, cells=two, positions=[3, 20])
+    walked = {k: t for _, tr in host.trace_layers(ids, cells=two, positions=[3, 20]) for k, t in tr.items()}
+    assert sorted(walked) == sorted(two)
+    for key in two:
+        for name in ref[key]._fields:
+            a, b = getattr(walked[key], name), getattr(ref[key], name)
+            assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-6), (key, name)
 
 
 def test_replace_by_itself_is_a_noop(fam, ids):

@@ -13,25 +13,27 @@ def cell_memory(host, ids, min_pos=8, max_bytes=2 ** 30) -> pd.DataFrame:
     gate b_t, ||W_t||_F / ||S_t||_F (1 means the state is just the current write) and the forget gate's
     half-life in tokens (ln 0.5 / ln a, at the median a).
 
-    A trace holds every traced cell's states and writes (float32): at most ``max_bytes`` of them at once, the
-    cells and windows traced in pieces where all of them would be more (Qwen3.5-0.8B's 288 heads of 128 x 128
-    over 8 windows of 1,024 tokens: ~300 GB); the medians are those of all of them either way."""
+    The cells are traced walking up the model once per piece (``host.trace_layers``), holding one layer's
+    heads' states and writes (float32) at a time: at most ``max_bytes`` of them, the windows and each layer's
+    heads split into pieces where all of them would be more (one layer of Qwen3.5-0.8B, 16 heads of 128 x 128
+    over 8 windows of 1,024 tokens: ~17 GB); the medians are those of all of them either way."""
     ids = torch.as_tensor(ids)
     positions = list(range(min_pos, ids.shape[1]))
     cells = list(host.cells)
-    one = host.trace_bytes(cells, len(positions))  # one cell over one window
+    one = host.trace_bytes([(c.layer, c.head) for c in cells], len(positions))  # one cell over one window
+    per_layer = max(sum(1 for c in cells if c.layer == l) for l in {c.layer for c in cells})
     seqs = max(1, min(len(ids), max_bytes // one))
-    group = max(1, min(len(cells), max_bytes // (one * seqs)))
+    group = max(1, min(per_layer, max_bytes // (one * seqs)))  # heads of each layer per walk
+    heads = sorted({c.head for c in cells})
     parts = {(c.layer, c.head): ([], [], []) for c in cells}
     for i in range(0, len(ids), seqs):
-        for j in range(0, len(cells), group):
-            keys = [(c.layer, c.head) for c in cells[j:j + group]]
-            tr = host.trace(ids[i:i + seqs], cells=keys, positions=positions, logits=False)
-            for key in keys:
-                t = tr[key]
-                share = t.write.flatten(2).norm(dim=-1) / t.state.flatten(2).norm(dim=-1).clamp_min(1e-30)
-                for acc, x in zip(parts[key], (t.a, t.b, share)):
-                    acc.append(x.flatten())
+        for j in range(0, len(heads), group):
+            keys = [(c.layer, c.head) for c in cells if c.head in heads[j:j + group]]
+            for _, tr in host.trace_layers(ids[i:i + seqs], cells=keys, positions=positions):
+                for key, t in tr.items():
+                    share = t.write.flatten(2).norm(dim=-1) / t.state.flatten(2).norm(dim=-1).clamp_min(1e-30)
+                    for acc, x in zip(parts[key], (t.a, t.b, share)):
+                        acc.append(x.flatten())
     rows = []
     for c in cells:
         a, b, share = (torch.cat(x).median() for x in parts[(c.layer, c.head)])

@@ -117,7 +117,7 @@ class RecurrentHost:
         read: the steps (an index tensor or a slice of 0..T-1) whose logits to compute (default all): the
         read-out costs about as much as a few layers per position, so a caller reading a few positions says so.
         last_layer: stop after this layer (a trace that reads no logits needs no layer above its last cell);
-        logits and final residual are then None.
+        logits are then None and the last slot is the stream after that layer, not the final residual.
 
         Returns (logits at ``read``, new_states, layer_inputs {layer: stream}, {layer: LayerOut} of recorded
         layers, final residual (every position))."""
@@ -132,8 +132,8 @@ class RecurrentHost:
             stream, new_states[i] = out.hidden, out.state
             if rec:
                 recorded[i] = out
-        if stop < len(self.layers):
-            return None, new_states, inputs, recorded, None
+        if stop < len(self.layers):  # no read-out: the last slot holds the stream after last_layer
+            return None, new_states, inputs, recorded, stream
         residual = self._residual(stream)
         logits = self.unembed(residual if read is None else residual[:, read]).float()
         return logits, new_states, inputs, recorded, residual
@@ -256,6 +256,27 @@ class RecurrentHost:
         cells, positions, run, traced = self._traced(input_ids, cells, positions, edits, logits)
         out = {(c.layer, c.head): traced[c] for c in cells}
         return Trace(out, torch.tensor(positions, dtype=torch.long), run[0] if logits else None)
+
+    @torch.no_grad()
+    def trace_layers(self, input_ids, cells=None, positions=None):
+        """What :meth:`trace` (``logits=False``) gives for ``cells`` (default all), walking up the model once and
+        yielding ``(layer, {(layer, head): CellTrace})`` for each layer holding some of them, in order: only one
+        layer's traces are held at a time, no layer above the last traced one runs, and no logits are computed.
+        For measurements over many heads (``overview.cell_memory``), where tracing a few heads per forward would
+        rerun the lower layers for each few."""
+        ids = self._ids(input_ids).to(self.device)
+        positions = self._positions(positions, ids.shape[1])
+        cells = self.cells if cells is None else [self.cell(int(c[0]), int(c[1])) for c in cells]
+        stream, first = self._embed(ids), 0
+        for layer in sorted({c.layer for c in cells}):
+            heads = sorted({c.head for c in cells if c.layer == layer})
+            heads = heads if len(heads) < self.n_heads else None  # None: every head, kept as views
+            record = {layer: recurrence.Record(positions, heads)}
+            _, _, _, rec, stream = self._run(stream, 0, first, {}, record=record, read=slice(0, 0), last_layer=layer)
+            first = layer + 1
+            slot = lambda h: None if heads is None else heads.index(h)  # noqa: E731
+            yield layer, {(layer, h): self._cell_trace(rec[layer], h, positions, slot(h))
+                          for h in (heads if heads is not None else range(self.n_heads))}
 
     @torch.no_grad()
     def readout(self, cell, input_ids, edits=()) -> Readout:
