@@ -85,6 +85,16 @@ def main():
     print(f"trace per layer: with logits (every layer) {t_with:.2f} s, without (up to the traced layer) "
           f"{t_without:.2f} s: {t_with / t_without:.2f}x (layer limit {limit:.2f}x, read-out not counted); "
           f"states equal")
+    # the same heads in one walk up the model (host.trace_layers, what cell_memory does)
+    t0 = time.perf_counter()
+    walked = {k: t.state for _, tr in host.trace_layers(ids) for k, t in tr.items()}
+    t_walk = time.perf_counter() - t0
+    diff = max(float((walked[c] - host.trace(ids, cells=[c], logits=False)[c].state).abs().max())
+               for c in [(x.layer, x.head) for x in host.cells[::max(1, len(host.cells) // 4)]])
+    limit = sum(l + 1 for l in host.recurrent_layers) / (host.recurrent_layers[-1] + 1)
+    print(f"every head in one walk (trace_layers) {t_walk:.2f} s vs a trace per layer {t_without:.2f} s: "
+          f"{t_without / t_walk:.2f}x (layer limit {limit:.2f}x); max |state diff| = {diff:.1e}")
+    assert diff < 1e-5, "the walk and the traces disagree"
 
     cells = [(c.layer, c.head) for c in host.cells]
     with tempfile.TemporaryDirectory() as d:
