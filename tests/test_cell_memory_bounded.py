@@ -35,8 +35,14 @@ def test_trace_layers_is_the_trace_layer_by_layer():
     host = load_host("tiny", device="cpu")
     ids = torch.randint(0, 101, (2, 20), generator=torch.Generator().manual_seed(1))
     cells = [(host.recurrent_layers[0], 1), (host.recurrent_layers[-1], 0), (host.recurrent_layers[-1], 2)]
-    full = host.trace(ids, cells=cells, positions=[4, 19])
-    got = list(host.trace_layers(ids, cells=cells, positions=[4, 19]))
+    # with an edit in the first traced layer, seen by the later one
+    from writesae.hosts import Edit
+
+    c0 = host.cell(*cells[0])
+    edits = [Edit(1, c0.layer, c0.head, 3, "add", torch.randn(c0.d_k, c0.d_v, generator=torch.Generator().manual_seed(2)))]
+    full = host.trace(ids, cells=cells, positions=[4, 19], edits=edits)
+    assert not torch.allclose(full[cells[1]].state, host.trace(ids, cells=cells[1:], positions=[4, 19])[cells[1]].state)
+    got = list(host.trace_layers(ids, cells=cells, positions=[4, 19], edits=edits))
     assert [layer for layer, _ in got] == [host.recurrent_layers[0], host.recurrent_layers[-1]]
     assert [sorted(tr) for _, tr in got] == [[cells[0]], cells[1:]]
     for _, tr in got:
@@ -59,14 +65,15 @@ def test_reader_heads_in_pieces_is_the_same_table():
     sae = WriteSAE(SAEConfig("bilinear", d_k=c.d_k, d_v=c.d_v, n_feat=8, k=2))
     firings = pd.DataFrame(dict(feature=[1, 1, 1], seq=[0, 1, 2], pos=[5, 9, 12], coef=[1.0, 2.0, 0.5]))
     whole = P.reader_heads(host, sae, (c.layer, c.head), ids, firings, [1], n_sites=3)
-    sizes, trace = [], host.trace
+    sizes, trace_layers = [], host.trace_layers
 
-    def spy(input_ids, cells=None, positions=None, **kw):
-        sizes.append(len(input_ids) * len(cells) * len(positions) * c.d_k * c.d_v * 4 * 2)
-        return trace(input_ids, cells=cells, positions=positions, **kw)
+    def spy(input_ids, cells=None, positions=None, **kw):  # the bytes held at once: one layer's traced heads
+        for layer, tr in trace_layers(input_ids, cells=cells, positions=positions, **kw):
+            sizes.append(len(input_ids) * len(tr) * len(positions) * c.d_k * c.d_v * 4 * 2)
+            yield layer, tr
 
-    host.trace = spy
+    host.trace_layers = spy
     budget = 3 * 4 * 15 * c.d_k * c.d_v * 4 * 2  # three heads of a batch of 4 sites over 15 positions
     pieces = P.reader_heads(host, sae, (c.layer, c.head), ids, firings, [1], n_sites=3, max_bytes=budget)
-    pd.testing.assert_frame_equal(whole, pieces)
+    pd.testing.assert_frame_equal(whole, pieces, rtol=1e-5)
     assert len(sizes) > 2 and max(sizes) <= budget

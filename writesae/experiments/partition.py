@@ -85,9 +85,10 @@ def reader_heads(host, sae, cell, ids, firings, features, *, n_sites=8, batch=4,
 
     One row per (feature, layer, head) of the later cells: response = mean over sites of
     ``mean_{t>=pos} ||d out_t|| / mean_{t>=pos} ||out_t||`` (out = S_t^T q_t of that head). Empty when no
-    recurrent layer follows ``cell``'s layer. A trace holds its heads' states and writes (float32): the later
-    heads are traced in groups of at most ``max_bytes`` of them (Qwen3.5-0.8B after L9: 144 heads, ~150 GB at
-    once for 4 sites of 1,024 tokens)."""
+    recurrent layer follows ``cell``'s layer. The later heads are traced walking up the model
+    (``host.trace_layers``, unedited and edited side by side), each layer's heads in groups whose states and
+    writes (float32) take at most ``max_bytes`` (Qwen3.5-0.8B after L9: 144 heads, ~150 GB at once for 4 sites
+    of 1,024 tokens)."""
     ids = torch.as_tensor(ids)
     layer, head = host.cell(*cell)[:2]
     later = [(c.layer, c.head) for c in host.cells if c.layer > layer]
@@ -102,16 +103,18 @@ def reader_heads(host, sae, cell, ids, firings, features, *, n_sites=8, batch=4,
             edits = [Edit(r, layer, head, int(p), "add", float(c) * A) for r, (p, c) in enumerate(zip(chunk["pos"], chunk["coef"]))]
             p0 = int(chunk["pos"].min())
             pos = range(p0, x.shape[1])
-            group = max(1, max_bytes // host.trace_bytes(later, len(x) * len(pos)))
-            for g in range(0, len(later), group):
-                cells = later[g:g + group]
-                base = host.trace(x, cells=cells, positions=pos, logits=False)
-                edit = host.trace(x, cells=cells, positions=pos, edits=edits, logits=False)
-                for c in cells:
-                    d = (edit[c].out - base[c].out).norm(dim=-1)
-                    o = base[c].out.norm(dim=-1)
-                    for r, p in enumerate(chunk["pos"]):
-                        resp[c].append(float(d[r, p - p0:].mean() / o[r, p - p0:].mean().clamp_min(1e-30)))
+            group = max(1, max_bytes // host.trace_bytes(later, len(x) * len(pos)))  # heads of a layer at once
+            heads = sorted({h for _, h in later})
+            for g in range(0, len(heads), group):  # up the model once per group, unedited and edited side by side
+                cells = [c for c in later if c[1] in heads[g:g + group]]
+                walks = zip(host.trace_layers(x, cells=cells, positions=pos),
+                            host.trace_layers(x, cells=cells, positions=pos, edits=edits))
+                for (_, base), (_, edit) in walks:
+                    for c in base:
+                        d = (edit[c].out - base[c].out).norm(dim=-1)
+                        o = base[c].out.norm(dim=-1)
+                        for r, p in enumerate(chunk["pos"]):
+                            resp[c].append(float(d[r, p - p0:].mean() / o[r, p - p0:].mean().clamp_min(1e-30)))
         rows += [dict(feature=int(f), layer=c[0], head=c[1], response=float(np.mean(v))) for c, v in resp.items()]
     out = pd.DataFrame(rows, columns=["feature", "layer", "head", "response"])
     out.attrs["params"] = dict(model=host.name, cell=[layer, head], n_sites=n_sites, seed=seed)

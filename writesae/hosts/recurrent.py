@@ -258,21 +258,26 @@ class RecurrentHost:
         return Trace(out, torch.tensor(positions, dtype=torch.long), run[0] if logits else None)
 
     @torch.no_grad()
-    def trace_layers(self, input_ids, cells=None, positions=None):
+    def trace_layers(self, input_ids, cells=None, positions=None, edits=()):
         """What :meth:`trace` (``logits=False``) gives for ``cells`` (default all), walking up the model once and
         yielding ``(layer, {(layer, head): CellTrace})`` for each layer holding some of them, in order: only one
         layer's traces are held at a time, no layer above the last traced one runs, and no logits are computed.
-        For measurements over many heads (``overview.cell_memory``), where tracing a few heads per forward would
-        rerun the lower layers for each few."""
+        For measurements over many heads (``overview.cell_memory``, ``partition.reader_heads``), where tracing a
+        few heads per forward would rerun the lower layers for each few. ``edits``: as :meth:`trace`'s."""
         ids = self._ids(input_ids).to(self.device)
-        positions = self._positions(positions, ids.shape[1])
+        T = ids.shape[1]
+        positions = self._positions(positions, T)
         cells = self.cells if cells is None else [self.cell(int(c[0]), int(c[1])) for c in cells]
+        for e in edits:
+            self._check_edit(e, ids.shape)
+        edits = self._edits_by_layer([(e.seq, e) for e in self._norm_edits(edits, T)])
         stream, first = self._embed(ids), 0
         for layer in sorted({c.layer for c in cells}):
             heads = sorted({c.head for c in cells if c.layer == layer})
             heads = heads if len(heads) < self.n_heads else None  # None: every head, kept as views
             record = {layer: recurrence.Record(positions, heads)}
-            _, _, _, rec, stream = self._run(stream, 0, first, {}, record=record, read=slice(0, 0), last_layer=layer)
+            _, _, _, rec, stream = self._run(stream, 0, first, {}, edits=edits, record=record, read=slice(0, 0),
+                                             last_layer=layer)
             first = layer + 1
             slot = lambda h: None if heads is None else heads.index(h)  # noqa: E731
             yield layer, {(layer, h): self._cell_trace(rec[layer], h, positions, slot(h))
