@@ -233,13 +233,18 @@ def chosen_by(memory_df, cells, fixed=None, max_write_share=0.3) -> list:
     """Per row of ``memory_df``: why :func:`choose_cells` chose it ("" where it did not): fixed by ``zoo_cells``,
     the most influential head that keeps a state, or, where too few heads keep one, the lowest write share."""
     cells = {tuple(c) for c in cells}
-    out = []
-    for l, h, share in zip(memory_df["layer"], memory_df["head"], memory_df["write_share"]):
-        out.append("" if (int(l), int(h)) not in cells else "fixed (zoo_cells)" if fixed
-                   else (f"most influential with write share ≤ {max_write_share:g}" if share <= max_write_share
-                         and "influence" in memory_df else f"lowest write share (no other head ≤ {max_write_share:g})"
-                         if share > max_write_share else "lowest write share"))
-    return out
+
+    def why(layer, head, share):
+        if (int(layer), int(head)) not in cells:
+            return ""
+        if fixed:
+            return "fixed (zoo_cells)"
+        if share > max_write_share:
+            return f"lowest write share (no other head ≤ {max_write_share:g})"
+        return f"most influential with write share ≤ {max_write_share:g}" if "influence" in memory_df else \
+            "lowest write share"
+
+    return [why(*row) for row in zip(memory_df["layer"], memory_df["head"], memory_df["write_share"])]
 
 
 def setup(models, *, zoo_cells=None, n_cells=1, max_write_share=0.3, memory_window=128, memory_windows=2,
@@ -470,6 +475,8 @@ def k_sweep(f, ks=(16, 32, 64, 128), n_feat=512, cell=None) -> pd.DataFrame:
 
     out = cache.cached_table("zoo_k_sweep", dict(f.spec, cell=list(cell), ks=ks, sweep_n_feat=n_feat,
                                                  min_firings=f.min_firings), compute)
+    if not len(out):
+        return out
     two = out["dbic"].map(_partition.has_classes)  # a register cosine only where registers are a class
     return out.assign(register_cos=out["register_cos"].where(two))
 
