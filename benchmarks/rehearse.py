@@ -42,8 +42,9 @@ CHECKPOINT = {"qwen35_0p8b_gpu": "qwen35_0p8b", "mamba2_370m_gpu": "mamba2_370m"
               "gla_1p3b_gpu": "gla_1p3b", "rwkv7_1p5b_gpu": "rwkv7_1p5b"}
 
 # The counts set for every notebook that declares them (params/tiny.yaml's count keys, at sizes that still reach every
-# code path); max_firings_by_cell keeps the file's cells, each at max_firings.
-COUNTS = dict(window=64, n_windows=16, positions_per_seq=8, eval_windows=2, epochs=1, min_firings=2, max_firings=4,
+# code path); max_firings_by_cell keeps the file's cells, each at max_firings. eval_windows: 8 (with 2, no atom of a
+# random 2,048-atom SAE fired the 16 times chapter 05's erasure needs: a rehearsal finding).
+COUNTS = dict(window=64, n_windows=16, positions_per_seq=8, eval_windows=8, epochs=1, min_firings=2, max_firings=4,
               max_per_atom=2, pop_atoms=3, n_atoms=2, sites_per_atom=2, horizon=6, n_div_sites=4, prompt_len=16,
               n_prompts=2, tokens_per_window=2, n_new=4, steer_new=4, n_steer_prompts=2, n_steer_features=2,
               gt_n=256, gt_d=6, gt_atoms=8, cf_atoms=2, cf_sites=3, n_passages=4, influence_passages=1, max_sites=6)

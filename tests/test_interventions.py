@@ -97,6 +97,13 @@ def test_zero_magnitude_is_a_noop(host, ids, sae, fired):
     assert edits == [] and torch.equal(out, host.generate(prompts, 6))
 
 
+def test_erasure_without_a_frequent_atom_says_what_to_give(host, ids, sae, fired):
+    most = int(fired["feature"].value_counts().max())
+    with pytest.raises(ValueError, match=rf"no atom fires {most + 1} times or more .* \(the most: {most}\): give more "
+                                         r"held-out passages \(eval_windows\)"):
+        iv.erasure(host, sae, CELL, ids, firings=fired, per_feature=most + 1)
+
+
 def test_erasure_follows_the_first_order_prediction(host, ids, sae, fired):
     er = iv.erasure(host, sae, CELL, ids, firings=fired, n_features=3, per_feature=12, doses=(1.0, 2.0))
     assert set(er["where"]) == {"firing", "non-firing"} and er["feature"].nunique() == 3

@@ -203,6 +203,10 @@ def erasure(host, sae, cell, ids, *, firings=None, features=None, n_features=8, 
     if features is None:
         counts = firings["feature"].value_counts()
         features = counts[counts >= max(2, per_feature)].index[:n_features].tolist()
+        if not features:
+            raise ValueError(f"erasure: no atom fires {max(2, per_feature)} times or more at L{layer}H{head} on these {N} "
+                             f"passages of {T} tokens (the most: {int(counts.max()) if len(counts) else 0}): give more "
+                             "held-out passages (eval_windows) or lower per_feature")
     rng = np.random.default_rng(seed)
     tr, ctx, o, r, _ = closed_form.readout(host, (layer, head), ids)
 
