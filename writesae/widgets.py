@@ -26,6 +26,7 @@ from .experiments import firings as _firings
 from .experiments import interventions as iv
 from .experiments import partition as _partition
 from .experiments import substitution as _sub
+from .notebook import number
 from .plots import interventions as plots
 
 __all__ = ["atom_explorer", "live_install"]
@@ -76,8 +77,9 @@ def _png(fig) -> str:
 
 
 def _table(df) -> str:
-    """A small table for a view: headers in words (``n_firings`` -> "n firings"), numbers to 3 significant digits."""
-    return df.rename(columns=lambda c: str(c).replace("_", " ")).to_html(index=False, float_format=lambda x: f"{x:.3g}")
+    """A small table for a view: headers in words (``n_firings`` -> "n firings"), numbers as the book's tables
+    round them (:func:`writesae.notebook.number`)."""
+    return df.rename(columns=lambda c: str(c).replace("_", " ")).to_html(index=False, float_format=number)
 
 
 def _tok(host, t) -> str:

@@ -221,25 +221,35 @@ class RecurrentHost:
         return CellTrace(q=q, k=k, v=v, a=g.exp(), b=b, write=recurrence.native_write(k, v, b), state=S,
                          prev_state=Sp, out=torch.einsum("bpkv,bpk->bpv", S, q), update=update, e=e, f=f)
 
-    def _traced(self, input_ids, cells, positions, edits, logits=True):
-        """(cells, positions, ``_run``'s outputs, {cell: CellTrace}); each layer keeps the states of its traced
-        heads only, and ``logits=False`` computes none (at a 248k vocabulary they are 1 GB per 1,024-token window)
-        and runs no layer above the last traced one (tracing a model's heads a few layers at a time then costs
-        about half the forwards)."""
-        ids = self._ids(input_ids)
+    def _trace_plan(self, input_ids, cells, positions, edits):
+        """What a trace needs, checked: (ids, cells, positions, {layer: its traced heads, None for every head
+        (kept as views)}, the edits by layer)."""
+        ids = self._ids(input_ids).to(self.device)
         T = ids.shape[1]
         cells = self.cells if cells is None else [self.cell(int(c[0]), int(c[1])) for c in cells]
         positions = self._positions(positions, T)
         for e in edits:
             self._check_edit(e, ids.shape)
-        heads = {l: sorted({c.head for c in cells if c.layer == l}) for l in {c.layer for c in cells}}
-        heads = {l: h if len(h) < self.n_heads else None for l, h in heads.items()}  # None: all, kept as views
+        heads = {l: sorted({c.head for c in cells if c.layer == l}) for l in sorted({c.layer for c in cells})}
+        heads = {l: h if len(h) < self.n_heads else None for l, h in heads.items()}
+        return ids, cells, positions, heads, self._edits_by_layer([(e.seq, e) for e in self._norm_edits(edits, T)])
+
+    @staticmethod
+    def _slot(heads, head):
+        """A head's place in the states a layer kept (``heads``: those it recorded; None: every head)."""
+        return None if heads is None else heads.index(head)
+
+    def _traced(self, input_ids, cells, positions, edits, logits=True):
+        """(cells, positions, ``_run``'s outputs, {cell: CellTrace}); each layer keeps the states of its traced
+        heads only, and ``logits=False`` computes none (at a 248k vocabulary they are 1 GB per 1,024-token window)
+        and runs no layer above the last traced one (tracing a model's heads a few layers at a time then costs
+        about half the forwards)."""
+        ids, cells, positions, heads, edits = self._trace_plan(input_ids, cells, positions, edits)
         record = {l: recurrence.Record(positions, h) for l, h in heads.items()}
         run = self._run(self._embed(ids), 0, 0, {}, record=record, read=None if logits else slice(0, 0),
-                        edits=self._edits_by_layer([(e.seq, e) for e in self._norm_edits(edits, T)]),
-                        last_layer=None if logits else max(heads))
-        slot = lambda c: None if heads[c.layer] is None else heads[c.layer].index(c.head)  # noqa: E731
-        traced = {c: self._cell_trace(run[3][c.layer], c.head, positions, slot(c)) for c in cells}
+                        edits=edits, last_layer=None if logits else max(heads))
+        traced = {c: self._cell_trace(run[3][c.layer], c.head, positions, self._slot(heads[c.layer], c.head))
+                  for c in cells}
         return cells, positions, run, traced
 
     def trace_bytes(self, cells, tokens) -> int:
@@ -264,24 +274,15 @@ class RecurrentHost:
         layer's traces are held at a time, no layer above the last traced one runs, and no logits are computed.
         For measurements over many heads (``overview.cell_memory``, ``partition.reader_heads``), where tracing a
         few heads per forward would rerun the lower layers for each few. ``edits``: as :meth:`trace`'s."""
-        ids = self._ids(input_ids).to(self.device)
-        T = ids.shape[1]
-        positions = self._positions(positions, T)
-        cells = self.cells if cells is None else [self.cell(int(c[0]), int(c[1])) for c in cells]
-        for e in edits:
-            self._check_edit(e, ids.shape)
-        edits = self._edits_by_layer([(e.seq, e) for e in self._norm_edits(edits, T)])
+        ids, cells, positions, heads, edits = self._trace_plan(input_ids, cells, positions, edits)
         stream, first = self._embed(ids), 0
-        for layer in sorted({c.layer for c in cells}):
-            heads = sorted({c.head for c in cells if c.layer == layer})
-            heads = heads if len(heads) < self.n_heads else None  # None: every head, kept as views
-            record = {layer: recurrence.Record(positions, heads)}
+        for layer, hs in heads.items():
+            record = {layer: recurrence.Record(positions, hs)}
             _, _, _, rec, stream = self._run(stream, 0, first, {}, edits=edits, record=record, read=slice(0, 0),
                                              last_layer=layer)
             first = layer + 1
-            slot = lambda h: None if heads is None else heads.index(h)  # noqa: E731
-            yield layer, {(layer, h): self._cell_trace(rec[layer], h, positions, slot(h))
-                          for h in (heads if heads is not None else range(self.n_heads))}
+            yield layer, {(c.layer, c.head): self._cell_trace(rec[layer], c.head, positions, self._slot(hs, c.head))
+                          for c in cells if c.layer == layer}
 
     @torch.no_grad()
     def readout(self, cell, input_ids, edits=()) -> Readout:
