@@ -95,6 +95,19 @@ def main():
     print(f"every head in one walk (trace_layers) {t_walk:.2f} s vs a trace per layer {t_without:.2f} s: "
           f"{t_without / t_walk:.2f}x (layer limit {limit:.2f}x); max |state diff| = {diff:.1e}")
     assert diff < 1e-5, "the walk and the traces disagree"
+    # what later heads output at every position (partition.reader_heads): from traces (states kept at every
+    # position, so every step runs in Python) vs host.head_outputs (the blocks' o, chunked forms)
+    every = list(range(T))
+    t0 = time.perf_counter()
+    traced = {k: t.out for _, tr in host.trace_layers(ids, positions=every) for k, t in tr.items()}
+    t_traced = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    outs = {k: o for _, os in host.head_outputs(ids, positions=every) for k, o in os.items()}
+    t_outs = time.perf_counter() - t0
+    diff = max(float((outs[k] - traced[k]).abs().max() / traced[k].abs().max()) for k in traced)
+    print(f"every head's output at every position: head_outputs {t_outs:.2f} s vs trace_layers {t_traced:.2f} s: "
+          f"{t_traced / t_outs:.2f}x; max relative |out diff| = {diff:.1e}")
+    assert diff < 1e-4, "head_outputs and the traces disagree"
 
     cells = [(c.layer, c.head) for c in host.cells]
     with tempfile.TemporaryDirectory() as d:

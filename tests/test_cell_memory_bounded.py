@@ -1,6 +1,7 @@
 """``overview.cell_memory`` at a real model's scale: it traces every cell's states and writes, which at Qwen3.5-0.8B's
 (18 x 16 heads of 128 x 128, 8 passages of 1,024 tokens) is ~300 GB at once; under ``max_bytes`` it traces the
 cells and passages in pieces, with the same table."""
+import numpy as np
 import pandas as pd
 import torch
 
@@ -52,10 +53,11 @@ def test_trace_layers_is_the_trace_layer_by_layer():
                 assert (a is None and b is None) or torch.allclose(a, b, atol=1e-6, rtol=1e-5), (key, name)
 
 
-def test_reader_heads_in_pieces_is_the_same_table():
-    """reader_heads traces every later head (Qwen3.5-0.8B after L9: 144 heads, both unedited and edited): under
-    ``max_bytes`` in groups of heads, with the same table."""
+def test_reader_heads_is_the_traced_response():
+    """reader_heads reads the later heads' outputs without keeping their states (host.head_outputs): its table is
+    the response computed from full traces of every later head, unedited and edited."""
     from writesae.experiments import partition as P
+    from writesae.hosts import Edit
     from writesae.sae import SAEConfig, WriteSAE
 
     host = load_host("tiny", device="cpu")
@@ -64,16 +66,16 @@ def test_reader_heads_in_pieces_is_the_same_table():
     torch.manual_seed(0)
     sae = WriteSAE(SAEConfig("bilinear", d_k=c.d_k, d_v=c.d_v, n_feat=8, k=2))
     firings = pd.DataFrame(dict(feature=[1, 1, 1], seq=[0, 1, 2], pos=[5, 9, 12], coef=[1.0, 2.0, 0.5]))
-    whole = P.reader_heads(host, sae, (c.layer, c.head), ids, firings, [1], n_sites=3)
-    sizes, trace_layers = [], host.trace_layers
-
-    def spy(input_ids, cells=None, positions=None, **kw):  # the bytes held at once: one layer's traced heads
-        for layer, tr in trace_layers(input_ids, cells=cells, positions=positions, **kw):
-            sizes.append(len(input_ids) * len(tr) * len(positions) * c.d_k * c.d_v * 4 * 2)
-            yield layer, tr
-
-    host.trace_layers = spy
-    budget = 3 * 4 * 15 * c.d_k * c.d_v * 4 * 2  # three heads of a batch of 4 sites over 15 positions
-    pieces = P.reader_heads(host, sae, (c.layer, c.head), ids, firings, [1], n_sites=3, max_bytes=budget)
-    pd.testing.assert_frame_equal(whole, pieces, rtol=1e-5)
-    assert len(sizes) > 2 and max(sizes) <= budget
+    got = P.reader_heads(host, sae, (c.layer, c.head), ids, firings, [1], n_sites=3, batch=3)
+    later = [(d.layer, d.head) for d in host.cells if d.layer > c.layer]
+    A = sae.atom(1).float()
+    sites = P._sites(firings, 1, 3, 0)
+    x = ids[torch.tensor(sites["seq"].tolist())]
+    edits = [Edit(r, c.layer, c.head, int(p), "add", float(k) * A) for r, (p, k) in enumerate(zip(sites["pos"], sites["coef"]))]
+    base, edit = host.trace(x, cells=later), host.trace(x, cells=later, edits=edits)
+    for d in later:
+        d_out, o = (edit[d].out - base[d].out).norm(dim=-1), base[d].out.norm(dim=-1)
+        want = np.mean([float(d_out[r, p:].mean() / o[r, p:].mean()) for r, p in enumerate(sites["pos"])])
+        row = got[(got["layer"] == d[0]) & (got["head"] == d[1])]
+        assert len(row) == 1 and abs(float(row["response"].iloc[0]) - want) <= 1e-4 * want + 1e-7, d
+    assert len(got) == len(later) and (got["response"] > 0).all()

@@ -242,6 +242,25 @@ def test_a_trace_without_logits_runs_no_layer_above_its_last_head(fam, ids, monk
             assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-6), (key, name)
 
 
+def test_head_outputs_are_the_traced_outputs(fam, ids):
+    """head_outputs (the LayerOut's o, chunked forms, no state kept) gives what a trace's ``out`` holds, edits
+    included, for every head of two layers."""
+    _, _, host = fam
+    two = [(l, h) for l in host.recurrent_layers[:2] for h in range(host.n_heads)]
+    c = host.cell(*two[0])
+    edit = [Edit(1, c.layer, c.head, 5, "add", torch.randn(c.d_k, c.d_v, generator=torch.Generator().manual_seed(3)))]
+    pos = list(range(4, T))
+    ref = host.trace(ids, cells=two, positions=pos, edits=edit, logits=False)
+    got = {k: o for _, outs in host.head_outputs(ids, cells=two, positions=pos, edits=edit) for k, o in outs.items()}
+    assert sorted(got) == sorted(two)
+    for key in two:
+        assert got[key].dtype == torch.float32 and got[key].shape == ref[key].out.shape
+        assert (got[key] - ref[key].out).abs().max() <= 1e-4 * ref[key].out.abs().max() + 1e-6, key
+    # the edit reached the later layer's heads
+    plain = {k: o for _, outs in host.head_outputs(ids, cells=two, positions=pos) for k, o in outs.items()}
+    assert (got[two[-1]] - plain[two[-1]])[1].abs().max() > 1e-6
+
+
 def test_replace_by_itself_is_a_noop(fam, ids):
     _, _, host = fam
     layer = host.recurrent_layers[1]

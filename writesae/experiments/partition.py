@@ -78,17 +78,15 @@ def _sites(firings, feature, n_sites, seed):
 
 
 @torch.no_grad()
-def reader_heads(host, sae, cell, ids, firings, features, *, n_sites=8, batch=4, seed=0,
-                 max_bytes=2 ** 30) -> pd.DataFrame:
+def reader_heads(host, sae, cell, ids, firings, features, *, n_sites=8, batch=4, seed=0) -> pd.DataFrame:
     """How much each later recurrent head's output moves when atom ``f`` (at its coefficient) is added
     to the state of ``cell`` at ``n_sites`` of its firing positions.
 
     One row per (feature, layer, head) of the later cells: response = mean over sites of
     ``mean_{t>=pos} ||d out_t|| / mean_{t>=pos} ||out_t||`` (out = S_t^T q_t of that head). Empty when no
-    recurrent layer follows ``cell``'s layer. The later heads are traced walking up the model
-    (``host.trace_layers``, unedited and edited side by side), each layer's heads in groups whose states and
-    writes (float32) take at most ``max_bytes`` (Qwen3.5-0.8B after L9: 144 heads, ~150 GB at once for 4 sites
-    of 1,024 tokens)."""
+    recurrent layer follows ``cell``'s layer. The later heads' outputs are read walking up the model once
+    (``host.head_outputs``, unedited and edited side by side): no state is kept, so all but the edited steps run
+    in the chunked forms."""
     ids = torch.as_tensor(ids)
     layer, head = host.cell(*cell)[:2]
     later = [(c.layer, c.head) for c in host.cells if c.layer > layer]
@@ -103,18 +101,14 @@ def reader_heads(host, sae, cell, ids, firings, features, *, n_sites=8, batch=4,
             edits = [Edit(r, layer, head, int(p), "add", float(c) * A) for r, (p, c) in enumerate(zip(chunk["pos"], chunk["coef"]))]
             p0 = int(chunk["pos"].min())
             pos = range(p0, x.shape[1])
-            group = max(1, max_bytes // host.trace_bytes(later, len(x) * len(pos)))  # heads of a layer at once
-            heads = sorted({h for _, h in later})
-            for g in range(0, len(heads), group):  # up the model once per group, unedited and edited side by side
-                cells = [c for c in later if c[1] in heads[g:g + group]]
-                walks = zip(host.trace_layers(x, cells=cells, positions=pos),
-                            host.trace_layers(x, cells=cells, positions=pos, edits=edits))
-                for (_, base), (_, edit) in walks:
-                    for c in base:
-                        d = (edit[c].out - base[c].out).norm(dim=-1)
-                        o = base[c].out.norm(dim=-1)
-                        for r, p in enumerate(chunk["pos"]):
-                            resp[c].append(float(d[r, p - p0:].mean() / o[r, p - p0:].mean().clamp_min(1e-30)))
+            walks = zip(host.head_outputs(x, cells=later, positions=pos),
+                        host.head_outputs(x, cells=later, positions=pos, edits=edits))
+            for (_, base), (_, edit) in walks:
+                for c in base:
+                    d = (edit[c] - base[c]).norm(dim=-1)
+                    o = base[c].norm(dim=-1)
+                    for r, p in enumerate(chunk["pos"]):
+                        resp[c].append(float(d[r, p - p0:].mean() / o[r, p - p0:].mean().clamp_min(1e-30)))
         rows += [dict(feature=int(f), layer=c[0], head=c[1], response=float(np.mean(v))) for c, v in resp.items()]
     out = pd.DataFrame(rows, columns=["feature", "layer", "head", "response"])
     out.attrs["params"] = dict(model=host.name, cell=[layer, head], n_sites=n_sites, seed=seed)

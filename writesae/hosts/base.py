@@ -121,13 +121,16 @@ class LayerOut(NamedTuple):
     rule: the recurrence's inputs (:class:`writesae.ops.recurrence.Rule`, ``None`` for non-recurrent layers);
     kept: ``{step: (S_{t-1}, S_t)}`` at the recorded steps (of the recorded heads only, where ``record`` was a
     :class:`writesae.ops.recurrence.Record` of some); read: per-head inputs of
-    ``host.head_out`` besides the head output itself, each ``(B, T, H, ...)`` (e.g. the output gate)."""
+    ``host.head_out`` besides the head output itself, each ``(B, T, H, ...)`` (e.g. the output gate);
+    o: the head outputs ``S_t^T q_t`` of the recurrence at every position, ``(B, T, H, d_v)`` float32 (``None``
+    for other layers): what a later head reads, computed by the chunked forms too (no state kept)."""
 
     hidden: torch.Tensor
     state: LayerState
     rule: object = None
     kept: dict = {}
     read: tuple = ()
+    o: torch.Tensor | None = None
 
 
 class Readout(NamedTuple):

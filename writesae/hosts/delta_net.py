@@ -95,7 +95,7 @@ class DeltaNetHost(FlaHost):
         y = at.o_proj(self._norm(at, o.to(x.dtype), gate).flatten(2))
         hidden = hidden + y  # fla's fused norm adds the residual itself; torch's nn.RMSNorm (fuse_norm=False) not
         read = (gate,) if gate is not None else ()
-        return LayerOut(hidden + blk.mlp(blk.mlp_norm(hidden)), LayerState(windows, S), rule, kept, read)
+        return LayerOut(hidden + blk.mlp(blk.mlp_norm(hidden)), LayerState(windows, S), rule, kept, read, o)
 
     @staticmethod
     def _norm(at, o, gate):

@@ -149,7 +149,7 @@ class GatedDeltaNetHost(KernelLane, RecurrentHost):
         return chunk
 
     def _gdn(self, i, x, state, edits, record):
-        """Gated DeltaNet token mixer of layer i on normed input x (B,T,hidden): (output, state, rule, kept, z)."""
+        """Gated DeltaNet token mixer of layer i on normed input x (B,T,hidden): (output, state, rule, kept, z, o)."""
         attn = self._mixer(i)
         B, T, _ = x.shape
         mixed, z, b, g = self._project(attn, x)
@@ -174,8 +174,8 @@ class GatedDeltaNetHost(KernelLane, RecurrentHost):
         o, S, kept = recurrence.run(S0.float(), rule, edits=edits, record=record, chunk=self._chunk_kernel(),
                                     min_chunk=self._min_chunk(64))
         norm, out = self._norm_out(attn)
-        o = norm(o.to(x.dtype).reshape(-1, self.d_v), z.reshape(-1, self.d_v)).reshape(B, T, -1)
-        return out(o), LayerState((grow(state, 0, mixed),), S), rule, kept, z
+        y = norm(o.to(x.dtype).reshape(-1, self.d_v), z.reshape(-1, self.d_v)).reshape(B, T, -1)
+        return out(y), LayerState((grow(state, 0, mixed),), S), rule, kept, z, o
 
     def _attention(self, i, x, pos_emb, state, start):
         """Full-attention token mixer (gated, GQA) with explicit past keys/values."""
@@ -206,15 +206,15 @@ class GatedDeltaNetHost(KernelLane, RecurrentHost):
     def _block(self, i, hidden, ctx, state, edits, record):
         layer = self.layers[i]
         x = layer.input_layernorm(hidden)
-        rule, kept, read = None, {}, ()
+        rule, kept, read, o = None, {}, (), None
         if i in self.recurrent_layers:
-            x, new_state, rule, kept, z = self._gdn(i, x, state, edits, record)
+            x, new_state, rule, kept, z, o = self._gdn(i, x, state, edits, record)
             read = (z,)
         else:
             x, new_state = self._attention(i, x, ctx[1], state, ctx[0])
         hidden = hidden + x
         mlp = layer.mlp(layer.post_attention_layernorm(hidden))
-        return LayerOut(hidden + (mlp[0] if isinstance(mlp, tuple) else mlp), new_state, rule, kept, read)
+        return LayerOut(hidden + (mlp[0] if isinstance(mlp, tuple) else mlp), new_state, rule, kept, read, o)
 
     def _embed(self, input_ids):
         return self.decoder.embed_tokens(input_ids.to(self.device))

@@ -82,7 +82,7 @@ class GLAHost(FlaHost):
         y = at.o_proj(self._norm(at, o.to(x.dtype), gate).flatten(-2).to(x.dtype))
         hidden = hidden + y
         hidden = hidden + blk.mlp(blk.mlp_norm(hidden))
-        return LayerOut(hidden, LayerState(windows, S), rule, kept, (gate,) if gate is not None else ())
+        return LayerOut(hidden, LayerState(windows, S), rule, kept, (gate,) if gate is not None else (), o)
 
     @staticmethod
     def _norm(at, o, gate):

@@ -77,11 +77,11 @@ class KimiLinearHost(GatedDeltaNetHost):
     def _block(self, i, hidden, ctx, state, edits, record):
         layer = self.layers[i]
         x = layer.input_layernorm(hidden)
-        rule, kept, read = None, {}, ()
+        rule, kept, read, o = None, {}, (), None
         if i in self.recurrent_layers:
-            x, new_state, rule, kept, z = self._gdn(i, x, state, edits, record)
+            x, new_state, rule, kept, z, o = self._gdn(i, x, state, edits, record)
             read = (z,)
         else:
             x, new_state = self._attention(i, x, state, ctx)
         hidden = hidden + x
-        return LayerOut(hidden + layer.mlp(layer.post_attention_layernorm(hidden)), new_state, rule, kept, read)
+        return LayerOut(hidden + layer.mlp(layer.post_attention_layernorm(hidden)), new_state, rule, kept, read, o)

@@ -73,12 +73,11 @@ class MambaHost(RecurrentHost):
     def _block(self, i, hidden, ctx, state, edits, record):
         blk = self.layers[i]
         residual = hidden.float() if blk.residual_in_fp32 else hidden
-        y, new_state, rule, kept, read = self._mamba(i, blk.norm(hidden.to(blk.norm.weight.dtype)), state, edits,
-                                                      record)
-        return LayerOut((residual + y).to(hidden.dtype), new_state, rule, kept, read)
+        y, *rest = self._mamba(i, blk.norm(hidden.to(blk.norm.weight.dtype)), state, edits, record)
+        return LayerOut((residual + y).to(hidden.dtype), *rest)
 
     def _mamba(self, i, x, state, edits, record):
-        """The Mamba-1 mixer of layer i on its normed input x (B, T, hidden): (output, state, rule, kept, read)."""
+        """The Mamba-1 mixer of layer i on its normed input x (B, T, hidden): (output, state, rule, kept, read, o)."""
         m = self._mixer(i)
         Bt, T, _ = x.shape
         H, P, N = self.n_heads, self.d_v, self.d_k
@@ -101,7 +100,7 @@ class MambaHost(RecurrentHost):
         skip = (xf * m.D.float()).view(Bt, T, H, P)
         gate = gate.view(Bt, T, H, P)
         y = ((o + skip) * F.silu(gate.float())).reshape(Bt, T, -1)
-        return m.out_proj(y.to(x.dtype)), LayerState((grow(state, 0, xs),), S), rule, kept, (gate, skip)
+        return m.out_proj(y.to(x.dtype)), LayerState((grow(state, 0, xs),), S), rule, kept, (gate, skip), o
 
     # ------------------------------------------------------------- the read-out
     def _out_weight(self, cell):
@@ -153,10 +152,10 @@ class JambaHost(MambaHost):
     def _block(self, i, hidden, ctx, state, edits, record):
         layer = self.layers[i]
         x = layer.input_layernorm(hidden)
-        rule, kept, read = None, {}, ()
+        rest = ()
         if i in self.recurrent_layers:
-            y, new_state, rule, kept, read = self._mamba(i, x, state, edits, record)
+            y, new_state, *rest = self._mamba(i, x, state, edits, record)
         else:
             y, new_state = self._attention(i, x, state, ctx)
         hidden = hidden + y
-        return LayerOut(hidden + layer.feed_forward(layer.pre_ff_layernorm(hidden)), new_state, rule, kept, read)
+        return LayerOut(hidden + layer.feed_forward(layer.pre_ff_layernorm(hidden)), new_state, *rest)

@@ -182,7 +182,7 @@ class Mamba2Host(RecurrentHost):
         return m.norm(y.reshape(-1, y.shape[-1]), gate.reshape(-1, gate.shape[-1])).reshape(y.shape)
 
     def _mamba(self, i, x, state, edits, record):
-        """Layer i's Mamba-2 mixer on its input x: (output times ``out_scale``, state, rule, kept, read)."""
+        """Layer i's Mamba-2 mixer on its input x: (output times ``out_scale``, state, rule, kept, read, o)."""
         m = self.mixer(i)
         Bt, T, _ = x.shape
         H, P, N, G = m.num_heads, m.head_dim, m.ssm_state_size, m.n_groups
@@ -205,9 +205,9 @@ class Mamba2Host(RecurrentHost):
         o, S, kept = recurrence.run(S0.float(), rule, edits=edits, record=record,
                                     chunk=self._chunk_kernel(m) if self.chunked else None)
         skip = xs * m.D.float()[:, None]
-        o = (o + skip).reshape(Bt, T, -1)
-        out = m.out_proj(self._gated_norm(m, o.to(x.dtype), gate).to(x.dtype)) * self.out_scale
-        return out, LayerState((grow(state, 0, xBC),), S), rule, kept, (o, gate, skip)
+        y = (o + skip).reshape(Bt, T, -1)
+        out = m.out_proj(self._gated_norm(m, y.to(x.dtype), gate).to(x.dtype)) * self.out_scale
+        return out, LayerState((grow(state, 0, xBC),), S), rule, kept, (y, gate, skip), o
 
     # ------------------------------------------------------------- the read-out
     @staticmethod

@@ -67,9 +67,9 @@ class MiniMaxHost(RecurrentHost):
         S0 = state.S if state is not None and state.S is not None else q.new_zeros(B, self.n_heads, self.d_k, self.d_v)
         o, S, kept = recurrence.run(S0.float(), rule, edits=edits, record=record, chunk=self._chunk,
                                     min_chunk=16 if self.device.type == "cpu" else 8)
-        o = o.to(x.dtype).reshape(B, T, -1)
+        y = o.to(x.dtype).reshape(B, T, -1)
         gate = at.output_gate(x)
-        return at.out_proj(torch.sigmoid(gate) * at.norm(o)), LayerState((), S), rule, kept, (o, gate)
+        return at.out_proj(torch.sigmoid(gate) * at.norm(y)), LayerState((), S), rule, kept, (y, gate), o
 
     def _attention(self, i, x, pos_emb, state, start):
         from transformers.models.minimax.modeling_minimax import apply_rotary_pos_emb
@@ -102,13 +102,13 @@ class MiniMaxHost(RecurrentHost):
     def _block(self, i, hidden, ctx, state, edits, record):
         layer = self.layers[i]
         x = layer.input_layernorm(hidden)
-        rule, kept, read = None, {}, ()
+        rule, kept, read, o = None, {}, (), None
         if i in self.recurrent_layers:
-            y, new_state, rule, kept, (o, gate) = self._lightning(i, x, state, edits, record)
-            read = (o, gate, x)
+            y, new_state, rule, kept, (flat, gate), o = self._lightning(i, x, state, edits, record)
+            read = (flat, gate, x)
         else:
             y, new_state = self._attention(i, x, ctx[1], state, ctx[0])
-        return LayerOut(self._rest(layer, x, y), new_state, rule, kept, read)
+        return LayerOut(self._rest(layer, x, y), new_state, rule, kept, read, o)
 
     # ------------------------------------------------------------- the read-out
     def unembed(self, residual):

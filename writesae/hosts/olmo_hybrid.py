@@ -71,9 +71,9 @@ class OlmoHybridHost(GatedDeltaNetHost):
     def _block(self, i, hidden, ctx, state, edits, record):
         layer = self.layers[i]
         if i in self.recurrent_layers:  # pre-norm
-            x, new_state, rule, kept, z = self._gdn(i, layer.input_layernorm(hidden), state, edits, record)
+            x, new_state, rule, kept, z, o = self._gdn(i, layer.input_layernorm(hidden), state, edits, record)
             hidden = hidden + x
-            return LayerOut(hidden + layer.mlp(layer.post_attention_layernorm(hidden)), new_state, rule, kept, (z,))
+            return LayerOut(hidden + layer.mlp(layer.post_attention_layernorm(hidden)), new_state, rule, kept, (z,), o)
         x, new_state = self._attention(i, hidden, ctx[1], state, ctx[0])  # post-norm
         hidden = hidden + layer.post_attention_layernorm(x)
         return LayerOut(hidden + layer.post_feedforward_layernorm(layer.mlp(hidden)), new_state)

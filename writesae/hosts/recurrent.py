@@ -274,15 +274,33 @@ class RecurrentHost:
         layer's traces are held at a time, no layer above the last traced one runs, and no logits are computed.
         For measurements over many heads (``overview.cell_memory``, ``partition.reader_heads``), where tracing a
         few heads per forward would rerun the lower layers for each few. ``edits``: as :meth:`trace`'s."""
+        for layer, cs, hs, positions, out in self._walk(input_ids, cells, positions, edits, states=True):
+            yield layer, {(c.layer, c.head): self._cell_trace(out, c.head, positions, self._slot(hs, c.head))
+                          for c in cs}
+
+    @torch.no_grad()
+    def head_outputs(self, input_ids, cells=None, positions=None, edits=()):
+        """The head outputs ``o_t = S_t^T q_t`` (what a trace's ``out`` holds) of ``cells`` (default all) at
+        ``positions``, walking up the model once like :meth:`trace_layers`: yields ``(layer, {(layer, head):
+        (B, P, d_v) float32})``. No state is kept, so the unedited stretches run in the chunked forms (a trace's
+        recorded positions run step by step): for measurements that read what later heads output
+        (``partition.reader_heads``). ``edits``: as :meth:`trace`'s."""
+        for layer, cs, _, positions, out in self._walk(input_ids, cells, positions, edits, states=False):
+            o = out.o[:, torch.tensor(positions, dtype=torch.long)]
+            yield layer, {(c.layer, c.head): o[:, :, c.head] for c in cs}
+
+    def _walk(self, input_ids, cells, positions, edits, states):
+        """Up the model once, yielding ``(layer, its cells, its traced heads, positions, LayerOut)`` for each layer
+        holding some of ``cells``; ``states``: keep those heads' states at ``positions`` (else none: the
+        LayerOut's ``o`` only)."""
         ids, cells, positions, heads, edits = self._trace_plan(input_ids, cells, positions, edits)
         stream, first = self._embed(ids), 0
         for layer, hs in heads.items():
-            record = {layer: recurrence.Record(positions, hs)}
+            record = {layer: recurrence.Record(positions if states else (), hs)}
             _, _, _, rec, stream = self._run(stream, 0, first, {}, edits=edits, record=record, read=slice(0, 0),
                                              last_layer=layer)
             first = layer + 1
-            yield layer, {(c.layer, c.head): self._cell_trace(rec[layer], c.head, positions, self._slot(hs, c.head))
-                          for c in cells if c.layer == layer}
+            yield layer, [c for c in cells if c.layer == layer], hs, positions, rec[layer]
 
     @torch.no_grad()
     def readout(self, cell, input_ids, edits=()) -> Readout:

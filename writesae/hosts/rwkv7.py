@@ -111,7 +111,7 @@ class RWKV7Host(FlaHost):
         ffn = blk.ffn
         residual = residual + ffn.value(F.relu(ffn.key(f.addcmul(dff, ffn.x_k))).square())
         return LayerOut(torch.cat([residual, v_first.to(residual)], -1), LayerState((w_attn, w_ffn), S), rule,
-                        kept, (bonus, gate))
+                        kept, (bonus, gate), o)
 
     @staticmethod
     def _group_norm(at, o):

@@ -125,7 +125,7 @@ class XLSTMHost(RecurrentHost):
         hidden = hidden + y
         hidden = hidden + blk.ffn(blk.norm_ffn(hidden))
         new = LayerState((grow(state, 0, n), grow(state, 1, m)), S)
-        return LayerOut(hidden, new, rule, kept, (den, o_pre.view(B, T, H, dv)))
+        return LayerOut(hidden, new, rule, kept, (den, o_pre.view(B, T, H, dv)), o)
 
     # ------------------------------------------------------------- the read-out
     def _out_weight(self, cell):
