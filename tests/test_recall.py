@@ -183,12 +183,18 @@ def test_without_a_recall_model_the_chapter_runs_on_its_baseline(tmp_path, capsy
 
 
 def test_recall_gdn_is_pure_gated_deltanet_from_the_zoo_weights():
-    """The recall GDN has no attention layer; it starts from the zoo GDN's weights where they fit, and the two
-    layers that were attention start fresh (named)."""
+    """The recall GDN has no attention layer and 2 heads of 64 x 64 per layer (the zoo's 4 of 32 x 32: the same
+    widths); it starts from the zoo GDN's weights where they fit: the two layers that were attention start fresh,
+    and in the others only the per-head gates and norm (named)."""
     model = embedded_train.build_model("gdn", "recall")
     assert set(model.config.layer_types) == {"linear_attention"}
+    own = {k: v.clone() for k, v in model.state_dict().items()}
     fresh = embedded_train.load_ckpt_weights(model, embedded_train.OUT / "gdn", partial=True)
-    assert fresh == ["model.layers.3.linear_attn", "model.layers.7.linear_attn"]
+    assert fresh == [f"model.layers.{i}.linear_attn" for i in range(8)]
+    kept = {k.split(".", 4)[-1] for k, v in model.state_dict().items() if k.startswith("model.layers.2.linear_attn")
+            and torch.equal(v, own[k])}
+    assert kept == {"in_proj_a.weight", "in_proj_b.weight", "A_log", "dt_bias", "norm.weight"}
+    assert model.model.layers[2].linear_attn.A_log.shape == (2,)
     zoo = embedded_train.build_model("gdn")
     embedded_train.load_ckpt_weights(zoo, embedded_train.OUT / "gdn")
     a, b = model.state_dict(), zoo.state_dict()
@@ -202,7 +208,8 @@ def test_recall_gdn_is_pure_gated_deltanet_from_the_zoo_weights():
 
 def test_the_tested_head_is_one_both_models_have(monkeypatch):
     """The recall GDN's strongest head may sit in a former attention layer, which its zoo member lacks: the pair
-    is tested at the strongest head they share; a given head wins; without a recall model, the zoo's choice."""
+    is tested at the strongest (head, pair token) they share; a given head wins, at its strongest token; without a
+    recall model, the zoo's choice at the value token."""
     from types import SimpleNamespace
 
     from writesae.hosts import Cell
@@ -210,14 +217,56 @@ def test_the_tested_head_is_one_both_models_have(monkeypatch):
 
     pure = SimpleNamespace(cells=[Cell(l, h, 4, 4) for l in range(4) for h in range(2)])
     hybrid = SimpleNamespace(cells=[Cell(l, h, 4, 4) for l in (0, 1, 2) for h in range(2)])
-    table = pd.DataFrame(dict(cell=["L3H0", "L1H1", "L0H0"], recall_influence=[0.9, 0.5, 0.1]))
+    table = pd.DataFrame(dict(cell=["L3H0", "L1H1", "L1H1", "L2H0", "L2H0", "L0H0"],
+                              token=["value", "separator", "value", "key", "value", "value"],
+                              recall_influence=[0.9, 0.5, 0.3, 0.01, 0.02, 0.1]))
     monkeypatch.setattr(rx, "cell_influence", lambda host, seed: table)
-    assert rx._tested_cell([("recall", pure), ("zoo", hybrid)], None, 0) == (1, 1)
-    assert rx._tested_cell([("recall", pure)], None, 0) == (3, 0)
-    assert rx._tested_cell([("recall", pure), ("zoo", hybrid)], "L2H0", 0) == (2, 0)
+    assert rx._tested_site([("recall", pure), ("zoo", hybrid)], None, 0) == ((1, 1), "separator")
+    assert rx._tested_site([("recall", pure)], None, 0) == ((3, 0), "value")
+    assert rx._tested_site([("recall", pure), ("zoo", hybrid)], "L2H0", 0) == ((2, 0), "value")
     monkeypatch.setattr(_zoo, "memory", lambda host: "mem")
     monkeypatch.setattr(_zoo, "choose_cells", lambda mem, n: [(0, 1)])
-    assert rx._tested_cell([("zoo", hybrid)], None, 0) == (0, 1)
+    assert rx._tested_site([("zoo", hybrid)], None, 0) == ((0, 1), "value")
+
+
+def test_cell_influence_reads_every_token_from_the_card_or_measures_it(host, monkeypatch, tmp_path):
+    """cell_influence: the recall export's three tokens per cell from metrics.json; without them (an older card)
+    measured at key, value and separator, the same numbers as influence_summary."""
+    import json
+
+    from writesae.experiments import zoo as _zoo
+
+    mem = [dict(cell=c.key, recall_influence=0.2 + i, recall_influence_key=0.1, recall_influence_separator=0.3)
+           for i, c in enumerate(host.cells)]
+    (tmp_path / "metrics.json").write_text(json.dumps(dict(memory=mem)))
+    monkeypatch.setattr(_zoo, "metrics_path", lambda name: tmp_path / "metrics.json")
+    got = rx.cell_influence(host)
+    assert len(got) == 3 * len(host.cells) and set(got["token"]) == {"key", "value", "separator"}
+    assert float(got[(got["cell"] == host.cells[1].key) & (got["token"] == "value")]["recall_influence"].iloc[0]) == 1.2
+    (tmp_path / "metrics.json").write_text(json.dumps(dict(memory=[dict(cell=m["cell"], recall_influence=0.2)
+                                                                   for m in mem])))
+    monkeypatch.setattr(rx.cache, "cached_table", lambda name, key, fn: fn())
+    measured = rx.cell_influence(host, n_passages=1)
+    want = rx.influence_summary(rx.influence(host, rx.passages(host, 1), offsets=(-1, 0, 1)))
+    assert sorted(measured["token"].unique()) == ["key", "separator", "value"] and len(measured) == len(want)
+    merged = measured.merge(want, on=["cell", "token"])
+    assert np.allclose(merged["recall_influence"], merged["median_kl"])
+
+
+def test_recall_mamba2_keeps_the_zoo_projections_of_its_larger_heads():
+    """The recall Mamba-2 has 2 heads of 32 x 256 (the zoo's 16 of 32 x 32): zoo_in_proj loads the zoo's in_proj
+    rows that do not depend on the head count (z, x, B, C) and leaves the per-head dt rows fresh."""
+    from safetensors.torch import load_file
+
+    model = embedded_train.build_model("mamba2", "recall")
+    embedded_train.load_ckpt_weights(model, embedded_train.OUT / "mamba2", partial=True)
+    before = model.backbone.layers[4].mixer.in_proj.weight.detach().clone()
+    embedded_train.zoo_in_proj(model)
+    zoo = load_file(str(embedded_train.OUT / "mamba2" / "model.safetensors"))["backbone.layers.4.mixer.in_proj.weight"]
+    w = model.backbone.layers[4].mixer.in_proj.weight.detach()
+    assert model.backbone.layers[4].mixer.num_heads == 2 and w.shape[0] == zoo.shape[0] - 14
+    assert torch.equal(w[:-2], zoo[:w.shape[0] - 2].to(w)) and torch.equal(w[-2:], before[-2:])
+    assert not torch.equal(w[:-2], before[:-2])
 
 
 def test_long_memory_init_spans_long_decays():

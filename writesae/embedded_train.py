@@ -247,7 +247,18 @@ ZOO_TYPES = {"gdn": "qwen3_5_text", "mamba2": "mamba2", "deltanet": "delta_net",
 # weights; every other weight from the zoo member), so that recall has to go through the cache. Without
 # use_cache=False transformers 5.25's Qwen3.5 forward raises on a model with no attention layer (its causal mask
 # asks the cache for an attention layer's length); the hosts never use the library's cache.
-RECALL_CONFIG = {"gdn": dict(layer_types=["linear_attention"], use_cache=False)}
+#
+# Fewer, larger heads (GDN: 2 of 64 x 64 per layer instead of 4 of 32 x 32; Mamba-2: 2 of 32 x 256 instead of 16 of
+# 32 x 32; the same key and value widths per layer, so every projection but the per-head gates loads from the zoo
+# member). With the zoo's head counts the recall models stored each pair across heads: deleting one head's write at
+# a pair's value cost a median 2.5e-3 nats at the answer on the GDN's most influential head and 5e-3 on Mamba-2's
+# (whose 16 heads share one key, each holding 32 of the value's 512 channels), while deleting the write of all 16
+# heads of that Mamba-2 layer cost a median 1.57 nats (4 passages x 8 pairs).
+RECALL_CONFIG = {
+    "gdn": dict(layer_types=["linear_attention"], use_cache=False, linear_num_key_heads=1, linear_num_value_heads=2,
+                linear_key_head_dim=64, linear_value_head_dim=64),
+    "mamba2": dict(num_heads=2, head_dim=256),
+}
 
 
 def long_memory_init(model, lo=1e-3, hi=1e-1, seed=SEED):
@@ -266,7 +277,22 @@ def long_memory_init(model, lo=1e-3, hi=1e-1, seed=SEED):
             b.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
 
 
-RECALL_INIT = {"gdn": long_memory_init}  # applied once, when a recall training starts from its zoo member
+def zoo_in_proj(model, zoo: Path | None = None):
+    """Load the zoo Mamba-2's ``in_proj`` rows that do not depend on the head count (z, x, B, C: all but the last
+    ``num_heads`` rows, the per-head dt), so that a recall model with fewer, larger heads starts from the zoo
+    member's projections; its per-head dt, A and D keep their fresh (Mamba) initialisation."""
+    import torch
+    from safetensors.torch import load_file
+
+    weights = load_file(str((zoo or OUT / "mamba2") / "model.safetensors"))
+    with torch.no_grad():
+        for i, layer in enumerate(model.backbone.layers):
+            w, own = weights[f"backbone.layers.{i}.mixer.in_proj.weight"], layer.mixer.in_proj.weight
+            n = own.shape[0] - layer.mixer.num_heads
+            own[:n].copy_(w[:n])
+
+
+RECALL_INIT = {"gdn": long_memory_init, "mamba2": zoo_in_proj}  # applied once, when a recall training starts
 
 
 def model_config(family=None, task="text"):
@@ -309,7 +335,7 @@ def run_dir(family=None, task="text") -> Path:
 # of the run. The loss adds the mean cross-entropy of the answers to the language-model loss. Steps per family
 # sized to this CPU (one thread: GDN 2.5 s a step, Mamba-2 3.9 s).
 RECALL_SEQ, RECALL_BATCH, RECALL_LR = 512, 4, 1e-3
-RECALL_STEPS = {"gdn": 900, "mamba2": 1200, "deltanet": 1200, "gla": 1200, "rwkv7": 1200}
+RECALL_STEPS = {"gdn": 1200, "mamba2": 1200, "deltanet": 1200, "gla": 1200, "rwkv7": 1200}
 
 
 def recall_level(step: int, steps: int) -> tuple[int, int]:
@@ -809,9 +835,12 @@ def export_recall(family, root=OUT):
     answers = rx.answers(host, rx.passages(host, RECALL_PASSAGES))
     by_d = rx.by_distance(answers)
     mem = with_influence(host, memory_table(host, win[:4, :ZOO_SEQ]))
-    infl = rx.influence_summary(rx.influence(host, rx.passages(host, RECALL_INFLUENCE_PASSAGES), offsets=(0,)))
-    recall_kl = infl.set_index("cell")["median_kl"]
-    mem = [dict(m, recall_influence=float(recall_kl[m["cell"]])) for m in mem]
+    infl = rx.influence_summary(rx.influence(host, rx.passages(host, RECALL_INFLUENCE_PASSAGES),
+                                             offsets=tuple(rx.OFFSETS)))
+    recall_kl = infl.set_index(["cell", "token"])["median_kl"]
+    mem = [dict(m, recall_influence=float(recall_kl[m["cell"], "value"]),
+                recall_influence_key=float(recall_kl[m["cell"], "key"]),
+                recall_influence_separator=float(recall_kl[m["cell"], "separator"])) for m in mem]
     nparams = sum(p.numel() for p in host.model.parameters())
     metrics = dict(family=family, task="recall", params=nparams, steps=state["step"],
                    train_tokens=state["step"] * RECALL_BATCH * RECALL_SEQ, wall_s=round(state["elapsed_s"]),
@@ -823,7 +852,8 @@ def export_recall(family, root=OUT):
     acc_rows = "\n".join(f"| {r['distance']} | {r['n']} | {r['accuracy']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] |"
                          for r in metrics["recall_by_distance"])
     mem_rows = "\n".join(f"| {m['cell']} | {m['decay']:.3f} | {m['write_share']:.3f} | {m['influence']:.2e} | "
-                         f"{m['recall_influence']:.3g} |" for m in mem)
+                         f"{m['recall_influence_key']:.3g} | {m['recall_influence']:.3g} | "
+                         f"{m['recall_influence_separator']:.3g} |" for m in mem)
     changes = ""  # what differs from the zoo member before training
     if family in RECALL_CONFIG:
         changes += f"\n- Config changed: `{RECALL_CONFIG[family]}` (fresh weights where the zoo member has none)."
@@ -863,11 +893,11 @@ Recall accuracy on {RECALL_PASSAGES} held-out passages (8 pairs, gaps of 0-256 h
 ## Memory per cell
 
 Decay and write share on 4 held-out prose windows; influence: median KL of deleting one write (prose, as the
-zoo's); recall influence: median KL at the answer when the write at a pair's value token is deleted
-({RECALL_INFLUENCE_PASSAGES} passages x 8 pairs).
+zoo's); recall influence: median KL at the answer when the write at a pair's key, value or separator token
+is deleted ({RECALL_INFLUENCE_PASSAGES} passages x 8 pairs).
 
-| cell | decay | write share | influence (prose) | recall influence |
-|---|---|---|---|---|
+| cell | decay | write share | influence (prose) | recall influence: key | value | separator |
+|---|---|---|---|---|---|---|
 {mem_rows}
 """
     (out / "MODEL_CARD.md").write_text(card)
@@ -879,10 +909,12 @@ def load_ckpt_weights(model, ckpt: Path, partial=False) -> list[str]:
     keep their fresh initialisation and the checkpoint's layers the model lacks are dropped (a recall model whose
     config differs from its zoo member's, RECALL_CONFIG); returns the fresh layers' names."""
     from safetensors.torch import load_file
-    weights = load_file(str(ckpt / "model.safetensors"))
+    weights, own = load_file(str(ckpt / "model.safetensors")), model.state_dict()
+    misshapen = sorted(k for k, v in weights.items() if k in own and own[k].shape != v.shape)
     if partial:
-        own = model.state_dict()
-        weights = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+        weights = {k: v for k, v in weights.items() if k in own and k not in misshapen}
+    elif misshapen:
+        raise ValueError(f"checkpoint {ckpt} does not fit the model: other shapes for {misshapen}")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if k != "lm_head.weight"]
     if unexpected or (missing and not partial):

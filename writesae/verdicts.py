@@ -170,14 +170,17 @@ CLAIMS = (
           lo="flat_gap_mamba2_lo", hi="flat_gap_mamba2_hi", fmt="pts",
           extra="{flat_matched_mamba2:.1%} vs {flat_svd_mamba2:.1%}"),
     Claim("3w", 3, "09_writes_that_matter", "the atom beats deletion where writes matter (GDN trained on recall; "
-          "the pairs' value writes, KL read at the answer)", "92.4% of 4,851 [91.6, 93.1]", "win_answer_gdn_recall",
+          "the pairs' writes at the token that stores them, KL read at the answer)", "92.4% of 4,851 [91.6, 93.1]",
+          "win_answer_gdn_recall",
           paper=0.924, lo="win_answer_gdn_recall_lo", hi="win_answer_gdn_recall_hi", null=0.5, fmt="%",
-          extra="deleting one such write costs {answer_kl_gdn_recall:.3g} nats at the answer (median); "
+          extra="the {token_gdn} writes; deleting one costs {answer_kl_gdn_recall:.3g} nats at the answer (median); "
                 "on prose {win_prose_gdn_recall:.1%}"),
     Claim("11w", 11, "09_writes_that_matter", "the atom beats deletion on Mamba-2 where writes matter (trained on "
-          "recall; value writes, KL at the answer)", "88.1% of 2,500", "win_answer_mamba2_recall", paper=0.881,
+          "recall; the pairs' writes at the token that stores them, KL at the answer)", "88.1% of 2,500",
+          "win_answer_mamba2_recall", paper=0.881,
           lo="win_answer_mamba2_recall_lo", hi="win_answer_mamba2_recall_hi", null=0.5, fmt="%",
-          extra="deleting one such write costs {answer_kl_mamba2_recall:.3g} nats at the answer (median)"),
+          extra="the {token_mamba2} writes; deleting one costs {answer_kl_mamba2_recall:.3g} nats at the answer "
+                "(median)"),
 )
 
 _FIELD = re.compile(r"\{([A-Za-z0-9_.]+)(?::([^}]*))?\}")
@@ -254,14 +257,19 @@ def _fmt(x, fmt) -> str:
 
 
 def _extra(template: str, values: dict) -> str:
-    """``template`` with its ``{key:fmt}`` fields filled; a clause (between semicolons) with a missing value is
-    left out."""
+    """``template`` with its ``{key:fmt}`` fields filled (a number by its format, a word as it is); a clause
+    (between semicolons) with a missing value is left out."""
+    def present(x):
+        return isinstance(x, str) and x != "" or _finite(_num(x))
+
+    def fill(m):
+        x = values[m.group(1)]
+        return x if isinstance(x, str) else format(_num(x), m.group(2) or "").replace("-", "−")
+
     out = []
     for part in template.split("; "):
-        fields = list(_FIELD.finditer(part))
-        if not all(_finite(_num(values.get(m.group(1)))) for m in fields):
-            continue
-        out.append(_FIELD.sub(lambda m: format(_num(values[m.group(1)]), m.group(2) or "").replace("-", "−"), part))
+        if all(present(values.get(m.group(1))) for m in _FIELD.finditer(part)):
+            out.append(_FIELD.sub(fill, part))
     return "; ".join(out)
 
 

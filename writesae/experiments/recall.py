@@ -35,6 +35,7 @@ __all__ = ["passages", "padded", "answers", "by_distance", "influence", "influen
            "alignments", "claims", "overview", "glue_values"]
 
 OFFSETS = {-1: "key", 0: "value", 1: "separator"}  # a pair's three tokens, by offset from its value token
+TOKENS = {name: offset for offset, name in OFFSETS.items()}
 
 
 def passages(host, n, n_pairs=recall.MAX_PAIRS, max_gap=recall.MAX_GAP, seed=1) -> list:
@@ -206,7 +207,8 @@ class Model:
     the zoo member it was trained from ("zoo"). ``fam`` is its :class:`~writesae.experiments.section.Section`
     (host, cell, sizes, the state-dataset spec on the woven text, held-out prose windows); ``passages``
     the held-out recall passages; ``answers`` their accuracy table; ``influence`` the per-pair deletion
-    table at the tested cell (every pair token)."""
+    table at the tested cell (every pair token); ``token`` the pair token whose writes are tested (``key``,
+    ``value`` or ``separator``: where the family writes the pair, :func:`_tested_site`)."""
 
     label: str
     kind: str
@@ -214,6 +216,11 @@ class Model:
     passages: list
     answers: pd.DataFrame
     influence: pd.DataFrame
+    token: str = "value"
+
+    @property
+    def offset(self) -> int:
+        return TOKENS[self.token]
 
     @property
     def name(self) -> str:
@@ -225,38 +232,44 @@ class Model:
 
 
 def cell_influence(host, *, n_passages=2, seed=1) -> pd.DataFrame:
-    """Every cell's recall influence (median KL at the answer of deleting the write at a pair's value token):
-    from the model's ``metrics.json`` (the recall export) when it has it, else measured (cached)."""
+    """Every cell's recall influence per pair token (cell, token, recall_influence: the median KL at the answer of
+    deleting the write at a pair's key, value or separator token): from the model's ``metrics.json`` (the recall
+    export) when it has every token's, else measured (cached)."""
     path = _zoo.metrics_path(host.name)
     mem = json.loads(path.read_text()).get("memory", []) if path is not None and path.is_file() else []
-    if mem and "recall_influence" in mem[0]:
-        return pd.DataFrame([dict(cell=m["cell"], recall_influence=m["recall_influence"]) for m in mem])
-    key = dict(model=host.name, n_passages=n_passages, seed=seed)
+    fields = {t: "recall_influence" + ("" if t == "value" else f"_{t}") for t in TOKENS}
+    if mem and all(f in mem[0] for f in fields.values()):
+        return pd.DataFrame([dict(cell=m["cell"], token=t, recall_influence=m[f]) for m in mem
+                             for t, f in fields.items()])
+    key = dict(model=host.name, n_passages=n_passages, seed=seed, tokens=list(TOKENS))
     return cache.cached_table("recall_cell_influence", key, lambda: influence_summary(
-        influence(host, passages(host, n_passages, seed=seed), offsets=(0,)))[["cell", "median_kl"]].rename(
-        columns={"median_kl": "recall_influence"}))
+        influence(host, passages(host, n_passages, seed=seed), offsets=tuple(OFFSETS)))[
+        ["cell", "token", "median_kl"]].rename(columns={"median_kl": "recall_influence"}))
 
 
-def _tested_cell(hosts, given, seed) -> tuple:
-    """The head one family's models are tested at: ``given``; else the recall model's head of largest recall
-    influence among the heads every model of the pair has (the recall GDN's two former attention layers are not
-    heads of its zoo member); without a recall model, the zoo chapter's head of the baseline."""
-    if given:
-        return tuple(cell_tuple(given))
+def _tested_site(hosts, given, seed) -> tuple[tuple, str]:
+    """The head and pair token one family's models are tested at: the recall model's (head, token) whose writes'
+    deletion costs the answers most (:func:`cell_influence`, on other passages than the tests') among the heads
+    every model of the pair has (the recall GDN's two former attention layers are not heads of its zoo member):
+    where the family writes its pairs (the recall Gated DeltaNet at the separator after the value: its short
+    convolution brings key and value to that token). ``given``: the head (its most influential token); without
+    a recall model, the zoo chapter's head of the baseline, at the value token."""
     kinds = dict(hosts)
     if "recall" not in kinds:
-        return _zoo.choose_cells(_zoo.memory(kinds["zoo"]), 1)[0]
+        return (tuple(cell_tuple(given)) if given else _zoo.choose_cells(_zoo.memory(kinds["zoo"]), 1)[0]), "value"
     shared = set.intersection(*({c.key for c in h.cells} for h in kinds.values()))
     ci = cell_influence(kinds["recall"], seed=seed + 1)
+    if given:
+        shared = {"L{}H{}".format(*cell_tuple(given))}
     ci = ci[ci["cell"].isin(shared)].sort_values("recall_influence", ascending=False, kind="stable")
-    return tuple(cell_tuple(ci["cell"].iloc[0]))
+    return tuple(cell_tuple(ci["cell"].iloc[0])), str(ci["token"].iloc[0])
 
 
 def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passages=4, device=None, dtype="float32",
           trust_remote_code=False, seed=0, **kw) -> list:
     """The chapter's :class:`Model` list: for each family of ``models`` ({family: recall-trained source}) the
     recall model and, from ``baselines`` ({family: source}), the model it was trained from, both at one
-    tested head (:func:`_tested_cell`). A model not
+    tested head and token (:func:`_tested_site`). A model not
     found here is left out, saying so; none found is an error. ``kw``: fields of the models'
     sections (:class:`~writesae.experiments.section.Section`: sizes, ...) over the zoo chapter's
     :data:`~writesae.experiments.zoo.SIZES`; the SAEs' state datasets are windows of the woven recall text."""
@@ -273,7 +286,7 @@ def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passa
                 print(f"{_zoo.NAMES.get(label, label)} ({kind}, {src}): not found here, left out")
         if not hosts:
             continue
-        cell = _tested_cell(hosts, (cells or {}).get(label), seed)
+        cell, token = _tested_site(hosts, (cells or {}).get(label), seed)
         for kind, host in hosts:
             ps = passages(host, n_passages, seed=seed + 1)
             acc = cache.cached_table("recall_answers", dict(model=host.name, n=n_passages, seed=seed + 1),
@@ -285,7 +298,7 @@ def setup(models, baselines=None, *, cells=None, n_passages=128, influence_passa
             sec.data = pipeline.data_spec(host, [cell], window=sec.window, n_windows=sec.n_windows,  # the woven text
                                           positions_per_seq=sec.positions_per_seq, seed=seed,
                                           corpus=str(EMBEDDED_DIR / RECALL_TEXT))
-            out.append(Model(label, kind, sec, ps, acc, infl))
+            out.append(Model(label, kind, sec, ps, acc, infl, token))
     if not out:
         raise FileNotFoundError(f"none of the chapter's models is here ({', '.join(map(str, models.values()))}): "
                                 "train them with python -m writesae.embedded_train --family F --task recall, or "
@@ -300,8 +313,10 @@ def accuracy_table(models) -> pd.DataFrame:
 
 
 def deletions(models) -> pd.DataFrame:
-    """Every deleted write at each model's tested cell (the :func:`influence` rows), with model, family and kind."""
-    return pd.concat([m.influence.assign(model=m.name, family=m.label, kind=m.kind) for m in models], ignore_index=True)
+    """Every deleted write at each model's tested cell (the :func:`influence` rows), with model, family and kind;
+    ``tested``: the row's token is the model's tested token."""
+    return pd.concat([m.influence.assign(model=m.name, family=m.label, kind=m.kind, tested=m.influence["token"] == m.token)
+                      for m in models], ignore_index=True)
 
 
 def influence_tables(models) -> pd.DataFrame:
@@ -312,17 +327,17 @@ def influence_tables(models) -> pd.DataFrame:
 
 def substitutions(models, scalings=_sub.SCALINGS, max_sites=64) -> pd.DataFrame:
     """The substitution test at each model's tested cell, on two kinds of write (column ``text``): the
-    pairs' value writes of the held-out recall passages (reads ``answer``, ``next``, ``mean``; ``hit_*`` say
+    pairs' writes at the tested token of the held-out recall passages (reads ``answer``, ``next``, ``mean``; ``hit_*`` say
     whether the answer survives), at most ``max_sites``; and the top-1 firings on held-out prose (the zoo
     chapter's pool and reads). Both KL directions, each scaling; cached."""
     out = []
     for m in models:
         f, cell = m.fam, m.cell
         sae = f.sae(cell)
-        site_df = sites(f.host, sae, cell, m.passages).head(max_sites)
+        site_df = sites(f.host, sae, cell, m.passages, offset=m.offset).head(max_sites)
         parts = []
         for scaling in scalings:
-            key = dict(f.spec, cell=list(cell), n=len(m.passages), max_sites=max_sites, scaling=scaling)
+            key = dict(f.spec, cell=list(cell), n=len(m.passages), max_sites=max_sites, scaling=scaling, token=m.token)
             parts.append(cache.cached_table("recall_substitution", key, lambda: _sub.substitute(
                 f.host, sae, padded(m.passages), site_df, scaling=scaling, reads=("answer", "next", "mean"),
                 direction=_sub.DIRECTIONS, seed=f.seed, resume=cache.parts_dir("recall_substitution", key)
@@ -353,7 +368,7 @@ def alignments(models) -> pd.DataFrame:
     rows = []
     for m in models:
         sae = m.fam.sae(m.cell)
-        site_df = sites(m.fam.host, sae, m.cell, m.passages)
+        site_df = sites(m.fam.host, sae, m.cell, m.passages, offset=m.offset)
         per, atoms = alignment(m.fam.host, sae, m.cell, site_df, m.passages)
         row = dict(model=m.name, family=m.label, kind=m.kind, sites=len(per), atoms=len(atoms))
         row.update({c: float(per[c].median()) for c in ("cos_k", "cos_k_word", "cos_k_other", "cos_v", "cos_v_word",
@@ -372,7 +387,7 @@ def claims(acc, infl, summary, *, scaling="coef", read="answer", direction=_zoo.
     from ..verdicts import verdict
 
     rows = []
-    for model, g in infl[infl["token"] == "value"].groupby("model", sort=False):
+    for model, g in infl[infl["tested"]].groupby("model", sort=False):
         med = float(g["kl"].median())
         rows.append(dict(model=model, claim="deleting one write costs the answer (median KL, nats)", paper="1.1-2.8",
                          here=med, lo=np.nan, hi=np.nan, verdict="writes matter" if med >= 0.1 else "writes barely matter"))
@@ -403,19 +418,20 @@ def claims(acc, infl, summary, *, scaling="coef", read="answer", direction=_zoo.
 def overview(models) -> pd.DataFrame:
     """One row per model: what it is, its tested cell, and its held-out recall accuracy."""
     return pd.DataFrame([dict(model=m.name, source=m.fam.host.name, cell=f"L{m.cell[0]}H{m.cell[1]}",
-                              passages=len(m.passages), recall_accuracy=float(m.answers["correct"].mean()))
+                              token=m.token, passages=len(m.passages), recall_accuracy=float(m.answers["correct"].mean()))
                          for m in models])
 
 
 def glue_values(acc, dels, summary, *, scaling="coef", direction=_zoo.DIRECTION) -> dict:
     """The chapter's key numbers for its prose and the book's verdicts, per family and kind (recall / zoo):
-    ``recall_acc_<family>_<kind>``, ``answer_kl_<family>_<kind>`` (median KL at the answer of deleting a value
-    write), ``win_answer_*`` / ``win_prose_*`` with ``_lo`` / ``_hi`` (Wilson 95%)."""
+    ``recall_acc_<family>_<kind>``, ``answer_kl_<family>_<kind>`` (median KL at the answer of deleting a pair's
+    write at the tested token), ``token_<family>`` (that token), ``win_answer_*`` / ``win_prose_*`` with ``_lo`` / ``_hi`` (Wilson 95%)."""
     out = {}
     for (fam, kind), a in acc.groupby(["family", "kind"], sort=False):
         out[f"recall_acc_{fam}_{kind}"] = float((a["accuracy"] * a["n"]).sum() / a["n"].sum())
-    for (fam, kind), d in dels[dels["token"] == "value"].groupby(["family", "kind"], sort=False):
+    for (fam, kind), d in dels[dels["tested"]].groupby(["family", "kind"], sort=False):
         out[f"answer_kl_{fam}_{kind}"] = float(d["kl"].median())
+        out[f"token_{fam}"] = str(d["token"].iloc[0])
     s = summary[(summary["scaling"] == scaling) & (summary["direction"] == direction)]
     for m in s["model"].unique():
         fam, kind = acc.loc[acc["model"] == m, ["family", "kind"]].iloc[0]
