@@ -168,3 +168,8 @@ def test_saes_trains_the_one_another_process_is_training_last(tmp_path, monkeypa
     with cache.computing(dirs[(2, 0)], lambda: False):
         got = pipeline.sae_list(Host(), [dict(cell=c, variant="flat") for c in cells])
     assert trained == [(1, 0), (3, 0), (2, 0)] and got == [f"SAE {c}" for c in cells]
+    trained.clear()  # one at a time: every one trained first (the same order), then loaded as taken
+    with cache.computing(dirs[(2, 0)], lambda: False):
+        it = pipeline.sae_iter(Host(), [dict(cell=c, variant="flat") for c in cells])
+        assert next(it) == "SAE (1, 0)" and trained == [(1, 0), (3, 0), (2, 0), (1, 0)]
+        assert list(it) == ["SAE (2, 0)", "SAE (3, 0)"] and trained[4:] == [(2, 0), (3, 0)]

@@ -170,6 +170,23 @@ def sae_list(h, specs):
     """[SAE] for ``specs`` (dicts of :func:`sae`'s keywords, ``cell`` included), in their order, each trained once.
     One that another process is training right now (a notebook beside this one in ``writesae book``) is taken
     last: this process trains the others meanwhile instead of waiting for it."""
-    keys = [_sae_key(h, s["cell"], **{k: v for k, v in s.items() if k != "cell"}) for s in specs]
-    got = {i: _trained(h, *keys[i]) for i in sorted(range(len(keys)), key=lambda i: busy(keys[i][0]))}
+    keys, order = _keys_in_order(h, specs)
+    got = {i: _trained(h, *keys[i]) for i in order}
     return [got[i] for i in range(len(keys))]
+
+
+def sae_iter(h, specs):
+    """:func:`sae_list`'s SAEs one at a time: every one trained first (in that order, none kept), then each loaded
+    as the caller takes it, so that one is held at a time (a FlatSAE of GLA-1.3B's 256 x 512 heads is 2 GB; a
+    list of them killed the rehearsal's chapter 07 for memory)."""
+    keys, order = _keys_in_order(h, specs)
+    for i in order:
+        _trained(h, *keys[i])  # trained (or found), dropped at once
+    for key in keys:
+        yield _trained(h, *key)
+
+
+def _keys_in_order(h, specs):
+    """The cache keys of ``specs`` and the order to train them in: one another process is training now, last."""
+    keys = [_sae_key(h, s["cell"], **{k: v for k, v in s.items() if k != "cell"}) for s in specs]
+    return keys, sorted(range(len(keys)), key=lambda i: busy(keys[i][0]))

@@ -112,9 +112,10 @@ class Section:
 
     def sae_table(self, specs, ce_passages=16) -> pd.DataFrame:
         """:meth:`sae_row` of each spec (a dict of SAE keywords, ``cell`` optional), one row each in their order. The
-        SAEs are trained first, one that another notebook is training now last (:func:`writesae.pipeline.sae_list`)."""
+        SAEs are trained first, one that another notebook is training now last, and held one at a time
+        (:func:`writesae.pipeline.sae_iter`)."""
         specs = [dict(s, cell=tuple(s.get("cell") or self.cell)) for s in specs]
-        saes = pipeline.sae_list(self.host, [self._sae_kw(s) for s in specs])
+        saes = pipeline.sae_iter(self.host, [self._sae_kw(s) for s in specs])
         return pd.DataFrame([self._sae_row(s["cell"], sae, ce_passages) for s, sae in zip(specs, saes)])
 
     def _sae_kw(self, kw: dict) -> dict:
