@@ -253,22 +253,6 @@ def test_cell_influence_reads_every_token_from_the_card_or_measures_it(host, mon
     assert np.allclose(merged["recall_influence"], merged["median_kl"])
 
 
-def test_recall_mamba2_keeps_the_zoo_projections_of_its_larger_heads():
-    """The recall Mamba-2 has 2 heads of 32 x 256 (the zoo's 16 of 32 x 32): zoo_in_proj loads the zoo's in_proj
-    rows that do not depend on the head count (z, x, B, C) and leaves the per-head dt rows fresh."""
-    from safetensors.torch import load_file
-
-    model = embedded_train.build_model("mamba2", "recall")
-    embedded_train.load_ckpt_weights(model, embedded_train.OUT / "mamba2", partial=True)
-    before = model.backbone.layers[4].mixer.in_proj.weight.detach().clone()
-    embedded_train.zoo_in_proj(model)
-    zoo = load_file(str(embedded_train.OUT / "mamba2" / "model.safetensors"))["backbone.layers.4.mixer.in_proj.weight"]
-    w = model.backbone.layers[4].mixer.in_proj.weight.detach()
-    assert model.backbone.layers[4].mixer.num_heads == 2 and w.shape[0] == zoo.shape[0] - 14
-    assert torch.equal(w[:-2], zoo[:w.shape[0] - 2].to(w)) and torch.equal(w[-2:], before[-2:])
-    assert not torch.equal(w[:-2], before[:-2])
-
-
 def test_long_memory_init_spans_long_decays():
     """The recall GDN's dt_bias re-initialised: softplus(dt_bias) log-uniform in [1e-3, 1e-1] (decays at a
     zero gate input from exp(-A 0.1) to exp(-A 0.001)), seeded; the zoo's dt_bias (about 1) forgets at once."""

@@ -248,16 +248,16 @@ ZOO_TYPES = {"gdn": "qwen3_5_text", "mamba2": "mamba2", "deltanet": "delta_net",
 # use_cache=False transformers 5.25's Qwen3.5 forward raises on a model with no attention layer (its causal mask
 # asks the cache for an attention layer's length); the hosts never use the library's cache.
 #
-# Fewer, larger heads (GDN: 2 of 64 x 64 per layer instead of 4 of 32 x 32; Mamba-2: 2 of 32 x 256 instead of 16 of
-# 32 x 32; the same key and value widths per layer, so every projection but the per-head gates loads from the zoo
-# member). With the zoo's head counts the recall models stored each pair across heads: deleting one head's write at
-# a pair's value cost a median 2.5e-3 nats at the answer on the GDN's most influential head and 5e-3 on Mamba-2's
-# (whose 16 heads share one key, each holding 32 of the value's 512 channels), while deleting the write of all 16
-# heads of that Mamba-2 layer cost a median 1.57 nats (4 passages x 8 pairs).
+# The recall GDN has fewer, larger heads (2 of 64 x 64 per layer instead of 4 of 32 x 32: the same key and value
+# widths, so every projection but the per-head gates and norm loads from the zoo member). With the zoo's 4 heads it
+# recalled 35% of held-out pairs and no head's write mattered (the most influential head's deletions cost a median
+# 2.5e-3 nats at the answer at every pair token); with 2 heads it recalls as much and the separator's write at L5H0
+# costs a median 0.13 nats. The same change to Mamba-2 (2 heads of 32 x 256 instead of 16 of 32 x 32, the zoo's
+# in_proj rows kept, 1,200 steps) recalled 34% of the pairs against the 16-head model's 82%, and no head's write
+# cost more than 3.3e-3 nats at any pair token: the recall Mamba-2 keeps the zoo's heads.
 RECALL_CONFIG = {
     "gdn": dict(layer_types=["linear_attention"], use_cache=False, linear_num_key_heads=1, linear_num_value_heads=2,
                 linear_key_head_dim=64, linear_value_head_dim=64),
-    "mamba2": dict(num_heads=2, head_dim=256),
 }
 
 
@@ -277,22 +277,7 @@ def long_memory_init(model, lo=1e-3, hi=1e-1, seed=SEED):
             b.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
 
 
-def zoo_in_proj(model, zoo: Path | None = None):
-    """Load the zoo Mamba-2's ``in_proj`` rows that do not depend on the head count (z, x, B, C: all but the last
-    ``num_heads`` rows, the per-head dt), so that a recall model with fewer, larger heads starts from the zoo
-    member's projections; its per-head dt, A and D keep their fresh (Mamba) initialisation."""
-    import torch
-    from safetensors.torch import load_file
-
-    weights = load_file(str((zoo or OUT / "mamba2") / "model.safetensors"))
-    with torch.no_grad():
-        for i, layer in enumerate(model.backbone.layers):
-            w, own = weights[f"backbone.layers.{i}.mixer.in_proj.weight"], layer.mixer.in_proj.weight
-            n = own.shape[0] - layer.mixer.num_heads
-            own[:n].copy_(w[:n])
-
-
-RECALL_INIT = {"gdn": long_memory_init, "mamba2": zoo_in_proj}  # applied once, when a recall training starts
+RECALL_INIT = {"gdn": long_memory_init}  # applied once, when a recall training starts from its zoo member
 
 
 def model_config(family=None, task="text"):
@@ -696,6 +681,54 @@ def with_influence(host, mem) -> list[dict]:
     return [dict(m, influence=float(inf[m["cell"]])) for m in mem]
 
 
+def with_recall_influence(host, mem) -> list[dict]:
+    """The memory table's rows with each cell's recall influence: the median KL at the answer when the write at a
+    pair's value token (``recall_influence``), key token (``_key``) or separator (``_separator``) is deleted
+    (RECALL_INFLUENCE_PASSAGES held-out passages x 8 pairs), which the recall chapter picks its head and token by."""
+    from .experiments import recall as rx
+
+    infl = rx.influence_summary(rx.influence(host, rx.passages(host, RECALL_INFLUENCE_PASSAGES),
+                                             offsets=tuple(rx.OFFSETS)))
+    kl = infl.set_index(["cell", "token"])["median_kl"]
+    return [dict(m, recall_influence=float(kl[m["cell"], "value"]), recall_influence_key=float(kl[m["cell"], "key"]),
+                 recall_influence_separator=float(kl[m["cell"], "separator"])) for m in mem]
+
+
+MEMORY_HEADING = "## Memory per cell"
+
+
+def recall_memory_section(mem) -> str:
+    """The recall card's memory table (its last section)."""
+    rows = "\n".join(f"| {m['cell']} | {m['decay']:.3f} | {m['write_share']:.3f} | {m['influence']:.2e} | "
+                     f"{m['recall_influence_key']:.3g} | {m['recall_influence']:.3g} | "
+                     f"{m['recall_influence_separator']:.3g} |" for m in mem)
+    return f"""{MEMORY_HEADING}
+
+Decay and write share on 4 held-out prose windows; influence: median KL of deleting one write (prose, as the
+zoo's); recall influence: median KL at the answer when the write at a pair's key, value or separator token
+is deleted ({RECALL_INFLUENCE_PASSAGES} passages x 8 pairs).
+
+| cell | decay | write share | influence (prose) | recall influence: key | value | separator |
+|---|---|---|---|---|---|---|
+{rows}
+"""
+
+
+def add_recall_influence(family, root=OUT):
+    """Measure every cell's recall influence at each pair token on the shipped recall model
+    (``--task recall --influence-only``) and write it into its ``metrics.json`` and its card's memory table."""
+    from .hosts import load_host
+
+    out = Path(root) / "recall" / family
+    metrics = json.loads((out / "metrics.json").read_text())
+    host = load_host(f"embedded:{family}-recall" if Path(root) == OUT else str(out), device="cpu")
+    metrics["memory"] = with_recall_influence(host, metrics["memory"])
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    card = (out / "MODEL_CARD.md").read_text()
+    (out / "MODEL_CARD.md").write_text(card[:card.index(MEMORY_HEADING)] + recall_memory_section(metrics["memory"]))
+    log("recall influence by token added to", out)
+
+
 def add_influence(family, root=OUT):
     """Add the influence column to an exported zoo member's ``metrics.json`` (``--influence-only``)."""
     from .hosts import load_host
@@ -835,12 +868,7 @@ def export_recall(family, root=OUT):
     answers = rx.answers(host, rx.passages(host, RECALL_PASSAGES))
     by_d = rx.by_distance(answers)
     mem = with_influence(host, memory_table(host, win[:4, :ZOO_SEQ]))
-    infl = rx.influence_summary(rx.influence(host, rx.passages(host, RECALL_INFLUENCE_PASSAGES),
-                                             offsets=tuple(rx.OFFSETS)))
-    recall_kl = infl.set_index(["cell", "token"])["median_kl"]
-    mem = [dict(m, recall_influence=float(recall_kl[m["cell"], "value"]),
-                recall_influence_key=float(recall_kl[m["cell"], "key"]),
-                recall_influence_separator=float(recall_kl[m["cell"], "separator"])) for m in mem]
+    mem = with_recall_influence(host, mem)
     nparams = sum(p.numel() for p in host.model.parameters())
     metrics = dict(family=family, task="recall", params=nparams, steps=state["step"],
                    train_tokens=state["step"] * RECALL_BATCH * RECALL_SEQ, wall_s=round(state["elapsed_s"]),
@@ -851,9 +879,6 @@ def export_recall(family, root=OUT):
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     acc_rows = "\n".join(f"| {r['distance']} | {r['n']} | {r['accuracy']:.3f} [{r['lo']:.3f}, {r['hi']:.3f}] |"
                          for r in metrics["recall_by_distance"])
-    mem_rows = "\n".join(f"| {m['cell']} | {m['decay']:.3f} | {m['write_share']:.3f} | {m['influence']:.2e} | "
-                         f"{m['recall_influence_key']:.3g} | {m['recall_influence']:.3g} | "
-                         f"{m['recall_influence_separator']:.3g} |" for m in mem)
     changes = ""  # what differs from the zoo member before training
     if family in RECALL_CONFIG:
         changes += f"\n- Config changed: `{RECALL_CONFIG[family]}` (fresh weights where the zoo member has none)."
@@ -890,16 +915,7 @@ Recall accuracy on {RECALL_PASSAGES} held-out passages (8 pairs, gaps of 0-256 h
 |---|---|---|
 {acc_rows}
 
-## Memory per cell
-
-Decay and write share on 4 held-out prose windows; influence: median KL of deleting one write (prose, as the
-zoo's); recall influence: median KL at the answer when the write at a pair's key, value or separator token
-is deleted ({RECALL_INFLUENCE_PASSAGES} passages x 8 pairs).
-
-| cell | decay | write share | influence (prose) | recall influence: key | value | separator |
-|---|---|---|---|---|---|---|
-{mem_rows}
-"""
+{recall_memory_section(mem)}"""
     (out / "MODEL_CARD.md").write_text(card)
     log("exported recall", family, "to", out, {k: v for k, v in metrics.items() if k not in ("memory",)})
 
@@ -936,7 +952,8 @@ def main():
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--no-export", action="store_true", help="train (or resume) only; export later")
     ap.add_argument("--influence-only", action="store_true",
-                    help="add the cells' influence to an exported zoo member's metrics.json and exit")
+                    help="add the cells' influence to an exported zoo member's metrics.json (with --task recall: "
+                         "every cell's recall influence at each pair token to a recall model's) and exit")
     ap.add_argument("--bench", action="store_true", help="time a few steps and exit")
     ap.add_argument("--tokens", type=int, default=2_000_000)
     ap.add_argument("--threads", type=int, default=1)
@@ -944,7 +961,7 @@ def main():
     if args.bench:
         return bench(args)
     if args.influence_only:
-        return add_influence(args.family, args.out)
+        return (add_recall_influence if args.task == "recall" else add_influence)(args.family, args.out)
     if args.task == "recall" and args.family is None:
         ap.error("--task recall trains a zoo member further: name it with --family")
     if not args.export_only:
