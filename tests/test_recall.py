@@ -224,6 +224,8 @@ def test_the_tested_head_is_one_both_models_have(monkeypatch):
     assert rx._tested_site([("recall", pure), ("zoo", hybrid)], None, 0) == ((1, 1), "separator")
     assert rx._tested_site([("recall", pure)], None, 0) == ((3, 0), "value")
     assert rx._tested_site([("recall", pure), ("zoo", hybrid)], "L2H0", 0) == ((2, 0), "value")
+    with pytest.raises(ValueError, match="L3H0 is not a head of every model of the pair"):
+        rx._tested_site([("recall", pure), ("zoo", hybrid)], "L3H0", 0)
     monkeypatch.setattr(_zoo, "memory", lambda host: "mem")
     monkeypatch.setattr(_zoo, "choose_cells", lambda mem, n: [(0, 1)])
     assert rx._tested_site([("zoo", hybrid)], None, 0) == ((0, 1), "value")

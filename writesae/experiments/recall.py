@@ -260,7 +260,11 @@ def _tested_site(hosts, given, seed) -> tuple[tuple, str]:
     shared = set.intersection(*({c.key for c in h.cells} for h in kinds.values()))
     ci = cell_influence(kinds["recall"], seed=seed + 1)
     if given:
-        shared = {"L{}H{}".format(*cell_tuple(given))}
+        want = "L{}H{}".format(*cell_tuple(given))
+        if want not in shared:
+            raise ValueError(f"recall_cells: {want} is not a head of every model of the pair; give one they share "
+                             f"({', '.join(sorted(shared))})")
+        shared = {want}
     ci = ci[ci["cell"].isin(shared)].sort_values("recall_influence", ascending=False, kind="stable")
     return tuple(cell_tuple(ci["cell"].iloc[0])), str(ci["token"].iloc[0])
 
