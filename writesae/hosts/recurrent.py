@@ -17,7 +17,8 @@ attributes
     Layer i over T positions from ``state`` (a :class:`LayerState`, or ``None`` at position 0). A recurrent
     block builds its :class:`writesae.ops.recurrence.Rule` and runs :func:`writesae.ops.recurrence.run`
     with ``edits`` (``{step: [...]}``) and ``record`` (steps whose states to keep, as they come: a list, or a
-    :class:`writesae.ops.recurrence.Record` naming the heads too). Its state's windows
+    :class:`writesae.ops.recurrence.Record` naming the heads too), and returns the head outputs ``o`` that run
+    gives in its :class:`LayerOut` (what :meth:`head_outputs` reads). Its state's windows
     hold every input position seen so far (time on dim 1), so a run can restart anywhere.
 ``_residual(stream) -> (B, T, hidden)``
     The residual part of the stream (default: all of it).
