@@ -535,7 +535,10 @@ def fit(
     t_steps = time.perf_counter() - t_steps
 
     finished = state["step"] >= total
-    current = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    # Adam's moments and the gradients go before the best SAE is loaded beside the trained one: for a FlatSAE of
+    # GLA-1.3B's 256 x 512 heads they are 6.4 GB of the 8.6 GB training holds (the end of fit peaked at 14.5 GB)
+    opt.state.clear()
+    sae.zero_grad(set_to_none=True)
     if state["best_step"] >= 0:  # bring back the best weights
         if out_dir is not None:
             best = WriteSAE.load(out_dir / "best", device=device)
@@ -544,7 +547,7 @@ def fit(
             best.load_state_dict(best_mem)
     else:
         best = WriteSAE(sae.cfg, device=device)
-        best.load_state_dict(current)
+        best.load_state_dict(sae.state_dict())
     best.info = dict(sae.info, **{k: info[k] for k in ("cell", "model", "train") if k in info})
     metrics = None
     if state.get("best_metrics") is not None:  # measured over the whole validation split when it was picked
