@@ -18,7 +18,11 @@ real configurations, with only the model path, the device, the corpus and the co
    timeout per notebook) with the parameters ``writesae book`` would pass (``writesae.book._notebook_params``: the
    file's values, its ``notebooks:`` overrides) and then only these overridden: ``model`` (and the values of
    ``models``) -> the local checkpoint, ``device`` -> cpu, ``corpus`` -> the local file, and the counts of
-   :data:`COUNTS` (those the notebook declares). The artifact cache is ``<root>/artifacts`` (``WRITESAE_CACHE``),
+   :data:`COUNTS` (those the notebook declares); and for chapter 09 ``recall_cells`` -> the file's ``cell``: its
+   default measures the recall influence of every head to choose one (an edited run of every (head, pair, token)
+   per passage: on GLA-1.3B 96 runs of ~200 tokens through 12 layers on average per layer, some 10^14 FLOPs per
+   passage, hours on one CPU core), which the rehearsal runs at that one head through the same code
+   (``recall.influence`` on a subset of heads). The artifact cache is ``<root>/artifacts`` (``WRITESAE_CACHE``),
    not the book's; the executed notebooks go to ``<root>/out/<file>/``. Each (file, notebook) is recorded (ran /
    failed with the error's first line, wall seconds) in ``--results`` as it ends; a rerun skips recorded pairs
    (``--retry`` reruns the failed ones). The markdown table is printed at the end.
@@ -145,6 +149,8 @@ def notebook_params(nb: Path, gpu: dict, model_dir: str, corpus: str) -> dict:
     p.update({k: v for k, v in over.items() if k in declared})
     if "models" in p:
         p["models"] = {fam: model_dir for fam in p["models"]}
+    if "recall_cells" in declared:
+        p["recall_cells"] = {fam: gpu["cell"] for fam in p["models"]}
     if p.get("max_firings_by_cell"):
         p["max_firings_by_cell"] = {c: COUNTS["max_firings"] for c in p["max_firings_by_cell"]}
     return p

@@ -220,10 +220,12 @@ def test_the_tested_head_is_one_both_models_have(monkeypatch):
     table = pd.DataFrame(dict(cell=["L3H0", "L1H1", "L1H1", "L2H0", "L2H0", "L0H0"],
                               token=["value", "separator", "value", "key", "value", "value"],
                               recall_influence=[0.9, 0.5, 0.3, 0.01, 0.02, 0.1]))
-    monkeypatch.setattr(rx, "cell_influence", lambda host, seed: table)
+    asked = []
+    monkeypatch.setattr(rx, "cell_influence", lambda host, seed, cells: asked.append(cells) or table)
     assert rx._tested_site([("recall", pure), ("zoo", hybrid)], None, 0) == ((1, 1), "separator")
     assert rx._tested_site([("recall", pure)], None, 0) == ((3, 0), "value")
     assert rx._tested_site([("recall", pure), ("zoo", hybrid)], "L2H0", 0) == ((2, 0), "value")
+    assert asked == [None, None, [(2, 0)]]  # a given head: only its influence is measured
     with pytest.raises(ValueError, match="L3H0 is not a head of every model of the pair"):
         rx._tested_site([("recall", pure), ("zoo", hybrid)], "L3H0", 0)
     monkeypatch.setattr(_zoo, "memory", lambda host: "mem")
@@ -253,6 +255,13 @@ def test_cell_influence_reads_every_token_from_the_card_or_measures_it(host, mon
     assert sorted(measured["token"].unique()) == ["key", "separator", "value"] and len(measured) == len(want)
     merged = measured.merge(want, on=["cell", "token"])
     assert np.allclose(merged["recall_influence"], merged["median_kl"])
+    one = rx.cell_influence(host, cells=["L1H0"], n_passages=1)  # one head measured alone: the same numbers
+    assert set(one["cell"]) == {"L1H0"} and len(one) == 3
+    both = one.merge(measured, on=["cell", "token"])
+    np.testing.assert_allclose(both["recall_influence_x"], both["recall_influence_y"], rtol=1e-4, atol=1e-8)
+    (tmp_path / "metrics.json").write_text(json.dumps(dict(memory=mem)))  # from the card: only that head's rows
+    c1 = host.cells[1]
+    assert rx.cell_influence(host, cells=[(c1.layer, c1.head)])["recall_influence"].tolist() == [0.1, 1.2, 0.3]
 
 
 def test_long_memory_init_spans_long_decays():

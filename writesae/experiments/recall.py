@@ -231,20 +231,23 @@ class Model:
         return self.fam.cells[0]
 
 
-def cell_influence(host, *, n_passages=2, seed=1) -> pd.DataFrame:
-    """Every cell's recall influence per pair token (cell, token, recall_influence: the median KL at the answer of
+def cell_influence(host, *, cells=None, n_passages=2, seed=1) -> pd.DataFrame:
+    """Each cell's recall influence per pair token (cell, token, recall_influence: the median KL at the answer of
     deleting the write at a pair's key, value or separator token): from the model's ``metrics.json`` (the recall
-    export) when it has every token's, else measured (cached)."""
+    export) when it has every token's, else measured (cached). ``cells``: only these heads (default every head;
+    measuring every head of a real checkpoint is a batched run per layer and passage: minutes on a GPU, hours
+    on a CPU)."""
     path = _zoo.metrics_path(host.name)
     mem = json.loads(path.read_text()).get("memory", []) if path is not None and path.is_file() else []
     fields = {t: "recall_influence" + ("" if t == "value" else f"_{t}") for t in TOKENS}
+    keys = None if cells is None else ["L{}H{}".format(*cell_tuple(c)) for c in cells]
     if mem and all(f in mem[0] for f in fields.values()):
         return pd.DataFrame([dict(cell=m["cell"], token=t, recall_influence=m[f]) for m in mem
-                             for t, f in fields.items()])
-    key = dict(model=host.name, n_passages=n_passages, seed=seed, tokens=list(TOKENS))
-    return cache.cached_table("recall_cell_influence", key, lambda: influence_summary(
-        influence(host, passages(host, n_passages, seed=seed), offsets=tuple(OFFSETS)))[
-        ["cell", "token", "median_kl"]].rename(columns={"median_kl": "recall_influence"}))
+                             for t, f in fields.items() if keys is None or m["cell"] in keys])
+    key = dict(model=host.name, n_passages=n_passages, seed=seed, tokens=list(TOKENS), **({"cells": keys} if keys else {}))
+    return cache.cached_table("recall_cell_influence", key, lambda: influence_summary(influence(
+        host, passages(host, n_passages, seed=seed), cells=None if cells is None else [cell_tuple(c) for c in cells],
+        offsets=tuple(OFFSETS)))[["cell", "token", "median_kl"]].rename(columns={"median_kl": "recall_influence"}))
 
 
 def _tested_site(hosts, given, seed) -> tuple[tuple, str]:
@@ -258,13 +261,13 @@ def _tested_site(hosts, given, seed) -> tuple[tuple, str]:
     if "recall" not in kinds:
         return (tuple(cell_tuple(given)) if given else _zoo.choose_cells(_zoo.memory(kinds["zoo"]), 1)[0]), "value"
     shared = set.intersection(*({c.key for c in h.cells} for h in kinds.values()))
-    ci = cell_influence(kinds["recall"], seed=seed + 1)
     if given:
         want = "L{}H{}".format(*cell_tuple(given))
         if want not in shared:
             raise ValueError(f"recall_cells: {want} is not a head of every model of the pair; give one they share "
                              f"({', '.join(sorted(shared))})")
         shared = {want}
+    ci = cell_influence(kinds["recall"], cells=[cell_tuple(given)] if given else None, seed=seed + 1)
     ci = ci[ci["cell"].isin(shared)].sort_values("recall_influence", ascending=False, kind="stable")
     return tuple(cell_tuple(ci["cell"].iloc[0])), str(ci["token"].iloc[0])
 
