@@ -156,7 +156,9 @@ def test_saes_trains_the_one_another_process_is_training_last(tmp_path, monkeypa
     dirs = {c: tmp_path / f"L{c[0]}H{c[1]}" for c in cells}
     monkeypatch.setattr(pipeline, "_sae_key", lambda h, c, **kw: (dirs[tuple(c)], None, tuple(c)))
     trained = []
-    monkeypatch.setattr(pipeline, "_trained", lambda h, d, d_states, c: trained.append(c) or f"SAE {c}")
+    loaded = []
+    monkeypatch.setattr(pipeline, "_trained", lambda h, d, d_states, c, load=True: trained.append(c) or (
+        loaded.append(c) or f"SAE {c}" if load else None))
     with cache.computing(dirs[(1, 0)], lambda: False):  # another notebook is training (1, 0)'s SAE
         got = pipeline.saes(Host(), cells, data={})
     assert trained == [(2, 0), (3, 0), (1, 0)]
@@ -168,8 +170,9 @@ def test_saes_trains_the_one_another_process_is_training_last(tmp_path, monkeypa
     with cache.computing(dirs[(2, 0)], lambda: False):
         got = pipeline.sae_list(Host(), [dict(cell=c, variant="flat") for c in cells])
     assert trained == [(1, 0), (3, 0), (2, 0)] and got == [f"SAE {c}" for c in cells]
-    trained.clear()  # one at a time: every one trained first (the same order), then loaded as taken
+    trained.clear()  # one at a time: every one trained first (the same order, none loaded), then loaded as taken
+    loaded.clear()
     with cache.computing(dirs[(2, 0)], lambda: False):
         it = pipeline.sae_iter(Host(), [dict(cell=c, variant="flat") for c in cells])
-        assert next(it) == "SAE (1, 0)" and trained == [(1, 0), (3, 0), (2, 0), (1, 0)]
-        assert list(it) == ["SAE (2, 0)", "SAE (3, 0)"] and trained[4:] == [(2, 0), (3, 0)]
+        assert next(it) == "SAE (1, 0)" and trained == [(1, 0), (3, 0), (2, 0), (1, 0)] and loaded == [(1, 0)]
+        assert list(it) == ["SAE (2, 0)", "SAE (3, 0)"] and loaded == cells

@@ -124,15 +124,17 @@ def sae(h, cell, **kw):
     return _trained(h, *_sae_key(h, cell, **kw))
 
 
-def _trained(h, d, d_states, a):
+def _trained(h, d, d_states, a, load=True):
     """The SAE of cache folder ``d`` (from :func:`_sae_key`), trained first unless it is there; trained and loaded
-    on the host's device (the SAE is float32 whatever the model's dtype)."""
+    on the host's device (the SAE is float32 whatever the model's dtype). ``load=False``: trained only (None)."""
     best = d / "best"
     with computing(d, lambda: (best / "cfg.json").exists() and (d / "done").exists()) as todo:
         if todo:
             train_sae(d_states, a["cell"], SAEConfig(**a["cfg"]), d, epochs=a["epochs"], batch_size=a["batch_size"],
                       lr=a["lr"], warmup=a["warmup"], seed=a["seed"], progress=a["progress"], device=h.device)
             write_text(d / "done", "ok\n")
+    if not load:
+        return None
     return WriteSAE.load(best, expect_cell=a["cell"], expect_dims=(h.d_k, h.d_v), device=h.device)
 
 
@@ -176,12 +178,12 @@ def sae_list(h, specs):
 
 
 def sae_iter(h, specs):
-    """:func:`sae_list`'s SAEs one at a time: every one trained first (in that order, none kept), then each loaded
-    as the caller takes it, so that one is held at a time (a FlatSAE of GLA-1.3B's 256 x 512 heads is 2 GB; a
-    list of them killed the rehearsal's chapter 07 for memory)."""
+    """:func:`sae_list`'s SAEs one at a time: every one trained first (in that order, none loaded), then each
+    loaded as the caller takes it, so that one is held at a time (a FlatSAE of GLA-1.3B's 256 x 512 heads is 2 GB;
+    a list of them killed the rehearsal's chapter 07 for memory)."""
     keys, order = _keys_in_order(h, specs)
     for i in order:
-        _trained(h, *keys[i])  # trained (or found), dropped at once
+        _trained(h, *keys[i], load=False)
     for key in keys:
         yield _trained(h, *key)
 
