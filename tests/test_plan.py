@@ -84,7 +84,31 @@ def test_a_local_checkpoint_gets_the_whole_plan(tmp_path, capsys, no_weights):
     h01 = scale.hours(scale.Rates.load(rates), sae_samples=samples, sae_size=2048 * 16 * 8)["total"]
     assert f"01_write_and_atom: 1 SAE x {samples:,} samples, 0.0 M edited tokens, disk 0.0 GB; {h01:.1f} GPU-hours" in out
     assert "peak GPU memory (estimate)" in out
+    assert re.search(r"09_writes_that_matter: \d+ SAEs? x [\d,]+ samples, [\d.]+ M edited tokens", out), out
     # what is still missing here: only the recall chapter's embedded models (if not trained) and nothing else
     missing = out.split("missing:\n", 1)[1].splitlines() if "missing:" in out else []
     assert all("-recall" in m for m in missing), missing
     assert code == (2 if missing else 0)
+
+
+def test_the_recall_chapter_counts_its_every_head_sweep_unless_the_head_is_given():
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from writesae.experiments import recall as rx
+    from writesae.hosts import EMBEDDED_DIR
+    from writesae.plan import CELL_PASSAGES, RECALL_RUNS, RECALL_TOKENS, section_work
+
+    p = dict(models={"gdn": "x"}, baselines={}, window=256, n_windows=128, n_passages=128, influence_passages=4,
+             max_sites=64, max_firings=200)
+    swept = section_work("09_writes_that_matter", p, 16, 288)  # Qwen3.5-0.8B: 18 layers of 16 heads
+    fixed = section_work("09_writes_that_matter", dict(p, recall_cells={"gdn": [9, 4]}), 16, 288)
+    assert swept["saes"] == fixed["saes"] == 1 and swept["extract_tokens"] == fixed["extract_tokens"] == 128 * 256
+    assert swept["edited_tokens"] - fixed["edited_tokens"] == CELL_PASSAGES * 288 * RECALL_RUNS * RECALL_TOKENS
+    assert fixed["edited_tokens"] < 0.1 * swept["edited_tokens"]  # choosing the head is most of the chapter's work
+    pair = section_work("09_writes_that_matter", dict(p, baselines={"gdn": "y"}, recall_cells={"gdn": [9, 4]}), 16, 288)
+    assert pair["saes"] == 2 and pair["extract_tokens"] == 2 * 128 * 256 and pair["edited_tokens"] == 2 * fixed["edited_tokens"]
+    # the passage length the formula uses is the held-out passages' (embedded tokenizer)
+    ps = rx.passages(SimpleNamespace(tokenizer=AutoTokenizer.from_pretrained(str(EMBEDDED_DIR))), 128)
+    assert abs(sum(len(x.ids) for x in ps) / len(ps) - RECALL_TOKENS) < 2

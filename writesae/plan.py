@@ -27,6 +27,11 @@ ALIVE = 316            # alive atoms of the paper's SAE (n_feat 2048, k 32): the
 CONDITIONS = 3         # atom, delete, random: edited runs per substituted firing
 LIBRARIES = ("torch", "transformers", "datasets", "flash-linear-attention", "triton")
 GB = 1e9
+SCALINGS = 2           # coef and norm: each substituted firing is run at both
+RECALL_TOKENS = 182    # chapter 09: a held-out recall passage (8 pairs, a gap of 0-256 tokens), mean length in the
+                       # embedded tokenizer; an edited run at a pair's write recomputes about all of it
+RECALL_RUNS = 8 * 3    # edited runs per passage and head: the 8 pairs' key, value and separator writes deleted
+CELL_PASSAGES = 2      # passages of the every-head influence sweep that picks a family's head (recall.cell_influence)
 
 
 def _version(dist):
@@ -40,10 +45,12 @@ def _cell_set(p):
     return {tuple(c) for c in p.get("cells", [])} | ({tuple(p["cell"])} if "cell" in p else set())
 
 
-def section_work(stem, p, n_heads) -> dict:
+def section_work(stem, p, n_heads, n_cells=None) -> dict:
     """{saes, edited_tokens, extract_tokens} a section computes alone under its parameters ``p`` (defaults merged):
-    SAEs trained, tokens its edited runs recompute (a firing at a uniform position re-runs half a window per
-    condition) and tokens of its own state extraction (01-07 share one dataset: see :func:`plan`)."""
+    SAEs trained, tokens its edited and plain runs recompute (a firing at a uniform position re-runs half a window
+    per condition) and tokens of its own state extraction (01-07 share one dataset: see :func:`plan`). ``n_heads``:
+    heads per layer; ``n_cells``: heads of the whole model (chapter 09 measures every one's recall influence where
+    ``recall_cells`` does not fix the family's head; each family's model taken at this size)."""
     T, half = p.get("window", 128), p.get("window", 128) / 2
     cells = _cell_set(p)
     cap = lambda c: (p.get("max_firings_by_cell") or {}).get(f"L{c[0]}H{c[1]}", p.get("max_firings") or 0)  # noqa: E731
@@ -78,6 +85,15 @@ def section_work(stem, p, n_heads) -> dict:
         runs = len(fams) * p.get("cf_atoms", 3) * p.get("cf_sites", 4) * len(p.get("eps", []))
         return dict(saes=per, edited_tokens=CONDITIONS * half * firings + half * runs,
                     extract_tokens=len(fams) * p.get("n_windows", 32) * T)
+    if stem == "09_writes_that_matter":
+        fams, base = p.get("models", {}), p.get("baselines") or {}
+        n = len(fams) + len(set(base) & set(fams))  # the recall models and the models they were trained from
+        swept = sum(f not in (p.get("recall_cells") or {}) for f in fams)
+        runs = (swept * CELL_PASSAGES * (n_cells or n_heads) * RECALL_RUNS + n * p.get("influence_passages", 4) * RECALL_RUNS
+                + n * CONDITIONS * SCALINGS * p.get("max_sites", 64))  # head choice, deletions, recall substitutions
+        prose = n * CONDITIONS * SCALINGS * p.get("max_firings", 24) * half  # the zoo's test on held-out prose
+        return dict(saes=n, edited_tokens=RECALL_TOKENS * (runs + n * p.get("n_passages", 128)) + prose,
+                    extract_tokens=n * p.get("n_windows", 32) * T)
     return dict(saes=1 if "cell" in p else 0, edited_tokens=0, extract_tokens=0)
 
 
@@ -160,10 +176,11 @@ def plan(params_file, rates=None, out=print, root=None) -> list[str]:
     else:
         r.line(f"kernel lane: torch forms on {device}")
 
-    # the models (01-07's and 08's), on the meta device
+    # the models (01-07's, 08's, 09's and the models 09's were trained from), on the meta device
     hosts = {}
     for stem, p in per.items():
-        for src in ([p["model"]] if "model" in p else []) + list((p.get("models") or {}).values()):
+        for src in ([p["model"]] if "model" in p else []) + [*(p.get("models") or {}).values(),
+                                                             *(p.get("baselines") or {}).values()]:
             if src not in hosts:
                 hosts[src] = _meta_host(src, p.get("dtype", dtype), p.get("trust_remote_code", False), r)
 
@@ -233,9 +250,13 @@ def plan(params_file, rates=None, out=print, root=None) -> list[str]:
         h = hosts.get(srcs[0], (None, None))[0] if srcs else None
         if h is None:
             continue
-        w = section_work(stem, p, h.n_heads)
+        w = section_work(stem, p, h.n_heads, len(h.cells))
         n_sae = _sae_params(p["n_feat"], h.d_k, h.d_v)
         disk = w["saes"] * scale.sae_bytes(n_sae)
+        if stem == "09_writes_that_matter":  # one head's states of the recall text per model
+            for src in {*p["models"].values(), *(p.get("baselines") or {}).values()}:
+                if (hh := hosts.get(src, (None, None))[0]) is not None:
+                    disk += scale.state_bytes(p["n_windows"], p["positions_per_seq"], 1, hh.d_k, hh.d_v)
         if stem == "08_across_architectures":
             for src in srcs:
                 hh = hosts[src][0]
