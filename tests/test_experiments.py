@@ -75,6 +75,22 @@ def test_firings_against_trace_and_encoder(host, sae, ids, firings):
         FI.select(firings, "registers")
 
 
+def test_firings_hold_large_states_in_bounded_pieces(host, sae, ids, firings, monkeypatch):
+    # the windows traced at once and the atoms built at once follow the state's size: with budgets of 3 windows'
+    # states and 40 atoms, no call holds more, and the table is the same (GLA-1.3B's recall chapter built 8,192
+    # atoms of 256 x 512 and the updates beside them, 13.8 GB, and was killed for memory)
+    state = 4 * 16 * 8
+    monkeypatch.setattr(FI, "TRACE_BYTES", 3 * 32 * state)
+    monkeypatch.setattr(FI, "ATOM_BYTES", 40 * state)
+    traced, built = [], []
+    real_trace, real_atoms = host.trace, sae.atoms
+    monkeypatch.setattr(host, "trace", lambda x, **kw: traced.append(len(x)) or real_trace(x, **kw))
+    monkeypatch.setattr(sae, "atoms", lambda f: built.append(len(f)) or real_atoms(f))
+    small = FI.collect(host, sae, CELL, ids, batch_size=16)
+    assert traced == [3, 1] and max(built) == 40 and sum(built) == len(firings)
+    pd.testing.assert_frame_equal(small, firings, check_exact=False, rtol=1e-5, atol=1e-6)
+
+
 def _kl(p_logits, q_logits):
     p, q = (F.softmax(x.double(), -1).numpy() for x in (p_logits, q_logits))
     return sst.entropy(p, q)

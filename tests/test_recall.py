@@ -147,18 +147,23 @@ def test_substitution_reads_the_answer_and_keeps_score(host, sae):
         sub.substitute(host, sae, ids, sites.drop(columns="answer"), reads=("answer",))
 
 
-def test_alignment_cosines_and_purity(host, sae):
+def test_alignment_cosines_and_purity(host, sae, monkeypatch):
     ps = rx.passages(host, 4, n_pairs=4, max_gap=8)
     sites = rx.sites(host, sae, (5, 2), ps)
+    monkeypatch.setattr(_firings, "TRACE_BYTES", 1)  # one passage traced at a time (large states): the same k and v
+    traced, real = [], host.trace
+    monkeypatch.setattr(host, "trace", lambda x, **kw: traced.append(len(x)) or real(x, **kw))
     per, atoms = rx.alignment(host, sae, (5, 2), sites, ps)
-    assert len(per) == len(sites)
+    assert traced == [1, 1, 1, 1] and len(per) == len(sites) and sites["seq"].nunique() > 1
     for c in ("cos_k", "cos_v", "cos_k_word", "cos_v_word", "cos_k_other", "cos_v_other"):
         assert ((per[c] >= 0) & (per[c] <= 1 + 1e-6)).all()
-    r = per.iloc[0]  # the value factor against the v the model wrote at that site
     tr = host.trace(rx.padded(ps), cells=[(5, 2)], logits=False)[(5, 2)]
-    v = tr.v[int(sites.loc[0, "seq"]), int(sites.loc[0, "pos"])]
-    w = _firings._rank1_factors(sae)[1][int(r.feature)].detach().float()
-    assert r.cos_v == pytest.approx(float(abs(w @ v) / (w.norm() * v.norm())), abs=1e-5)
+    u_, w_ = (x.detach().float() for x in _firings._rank1_factors(sae))
+    for i in (0, len(per) - 1):  # the factors against the k and v the model wrote at that site
+        r, s, p = per.iloc[i], int(sites.loc[i, "seq"]), int(sites.loc[i, "pos"])
+        k, v, u, w = tr.k[s, p], tr.v[s, p], u_[int(r.feature)], w_[int(r.feature)]
+        assert r.cos_v == pytest.approx(float(abs(w @ v) / (w.norm() * v.norm())), abs=1e-5)
+        assert r.cos_k == pytest.approx(float(abs(u @ k) / (u.norm() * k.norm())), abs=1e-5)
     assert ((atoms["key_purity"] >= 0) & (atoms["key_purity"] <= 1)).all()
 
 

@@ -22,9 +22,12 @@ import torch
 
 from ..ops import recurrence
 
-__all__ = ["collect", "select", "top1_at", "write_cosine", "POOLS"]
+__all__ = ["collect", "traced", "select", "top1_at", "write_cosine", "POOLS"]
 
 POOLS = ("top1", "registers")
+TRACE_BYTES = 2 ** 28  # a traced (N, T, d_k, d_v) float32 tensor at most this (a trace holds several): 4 windows of
+                       # 1,024 tokens at 128 x 128 heads, one recall passage of 310 tokens at GLA-1.3B's 256 x 512
+ATOM_BYTES = 2 ** 28   # (n, d_k, d_v) atoms (and the updates beside them) built at once for the cosines
 
 
 def write_cosine(atoms, k, u):
@@ -47,8 +50,22 @@ def _mean_decay(a):
 
 
 @torch.no_grad()
+def traced(host, cell, ids, batch_size=16):
+    """(first row, ``host.trace`` of ``cell``) over the windows ``ids`` (N, T), at most ``batch_size`` windows a
+    piece, fewer where the cell's states are large (:data:`TRACE_BYTES`); no logits."""
+    ids = torch.as_tensor(ids)
+    c = host.cell(*cell[:2])
+    step = max(1, min(batch_size, TRACE_BYTES // (4 * c.d_k * c.d_v * ids.shape[1])))
+    for s0 in range(0, len(ids), step):
+        yield s0, host.trace(ids[s0:s0 + step], cells=[(c.layer, c.head)], logits=False)[(c.layer, c.head)]
+
+
+@torch.no_grad()
 def collect(host, sae, cell, ids, *, min_pos=8, batch_size=16, chunk=8192, progress=False) -> pd.DataFrame:
     """Every firing of ``sae`` on ``cell`` = (layer, head) over the windows ``ids`` (N, T), positions >= min_pos.
+    At most ``batch_size`` windows are traced at once and ``chunk`` firings' atoms built at once, fewer where a
+    state is large (:data:`TRACE_BYTES`, :data:`ATOM_BYTES`: a FlatSAE's 8,192 atoms of GLA-1.3B's 256 x 512
+    heads are 4.3 GB, and the updates beside them as much again).
 
     One row per firing: seq (row of ``ids``), pos, token, layer, head, feature, rank (0 = top-1), coef
     (the TopK coefficient), cos (atom vs the additive write ``W_t``), cos_v = cos(v_i, k_t) and
@@ -61,10 +78,10 @@ def collect(host, sae, cell, ids, *, min_pos=8, batch_size=16, chunk=8192, progr
     layer, head = host.cell(*cell)[:2]
     sae.check_cell(host.cell(layer, head))
     N, T = ids.shape
+    chunk = max(1, min(chunk, ATOM_BYTES // (4 * host.d_k * host.d_v)))
     factors = _rank1_factors(sae)
     parts = []
-    for s0 in range(0, N, batch_size):
-        tr = host.trace(ids[s0:s0 + batch_size], cells=[(layer, head)], logits=False)[(layer, head)]
+    for s0, tr in traced(host, (layer, head), ids, batch_size):
         B = tr.q.shape[0]
         P = T - min_pos
         sl = (slice(None), slice(min_pos, None))

@@ -160,11 +160,11 @@ def alignment(host, sae, cell, site_df, ps) -> tuple[pd.DataFrame, pd.DataFrame]
     if factors is None:
         raise ValueError(f"{type(sae).__name__} has no rank-1 atoms: alignment needs the bilinear WriteSAE")
     U, W = (x.detach().float() for x in factors)
-    layer, head = host.cell(*cell[:2])[:2]
-    ids = padded(ps)
-    tr = host.trace(ids, cells=[(layer, head)], logits=False)[(layer, head)]
-    at = torch.tensor(site_df["seq"].tolist()), torch.tensor(site_df["pos"].tolist())
-    k, v = tr.k[at].float(), tr.v[at].float()
+    seq, pos = torch.tensor(site_df["seq"].tolist()), torch.tensor(site_df["pos"].tolist())
+    k, v = torch.empty(len(seq), host.d_k), torch.empty(len(seq), host.d_v)
+    for s0, tr in _firings.traced(host, cell, padded(ps)):  # the k and v written at the sites
+        at = torch.nonzero((seq >= s0) & (seq < s0 + len(tr.k))).flatten()
+        k[at], v[at] = tr.k[seq[at] - s0, pos[at]].float(), tr.v[seq[at] - s0, pos[at]].float()
 
     def unit(x):
         return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
