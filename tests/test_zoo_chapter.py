@@ -204,6 +204,16 @@ def test_family_setup_and_partitions(rwkv7):
     assert f.sae(f.cells[0], **zoo.RANK2_UPDATE.sae).cfg.rank == 2
 
 
+def test_a_head_without_register_firings_says_so(rwkv7):
+    sec = rwkv7[0]["rwkv7"]
+    classes, _ = sec.partition(sec.cells[0])
+    none = classes.assign(**{"class": "bundle"})  # a partition without registers (the paper's DeltaNet at k = 32)
+    with pytest.raises(ValueError, match=r"L\d+H\d+ has no register firing to substitute: its partition holds 0 "
+                                         r"register atoms.*k = 128"):
+        sec.substitution(sec.cells[0], "registers", classes=none)
+    assert len(sec.substitution(sec.cells[0], "top1")[0])  # the top-1 pool of the same head runs
+
+
 def test_substitution_rows(rwkv7):
     fams, _, _, sub, _ = rwkv7
     assert set(sub["scaling"]) == {"coef", "norm"} and set(sub["direction"]) == {"patched||base", "base||patched"}

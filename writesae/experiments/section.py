@@ -235,6 +235,12 @@ class Section:
             classes, _ = self.partition(cell, cos, **sae)
         sites = self.sites(cell, pool, classes=classes, max_per_atom=max_per_atom, min_per_atom=min_per_atom,
                            all_firings=all_firings, sae=sae)
+        if not len(sites) and isinstance(pool, str) and pool == "registers":
+            n_reg = int((classes["class"] == "register").sum()) if classes is not None else 0
+            raise ValueError(f"L{cell[0]}H{cell[1]} has no register firing to substitute: its partition holds {n_reg} "
+                             "register atoms, none of them top-1 on the held-out windows. Test a head with registers, "
+                             "on more held-out windows (eval_windows), or at a k where registers appear (the paper "
+                             "finds DeltaNet's at k = 128, none at k = 32)")
         key = self.key(cell, **sae, cos=cos, pool=pool if isinstance(pool, str) else sorted(map(int, pool)),
                        max_firings=self.cap(cell), max_per_atom=max_per_atom, min_firings=self.min_firings, **kw)
         df = cache.cached_table("substitution", key, lambda: _sub.substitute(
