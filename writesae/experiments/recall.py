@@ -234,9 +234,9 @@ class Model:
 def cell_influence(host, *, cells=None, n_passages=2, seed=1) -> pd.DataFrame:
     """Each cell's recall influence per pair token (cell, token, recall_influence: the median KL at the answer of
     deleting the write at a pair's key, value or separator token): from the model's ``metrics.json`` (the recall
-    export) when it has every token's, else measured (cached). ``cells``: only these heads (default every head;
-    measuring every head of a real checkpoint is a batched run per layer and passage: minutes on a GPU, hours
-    on a CPU)."""
+    export) when it has every token's, else measured (cached). ``cells``: only these heads (default every head: a
+    batched edited run per layer and passage; on the rehearsal's GLA-1.3B it did not end in 40 minutes of a CPU
+    core)."""
     path = _zoo.metrics_path(host.name)
     mem = json.loads(path.read_text()).get("memory", []) if path is not None and path.is_file() else []
     fields = {t: "recall_influence" + ("" if t == "value" else f"_{t}") for t in TOKENS}
