@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from .. import cache, pipeline, recall
-from ..data import cell_tuple
+from ..data import cell_key, cell_tuple
 from ..extract import embedded_text
 from ..hosts import Edit
 from . import firings as _firings
@@ -240,7 +240,7 @@ def cell_influence(host, *, cells=None, n_passages=2, seed=1) -> pd.DataFrame:
     path = _zoo.metrics_path(host.name)
     mem = json.loads(path.read_text()).get("memory", []) if path is not None and path.is_file() else []
     fields = {t: "recall_influence" + ("" if t == "value" else f"_{t}") for t in TOKENS}
-    keys = None if cells is None else ["L{}H{}".format(*cell_tuple(c)) for c in cells]
+    keys = None if cells is None else [cell_key(*cell_tuple(c)) for c in cells]
     if mem and all(f in mem[0] for f in fields.values()):
         return pd.DataFrame([dict(cell=m["cell"], token=t, recall_influence=m[f]) for m in mem
                              for t, f in fields.items() if keys is None or m["cell"] in keys])
@@ -262,7 +262,7 @@ def _tested_site(hosts, given, seed) -> tuple[tuple, str]:
         return (tuple(cell_tuple(given)) if given else _zoo.choose_cells(_zoo.memory(kinds["zoo"]), 1)[0]), "value"
     shared = set.intersection(*({c.key for c in h.cells} for h in kinds.values()))
     if given:
-        want = "L{}H{}".format(*cell_tuple(given))
+        want = cell_key(*cell_tuple(given))
         if want not in shared:
             raise ValueError(f"recall_cells: {want} is not a head of every model of the pair; give one they share "
                              f"({', '.join(sorted(shared))})")
