@@ -22,7 +22,9 @@ real configurations, with only the model path, the device, the corpus and the co
    default measures the recall influence of every head to choose one (an edited run of every (head, pair, token)
    per passage: on GLA-1.3B 96 runs of ~200 tokens through 12 layers on average per layer, some 10^14 FLOPs per
    passage, hours on one CPU core), which the rehearsal runs at that one head through the same code
-   (``recall.influence`` on a subset of heads). The artifact cache is ``<root>/artifacts`` (``WRITESAE_CACHE``),
+   (``recall.influence`` on a subset of heads). ``--set KEY=VALUE`` sets a notebook parameter beyond these (where the
+   notebook declares it; recorded with the result and shown in the table), e.g. ``--set pool=top1`` for chapter 03
+   on a random checkpoint whose register atoms are never top-1. The artifact cache is ``<root>/artifacts`` (``WRITESAE_CACHE``),
    not the book's; the executed notebooks go to ``<root>/out/<file>/``. Each (file, notebook) is recorded (ran /
    failed with the error's first line, wall seconds) in ``--results`` as it ends; a rerun skips recorded pairs
    (``--retry`` reruns the failed ones). The markdown table is printed at the end.
@@ -38,6 +40,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED = ROOT / "writesae" / "embedded"
@@ -137,8 +141,9 @@ def build_checkpoint(name, out: Path) -> Path:
     return out
 
 
-def notebook_params(nb: Path, gpu: dict, model_dir: str, corpus: str) -> dict:
-    """What ``writesae book`` would pass ``nb`` for the GPU file ``gpu``, with the rehearsal's overrides."""
+def notebook_params(nb: Path, gpu: dict, model_dir: str, corpus: str, extra: dict | None = None) -> dict:
+    """What ``writesae book`` would pass ``nb`` for the GPU file ``gpu``, with the rehearsal's overrides and the
+    parameters of ``extra`` the notebook declares."""
     import papermill
 
     from writesae.book import _notebook_params
@@ -153,6 +158,7 @@ def notebook_params(nb: Path, gpu: dict, model_dir: str, corpus: str) -> dict:
         p["recall_cells"] = {fam: gpu["cell"] for fam in p["models"]}
     if p.get("max_firings_by_cell"):
         p["max_firings_by_cell"] = {c: COUNTS["max_firings"] for c in p["max_firings_by_cell"]}
+    p.update({k: v for k, v in (extra or {}).items() if k in declared})
     return p
 
 
@@ -183,7 +189,8 @@ def table(results: dict, files, notebooks) -> str:
         cells = []
         for f in files:
             r = results.get(f, {}).get(nb)
-            cells.append("-" if r is None else f"{r['status']} {r['seconds']:.0f} s")
+            sets = "".join(f" ({k} = {v})" for k, v in (r or {}).get("set", {}).items())
+            cells.append("-" if r is None else f"{r['status']} {r['seconds']:.0f} s{sets}")
         rows.append(f"| {nb} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -197,9 +204,15 @@ def main():
     p.add_argument("--timeout", type=int, default=1800, help="seconds per notebook")
     p.add_argument("--retry", action="store_true", help="rerun the (file, notebook) pairs recorded as failed")
     p.add_argument("--table", action="store_true", help="print the table of --results and stop")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="notebook parameters beyond the overrides (YAML values; recorded), e.g. pool=top1")
     p.add_argument("--one", nargs=3, metavar=("NB", "PARAMS_JSON", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args()
     root = Path(a.root).expanduser()
+    bad = [x for x in a.set if "=" not in x]
+    if bad:
+        p.error(f"--set takes KEY=VALUE, got {' '.join(bad)}")
+    extra = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in a.set)}
     if a.one:
         return run_one(*a.one, root)
 
@@ -225,7 +238,8 @@ def main():
             done = results.get(f, {}).get(nb.stem)
             if done and (done["status"] == "ran" or not a.retry):
                 continue
-            params = notebook_params(ROOT / nb, gpu, model_dir, str(corpus))
+            params = notebook_params(ROOT / nb, gpu, model_dir, str(corpus), extra)
+            sets = {k: v for k, v in extra.items() if k in params}
             out = root / "out" / f / nb.name
             out.parent.mkdir(parents=True, exist_ok=True)
             print(f"{f} {nb.stem}: running", flush=True)
@@ -244,7 +258,8 @@ def main():
                 status, error = "timeout", f"over {a.timeout} s"
             sec = time.perf_counter() - t0
             results = json.loads(res_path.read_text()) if res_path.exists() else {}  # another run may have written
-            results.setdefault(f, {})[nb.stem] = {"status": status, "seconds": round(sec, 1), "error": error}
+            results.setdefault(f, {})[nb.stem] = {"status": status, "seconds": round(sec, 1), "error": error,
+                                                  **({"set": sets} if sets else {})}
             res_path.write_text(json.dumps(results, indent=1) + "\n")
             print(f"{f} {nb.stem}: {status} in {sec:.0f} s" + (f": {error}" if error else ""), flush=True)
     print(table(results, [f for f in GPU_FILES if f in results], [nb.stem for nb in notebooks]))

@@ -54,6 +54,15 @@ def test_rejected_with_one_line_naming_the_fix(given, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_substitution_pool_is_checked_by_name():
+    ns = dict(defaults("03_substitution"), pool="register")
+    with pytest.raises(ParameterError, match=r"^parameter pool: expected one of 'top1', 'registers', got 'register'$"):
+        check_parameters(ns, "03_substitution")
+    ns = dict(defaults("03_substitution"), pool="top1")
+    check_parameters(ns, "03_substitution")
+    assert ns["pool"] == "top1"
+
+
 def test_every_section_checks_its_parameters_first():
     import json
 

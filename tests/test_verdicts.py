@@ -84,10 +84,10 @@ def test_rows_read_the_chapters_numbers():
     # claim 3 reads the interval that clusters firings by atom, not Wilson's (which treats them as independent)
     values = dict(sub_win_rate=0.440, sub_wilson_lo=0.39, sub_wilson_hi=0.49, sub_boot_feature_lo=0.36,
                   sub_boot_feature_hi=0.52, sub_n=400, pop_mean_win_rate=0.9, pop_ci_lo=0.88, pop_ci_hi=0.92,
-                  pop_n_atoms=30)
+                  pop_n_atoms=30, pool_name="top-1")
     t = V.rows("03_substitution", values).set_index("id")
     assert t.loc["3", "verdict"] == V.DOES_NOT and t.loc["3", "why"] == "null: our interval contains no effect"
-    assert t.loc["3", "ours"].startswith("44.0% [36.0%, 52.0%]; n = 400; ")
+    assert t.loc["3", "ours"].startswith("44.0% [36.0%, 52.0%]; n = 400; pool: top-1 firings; interval: ")
     assert t.loc["3", "ours"].endswith("(Wilson, firings as independent: [39.0%, 49.0%])")
     t = V.rows("03_substitution", dict(values, sub_boot_feature_hi=0.47)).set_index("id")
     assert t.loc["3", "why"] == "significantly the other way"
@@ -135,13 +135,14 @@ def test_the_intro_table_is_the_chapters_glued_rows(tmp_path):
     src = tmp_path / "src"
     _executed(src / "notebooks" / "03_substitution.ipynb", (
         "import numpy as np\nfrom writesae import verdicts\n"
-        "nums = dict(sub_win_rate=np.float64(0.44), sub_boot_feature_lo=0.39, sub_boot_feature_hi=0.49, sub_n=400, other=1)\n"
+        "nums = dict(sub_win_rate=np.float64(0.44), sub_boot_feature_lo=0.39, sub_boot_feature_hi=0.49, sub_n=400, other=1, "
+        "pool_name='top-1')\n"
         "verdicts.glue_chapter('03_substitution', nums)"))
     glued = V.read_glue(src / "notebooks" / "03_substitution.ipynb")
     assert "verdict_rows" in glued and glued["verdict_3"].startswith("Paper: 92.4% of 4,851")
     values = V.executed_values(src)
     assert values["03_substitution"] == dict(sub_win_rate=0.44, sub_boot_feature_lo=0.39, sub_boot_feature_hi=0.49,
-                                             sub_n=400)
+                                             sub_n=400, pool_name="top-1")  # the pool's name as a word
     assert values["02_feature_classes"] is None  # not executed in this build
     t = V.table(values).set_index("id")
     assert t.loc["3", "verdict"] == V.DOES_NOT and t.loc["1", "verdict"] == V.NOT_TESTABLE

@@ -11,7 +11,7 @@ import torch
 
 from writesae import book, pipeline, verdicts
 from writesae.experiments import substitution as S, zoo
-from writesae.experiments.section import TruncatedAtoms
+from writesae.experiments.section import TruncatedAtoms, headline_rows
 from writesae import Edit
 from writesae.hosts import EMBEDDED_DIR
 
@@ -212,6 +212,31 @@ def test_a_head_without_register_firings_says_so(rwkv7):
                                          r"register atoms.*k = 128"):
         sec.substitution(sec.cells[0], "registers", classes=none)
     assert len(sec.substitution(sec.cells[0], "top1")[0])  # the top-1 pool of the same head runs
+
+
+def test_chapter_03_runs_the_top1_pool_where_registers_never_fire(rwkv7):
+    """Chapter 03's pool = "top1" on a head whose register atoms are never top-1: the headline, the scalings and
+    the update all run on the top-1 pool, the register row is left out and the pool gap says why."""
+    sec = rwkv7[0]["rwkv7"]
+    c = sec.cells[0]
+    classes, _ = sec.partition(c)
+    none = classes.assign(**{"class": "bundle"})
+    table, gap = sec.pool_variants(c, "top1", classes=none)
+    assert table["variant"].tolist() == ["top-1, coef, additive", "top-1, norm, additive", "top-1, coef, update"]
+    head = headline_rows(S.summarize(sec.substitution(c, "top1")[0])).iloc[0]
+    assert table.loc[0, "n"] == head["n"] > 0 and table.loc[0, "win_rate"] == head["win_rate"]
+    assert np.isnan(gap["diff"]) and gap["text"] == (
+        "no register firing to compare (0 register atoms, none top-1 on the held-out windows)")
+    # every alive atom a register: both pools run, and the gap is top-1 minus registers
+    every = classes.assign(**{"class": "register"})
+    table, gap = sec.pool_variants(c, "registers", classes=every)
+    assert table["variant"].tolist() == ["registers, coef, additive", "top-1, coef, additive",
+                                         "registers, norm, additive", "registers, coef, update"]
+    rate = table.set_index("variant")["win_rate"]
+    assert np.isclose(gap["diff"], rate["top-1, coef, additive"] - rate["registers, coef, additive"])
+    assert gap["lo"] <= gap["diff"] <= gap["hi"]
+    with pytest.raises(ValueError, match="pool 'atoms': chapter 03 compares the string pools 'top1' and 'registers'"):
+        sec.pool_variants(c, "atoms", classes=classes)
 
 
 def test_substitution_rows(rwkv7):

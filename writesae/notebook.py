@@ -118,6 +118,7 @@ def _one_line_errors():
 
 def _check_parameters(namespace, notebook):
     from .book import BUILD_KEYS
+    from .experiments.firings import POOLS
 
     want = defaults(notebook)
     ignore = {"In", "Out", "get_ipython", "exit", "quit", "open"}
@@ -135,6 +136,8 @@ def _check_parameters(namespace, notebook):
     for name in ("n_windows", "eval_windows", "window", "n_feat", "k", "epochs"):
         if name in want and isinstance(namespace[name], int) and namespace[name] < 1:
             raise ParameterError(f"parameter {name}: must be at least 1, got {namespace[name]}")
+    if "pool" in want and namespace["pool"] not in POOLS:
+        raise ParameterError(f"parameter pool: expected one of {', '.join(map(repr, POOLS))}, got {namespace['pool']!r}")
     if {"k", "n_feat"} <= set(want) and namespace["k"] > namespace["n_feat"]:
         raise ParameterError(f"parameter k = {namespace['k']} exceeds n_feat = {namespace['n_feat']}: an SAE keeps "
                              "k of its n_feat atoms; lower k or raise n_feat")
@@ -168,7 +171,8 @@ def setup(namespace):
                   n_windows=p["n_windows"], positions_per_seq=p["positions_per_seq"],
                   eval_windows=p.get("eval_windows", 64), n_feat=p["n_feat"], k=p["k"], epochs=p["epochs"],
                   seed=p["seed"], min_firings=p.get("min_firings", 5), max_firings=p.get("max_firings"),
-                  max_firings_by_cell=p.get("max_firings_by_cell"), corpus=p.get("corpus", "embedded"))
+                  max_firings_by_cell=p.get("max_firings_by_cell"), pool=p.get("pool", "registers"),
+                  corpus=p.get("corpus", "embedded"))
     print(sec.describe())
     return sec
 

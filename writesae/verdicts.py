@@ -95,10 +95,10 @@ CLAIMS = (
           "(bits/token, random minus delete)", "+0.226 vs +0.005 bits/token: +0.221 (42x)", "nll_d_gap",
           paper=0.221, lo="nll_d_gap_lo", hi="nll_d_gap_hi", fmt="+.4f",
           extra="delete {nll_d_delete:+.4f}, random {nll_d_random:+.4f}: {nll_ratio:.1f}x"),
-    Claim("3", 3, "03_substitution", "the atom beats deletion (win rate on register firings, headline head)",
-          "92.4% of 4,851 [91.6, 93.1]", "sub_win_rate", paper=0.924, lo="sub_boot_feature_lo",
+    Claim("3", 3, "03_substitution", "the atom beats deletion (win rate at the headline head; the paper's pool: "
+          "register firings)", "92.4% of 4,851 [91.6, 93.1]", "sub_win_rate", paper=0.924, lo="sub_boot_feature_lo",
           hi="sub_boot_feature_hi", null=0.5, fmt="%",
-          extra="n = {sub_n:.0f}; interval: bootstrap over atoms, as firings of one atom are not independent "
+          extra="n = {sub_n:.0f}; pool: {pool_name} firings; interval: bootstrap over atoms, as firings of one atom are not independent "
                 "(Wilson, firings as independent: [{sub_wilson_lo:.1%}, {sub_wilson_hi:.1%}])"),
     Claim("4", 4, "03_substitution", "per-atom win rate over alive atoms (population)", "89.8% over 87 atoms "
           "[88.1, 91.3]", "pop_mean_win_rate", paper=0.898, lo="pop_ci_lo", hi="pop_ci_hi", null=0.5, fmt="%",
@@ -361,7 +361,7 @@ def glue_chapter(chapter: str, values: dict) -> pd.DataFrame:
     glue("verdict_rows", show(_shown(t)), display=False)
     for _, r in t.iterrows():
         glue(f"verdict_{r['id']}", sentence(r), display=False)
-    used = {k: _num(values[k]) for k in keys(chapter) if k in values}
+    used = {k: values[k] if isinstance(values[k], str) else _num(values[k]) for k in keys(chapter) if k in values}
     glue("verdict_values", json.dumps(used), display=False)
     return t
 

@@ -28,6 +28,7 @@ __all__ = ["Section", "TruncatedAtoms", "VARIANTS", "headline_rows"]
 _SAE_DEFAULTS = dict(variant="bilinear", activation="topk", rank=1, cos="cos")
 # the SAE training of writesae.pipeline.sae; a section's keys name batch_size, lr and warmup only when they differ
 _TRAIN_DEFAULTS = dict(batch_size=256, lr=3e-4, warmup=50)
+_POOL_NAMES = {"registers": "registers", "top1": "top-1"}  # how a table names each pool
 
 # The ablation variants of ``writesae.sae`` in the paper's words (PAPER.md §2): name, encoder, decoder atom
 VARIANTS = {
@@ -240,13 +241,47 @@ class Section:
             raise ValueError(f"L{cell[0]}H{cell[1]} has no register firing to substitute: its partition holds {n_reg} "
                              "register atoms, none of them top-1 on the held-out windows. Test a head with registers, "
                              "on more held-out windows (eval_windows), or at a k where registers appear (the paper "
-                             "finds DeltaNet's at k = 128, none at k = 32)")
+                             "finds DeltaNet's at k = 128, none at k = 32), or run chapter 03 on every top-1 "
+                             "firing (pool = \"top1\")")
         key = self.key(cell, **sae, cos=cos, pool=pool if isinstance(pool, str) else sorted(map(int, pool)),
                        max_firings=self.cap(cell), max_per_atom=max_per_atom, min_firings=self.min_firings, **kw)
         df = cache.cached_table("substitution", key, lambda: _sub.substitute(
             self.host, self.sae(cell, **sae), self.eval_ids, sites, direction=_sub.DIRECTIONS, seed=self.seed,
             resume=cache.parts_dir("substitution", key, self.root), **kw), self.root)
         return df, classes
+
+    def pool_variants(self, cell=None, pool=None, *, classes=None) -> tuple[pd.DataFrame, dict]:
+        """(table, gap): chapter 03's other choices at ``cell``. The table holds the headline rows
+        (:func:`headline_rows`) of the substitution on ``pool`` (coefficient scaling, the additive write), on the
+        other pool, and on ``pool`` with matched-norm scaling and with the full update replaced; column ``variant``
+        names each, e.g. "registers, norm, additive". ``gap`` is the top-1 pool minus the register pool
+        (:func:`writesae.experiments.substitution.compare_pools`: diff, lo, hi, text). When ``pool`` is "top1" and
+        no register atom is ever top-1 (``classes``, default :meth:`partition`), the register row is left out and
+        the gap's text says so."""
+        cell, pool = tuple(cell or self.cell), pool or self.pool
+        if not isinstance(pool, str) or pool not in _firings.POOLS:
+            raise ValueError(f"pool {pool!r}: chapter 03 compares the string pools "
+                             f"{' and '.join(map(repr, _firings.POOLS))}")
+        if classes is None:
+            classes, _ = self.partition(cell)
+        other = "top1" if pool == "registers" else "registers"
+        runs = {(pool, "coef", "additive"): {}, (other, "coef", "additive"): {},
+                (pool, "norm", "additive"): dict(scaling="norm"), (pool, "coef", "update"): dict(write="update")}
+        rows = {}
+        for (p, scaling, write), kw in runs.items():
+            if p == other == "registers" and not len(self.sites(cell, p, classes=classes)):
+                continue
+            df, _ = self.substitution(cell, p, classes=classes, **kw)
+            rows[p, scaling, write] = headline_rows(_sub.summarize(df)).assign(
+                variant=f"{_POOL_NAMES[p]}, {scaling}, {write}")
+        table = pd.concat(rows.values(), ignore_index=True)
+        if ("registers", "coef", "additive") not in rows:
+            n_reg = int((classes["class"] == "register").sum())
+            return table, dict(diff=float("nan"), lo=float("nan"), hi=float("nan"),
+                               text=f"no register firing to compare ({n_reg} register atoms, none top-1 on the "
+                                    "held-out windows)")
+        gap = _sub.compare_pools(*(rows[p, "coef", "additive"].iloc[0] for p in ("top1", "registers")))
+        return table, gap
 
     def flat_svd_substitution(self, cell=None, pool=None, rank=1, *, sae=None, cos="cos", **kw):
         """App. F.4 on ``cell``: at the firings of ``pool`` (as in :meth:`substitution`), the atom of the SAE with
