@@ -98,8 +98,8 @@ CLAIMS = (
     Claim("3", 3, "03_substitution", "the atom beats deletion (win rate at the headline head; the paper's pool: "
           "register firings)", "92.4% of 4,851 [91.6, 93.1]", "sub_win_rate", paper=0.924, lo="sub_boot_feature_lo",
           hi="sub_boot_feature_hi", null=0.5, fmt="%",
-          extra="n = {sub_n:.0f}; pool: {pool_name} firings; interval: bootstrap over atoms, as firings of one atom are not independent "
-                "(Wilson, firings as independent: [{sub_wilson_lo:.1%}, {sub_wilson_hi:.1%}])"),
+          extra="n = {sub_n:.0f}; pool: {pool_name} firings; interval: bootstrap over atoms, as firings of one atom "
+                "are not independent (Wilson, firings as independent: [{sub_wilson_lo:.1%}, {sub_wilson_hi:.1%}])"),
     Claim("4", 4, "03_substitution", "per-atom win rate over alive atoms (population)", "89.8% over 87 atoms "
           "[88.1, 91.3]", "pop_mean_win_rate", paper=0.898, lo="pop_ci_lo", hi="pop_ci_hi", null=0.5, fmt="%",
           extra="{pop_n_atoms:.0f} atoms"),
