@@ -46,6 +46,20 @@ def test_defaults_are_the_notebooks():
         S.settings(PARAMS, n_fet=3)
 
 
+def test_a_sweep_on_the_top1_pool(reference):
+    """pool = "top1" (chapter 03's parameter) substitutes every top-1 firing of each cell, up to max_firings;
+    the SAE, the partition and the closed form are the register pool's (the same cached artifacts)."""
+    ref, root = reference
+    cell = CELLS.split(",")[0]
+    top = S.sweep(os.path.join(ROOT, PARAMS), cell, root=root, serial=True, progress=False, pool="top1")
+    mine, theirs = top.iloc[0], ref.iloc[0]
+    s = S.settings(PARAMS)
+    assert theirs["n_sub"] < mine["n_sub"] == s["max_firings"]  # registers are a part of the top-1 firings
+    same = ["fvu", "l0", "alive_sae", "n_alive", "n_register", "n_bundle", "dbic", "cf_atoms", "r2_direct"]
+    assert mine[same].tolist() == theirs[same].tolist()
+    assert mine["win_rate"] != theirs["win_rate"]
+
+
 def test_ray_sweep_equals_serial_and_survives_a_raise_and_a_killed_worker(ray2, reference, tmp_path, monkeypatch):
     ref, _ = reference
     assert list(ref.columns) == S.COLUMNS and ref["cell"].tolist() == CELLS.split(",")

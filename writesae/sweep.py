@@ -8,9 +8,9 @@ For a parameter file (``params/*.yaml``, the notebooks' names) and a list of cel
 Per cell, one Ray task runs what the chapters run, through the same functions and the same
 parameter-keyed cache keys as notebooks 02-04 (so a notebook with the same parameters loads what the
 sweep built, and the other way round): the SAE (:func:`writesae.pipeline.sae`), its firings on the
-held-out passages, the register / bundle partition, the substitution test on the register firings, and
-the closed form on the top register atoms. Its row (:data:`COLUMNS`) is stored as ``sweep_cell/<key>``;
-the table of all rows as ``sweep/<key>``. Before the cell tasks, one task extracts the state dataset of
+held-out passages, the register / bundle partition, the substitution test on the register firings (or every
+top-1 firing: ``pool``, as in notebook 03), and the closed form on the top register atoms. Its row
+(:data:`COLUMNS`) is stored as ``sweep_cell/<key>``; the table of all rows as ``sweep/<key>``. Before the cell tasks, one task extracts the state dataset of
 every cell at once (one pass of the model); the cell tasks wait for it (a Ray dependency).
 
 Scheduling is Ray's: a local Ray instance with one worker per core by default (``workers``), the cluster
@@ -45,7 +45,7 @@ __all__ = ["DEFAULTS", "COLUMNS", "settings", "data_for", "run_cell", "sweep", "
 # used for the names a parameter file leaves out.
 DEFAULTS = dict(model="embedded", device=None, dtype="float32", corpus="embedded", trust_remote_code=False, seed=0,
                 cells=[[1, 2], [4, 3], [6, 0]], heads_layer=6, window=128, n_windows=512, positions_per_seq=32, eval_windows=64, n_feat=1024, k=16, epochs=20, min_firings=5,
-                max_firings=400, n_atoms=8, sites_per_atom=8, eps=[0.1, 0.3, 1.0, 3.0], lags=[0, 2])
+                max_firings=400, pool="registers", n_atoms=8, sites_per_atom=8, eps=[0.1, 0.3, 1.0, 3.0], lags=[0, 2])
 
 # Bump when a row's definition changes (part of every row's and table's cache key).
 ROW_VERSION = 1
@@ -56,9 +56,9 @@ COLUMNS = ["cell", "layer", "head", "fvu", "l0", "alive_sae", "n_alive", "n_regi
            "r2_paper_fit", "seconds"]
 """One row per cell: cell (``L1H2``), layer, head; the SAE's validation fvu, l0 and alive atoms
 (``alive_sae``); the partition of the atoms with >= min_firings firings (n_alive, n_register, n_bundle,
-dbic = BIC(2) - BIC(1), mean cosine to the write per class); the substitution test on the register
-firings, mean read, KL(patched||base) (n_sub firings, win_rate with Wilson CI, median KLs, chain_rate,
-geom_agree); the closed form on the top ``n_atoms`` registers at lag 0 (cf_atoms, median R^2 of the
+dbic = BIC(2) - BIC(1), mean cosine to the write per class); the substitution test on the firings of
+``pool`` (default the register firings), mean read, KL(patched||base) (n_sub firings, win_rate with Wilson CI,
+median KLs, chain_rate, geom_agree); the closed form on the top ``n_atoms`` registers at lag 0 (cf_atoms, median R^2 of the
 parameter-free direct prediction and of the paper's formula with its one fitted scalar); seconds the
 task took. Measurements that need registers are NaN for a cell without any."""
 
@@ -88,6 +88,11 @@ def _spec(s, host_name, data) -> dict:
     """The key fields the notebooks share (their ``spec``)."""
     return dict(model=host_name, n_feat=s["n_feat"], k=s["k"], epochs=s["epochs"], data=data,
                 eval_windows=s["eval_windows"], seed=s["seed"])
+
+
+def _pool_key(s) -> dict:
+    """The pool in a cache key only where it is not the register pool (the keys of rows built before it)."""
+    return {} if s["pool"] == "registers" else {"pool": s["pool"]}
 
 
 def _host(s, device=None):
@@ -132,7 +137,8 @@ def run_cell(s: dict, data: dict, cell, root=None, *, threads=1, device=None, fa
     c = tuple(int(x) for x in h.cell(*cell)[:2])
     spec = _spec(s, h.name, data)
     key = dict(spec, cell=list(c), row=ROW_VERSION, min_firings=s["min_firings"], max_firings=s["max_firings"],
-               n_atoms=s["n_atoms"], sites_per_atom=s["sites_per_atom"], eps=list(s["eps"]), lags=list(s["lags"]))
+               n_atoms=s["n_atoms"], sites_per_atom=s["sites_per_atom"], eps=list(s["eps"]), lags=list(s["lags"]),
+               **_pool_key(s))
 
     def compute():
         _fault(fault, c, root)
@@ -155,9 +161,9 @@ def run_cell(s: dict, data: dict, cell, root=None, *, threads=1, device=None, fa
             return dict(row, seconds=time.perf_counter() - t0)
         row.update(n_alive=summ["n_alive"], n_register=summ["n_register"], n_bundle=summ["n_bundle"],
                    dbic=summ["dbic"], cos_register=summ["mean_cos"]["register"], cos_bundle=summ["mean_cos"]["bundle"])
-        # substitution on the register firings: notebook 03's sec.substitution(cell, "registers")
-        if len(sec.sites(c, "registers", classes=classes)):
-            sub, _ = sec.substitution(c, "registers", classes=classes)
+        # substitution on the pool's firings: notebook 03's sec.substitution(cell, pool)
+        if len(sec.sites(c, s["pool"], classes=classes)):
+            sub, _ = sec.substitution(c, s["pool"], classes=classes)
             r = headline_rows(Sub.summarize(sub)).iloc[0]
             row.update(n_sub=int(r["n"]), **{k: float(r[k]) for k in (
                 "win_rate", "wilson_lo", "wilson_hi", "median_kl_atom", "median_kl_delete", "median_kl_random",
@@ -256,7 +262,8 @@ def sweep(params=None, cells="all", *, address=None, workers=None, root=None, se
     todo_cells = parse_cells(h, cells)
     data = data_for(h, s, todo_cells)
     table_key = dict(_spec(s, h.name, data), row=ROW_VERSION, cells=[list(c) for c in todo_cells],
-                     **{k: s[k] for k in ("min_firings", "max_firings", "n_atoms", "sites_per_atom", "eps", "lags")})
+                     **{k: s[k] for k in ("min_firings", "max_firings", "n_atoms", "sites_per_atom", "eps", "lags")},
+                     **_pool_key(s))
     fault = os.environ.get("WRITESAE_SWEEP_FAULT")
     rows = {}
 
