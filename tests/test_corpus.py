@@ -158,6 +158,24 @@ def test_hub_name_offline_says_what_to_do(tmp_path):
     assert "save_to_disk('DIR')" in line and "pass corpus=DIR" in line
 
 
+def test_an_unreachable_hub_fails_at_once_naming_offline_mode(tmp_path):
+    """A hub whose host does not resolve (the .invalid domain never does) fails at once, not after the hub client's
+    five retries (23 s), and names HF_HUB_OFFLINE=1 for a dataset that is in the local cache."""
+    code = ("import time\nfrom transformers import AutoTokenizer\n"
+            "from writesae.hosts import EMBEDDED_DIR\nfrom writesae import corpus as C\n"
+            "tok = AutoTokenizer.from_pretrained(str(EMBEDDED_DIR))\nt = time.perf_counter()\n"
+            "try:\n    C.windows(tok, 'someone/no-such-corpus', 'train', 16, 2)\n"
+            "except FileNotFoundError as e:\n    print('ERR', e)\nprint('SECONDS', time.perf_counter() - t)\n")
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    line = next(x for x in r.stdout.splitlines() if x.startswith("ERR"))
+    assert "corpus 'someone/no-such-corpus': the hub (hub.invalid) cannot be reached from here" in line
+    assert "in the local datasets cache, set HF_HUB_OFFLINE=1" in line and "pass corpus=DIR" in line
+    assert float(r.stdout.split("SECONDS")[1]) < 5 and "Retrying" not in r.stderr
+
+
 def test_pipeline_keys_states_by_corpus(tok, records, tmp_path):
     h = pipeline.host("embedded", "cpu")
     src = _write("jsonl", records, tmp_path / "c.jsonl")

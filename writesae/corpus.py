@@ -31,7 +31,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlparse
 
 import torch
 
@@ -187,19 +187,39 @@ def _dataset(source, opts, k):
             ds = ds[opts["split"]]
     else:
         offline = datasets.config.HF_HUB_OFFLINE
+        fetch = (f"on a machine with network run `python -c \"import datasets; datasets.load_dataset('{source}', "
+                 f"split='{opts['split']}').save_to_disk('DIR')\"`, copy DIR here and pass corpus=DIR")
+        if not offline and (host := _unresolvable_hub()):  # else the hub client retries for 23 s before failing
+            raise FileNotFoundError(f"corpus {source!r}: the hub ({host}) cannot be reached from here: if the dataset "
+                                    f"is in the local datasets cache, set HF_HUB_OFFLINE=1; else {fetch}")
         try:
             ds = datasets.load_dataset(source, opts.get("config"), split=opts["split"], streaming=not offline)
         except (ConnectionError, FileNotFoundError, OSError, ValueError) as err:
             raise FileNotFoundError(
                 f"corpus {source!r} is not in the local datasets cache{' (HF_HUB_OFFLINE=1)' if offline else ''} and "
-                f"the hub cannot be reached ({type(err).__name__}): on a machine with network run `python -c "
-                f"\"import datasets; datasets.load_dataset('{source}', split='{opts['split']}').save_to_disk('DIR')\"`, "
-                "copy DIR here and pass corpus=DIR") from None
+                f"the hub cannot be reached ({type(err).__name__}): {fetch}") from None
     if opts["field"] not in (ds.column_names or [opts["field"]]):
         raise ValueError(f"corpus {source} has no text field {opts['field']!r} (it has {ds.column_names}): add "
                          "?field=<name>")
     for batch in ds.select_columns([opts["field"]]).iter(batch_size=_BATCH):
         yield from (t for t in batch[opts["field"]] if t is not None)
+
+
+def _unresolvable_hub() -> str | None:
+    """The hub's host name when it does not resolve and no proxy is set (no way to reach it), else None."""
+    import socket
+    from urllib.request import getproxies
+
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host or getproxies():
+        return None
+    try:
+        socket.getaddrinfo(host, 443)
+    except socket.gaierror:
+        return host
+    return None
 
 
 # ------------------------------------------------------------------------------------------ windows
