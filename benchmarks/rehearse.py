@@ -22,12 +22,13 @@ real configurations, with only the model path, the device, the corpus and the co
    default measures the recall influence of every head to choose one (an edited run of every (head, pair, token)
    per passage: on GLA-1.3B 96 runs of ~200 tokens through 12 layers on average per layer, some 10^14 FLOPs per
    passage, hours on one CPU core), which the rehearsal runs at that one head through the same code
-   (``recall.influence`` on a subset of heads). ``--set KEY=VALUE`` sets a notebook parameter beyond these (where the
-   notebook declares it; recorded with the result and shown in the table), e.g. ``--set pool=top1`` for chapter 03
-   on a random checkpoint whose register atoms are never top-1. The artifact cache is ``<root>/artifacts`` (``WRITESAE_CACHE``),
-   not the book's; the executed notebooks go to ``<root>/out/<file>/``. Each (file, notebook) is recorded (ran /
-   failed with the error's first line, wall seconds) in ``--results`` as it ends; a rerun skips recorded pairs
-   (``--retry`` reruns the failed ones). The markdown table is printed at the end.
+   (``recall.influence`` on a subset of heads). ``--set KEY=VALUE`` sets a notebook parameter beyond these
+   (where the notebook declares it; recorded with the result and shown in the table), e.g. ``--set pool=top1``
+   for chapter 03 on a random checkpoint whose register atoms are never top-1. The artifact cache is
+   ``<root>/artifacts`` (``WRITESAE_CACHE``), not the book's; the executed notebooks go to ``<root>/out/<file>/``.
+   Each (file, notebook) is recorded (ran / failed with the error's first line, wall seconds) in ``--results`` as
+   it ends; a rerun skips recorded pairs (``--retry`` reruns the failed ones). The markdown table is printed at
+   the end.
 """
 from __future__ import annotations
 

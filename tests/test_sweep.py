@@ -44,6 +44,8 @@ def test_defaults_are_the_notebooks():
         assert mine and mine == {k: S.DEFAULTS[k] for k in mine}, nb
     with pytest.raises(ValueError, match="unknown parameter n_fet"):
         S.settings(PARAMS, n_fet=3)
+    with pytest.raises(ValueError, match="sweep: pool must be one of 'top1', 'registers', got 'register'"):
+        S.settings(PARAMS, pool="register")
 
 
 def test_a_sweep_on_the_top1_pool(reference):

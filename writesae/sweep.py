@@ -10,8 +10,9 @@ parameter-keyed cache keys as notebooks 02-04 (so a notebook with the same param
 sweep built, and the other way round): the SAE (:func:`writesae.pipeline.sae`), its firings on the
 held-out passages, the register / bundle partition, the substitution test on the register firings (or every
 top-1 firing: ``pool``, as in notebook 03), and the closed form on the top register atoms. Its row
-(:data:`COLUMNS`) is stored as ``sweep_cell/<key>``; the table of all rows as ``sweep/<key>``. Before the cell tasks, one task extracts the state dataset of
-every cell at once (one pass of the model); the cell tasks wait for it (a Ray dependency).
+(:data:`COLUMNS`) is stored as ``sweep_cell/<key>``; the table of all rows as ``sweep/<key>``. Before the cell
+tasks, one task extracts the state dataset of every cell at once (one pass of the model); the cell tasks wait
+for it (a Ray dependency).
 
 Scheduling is Ray's: a local Ray instance with one worker per core by default (``workers``), the cluster
 at ``address`` / ``$RAY_ADDRESS`` when given (every node needs ``writesae`` installed and the cache root on
@@ -58,9 +59,9 @@ COLUMNS = ["cell", "layer", "head", "fvu", "l0", "alive_sae", "n_alive", "n_regi
 (``alive_sae``); the partition of the atoms with >= min_firings firings (n_alive, n_register, n_bundle,
 dbic = BIC(2) - BIC(1), mean cosine to the write per class); the substitution test on the firings of
 ``pool`` (default the register firings), mean read, KL(patched||base) (n_sub firings, win_rate with Wilson CI,
-median KLs, chain_rate, geom_agree); the closed form on the top ``n_atoms`` registers at lag 0 (cf_atoms, median R^2 of the
-parameter-free direct prediction and of the paper's formula with its one fitted scalar); seconds the
-task took. Measurements that need registers are NaN for a cell without any."""
+median KLs, chain_rate, geom_agree); the closed form on the top ``n_atoms`` registers at lag 0 (cf_atoms,
+median R^2 of the parameter-free direct prediction and of the paper's formula with its one fitted scalar);
+seconds the task took. Measurements that need registers are NaN for a cell without any."""
 
 
 def cell_label(cell) -> str:
@@ -72,6 +73,7 @@ def settings(params=None, **overrides) -> dict:
     names, ``notebooks:`` ignored), then ``overrides``. Unknown names are ignored (a shared params file holds
     every notebook's names)."""
     from .book import load_params
+    from .experiments.firings import POOLS
 
     given = load_params(params) if isinstance(params, (str, os.PathLike)) else dict(params or {})
     out = dict(DEFAULTS)
@@ -81,6 +83,8 @@ def settings(params=None, **overrides) -> dict:
     if bad:
         raise ValueError(f"sweep: unknown parameter{'s' if len(bad) > 1 else ''} {', '.join(bad)}; valid names: "
                          f"{', '.join(DEFAULTS)}")
+    if out["pool"] not in POOLS:
+        raise ValueError(f"sweep: pool must be one of {', '.join(map(repr, POOLS))}, got {out['pool']!r}")
     return out
 
 
