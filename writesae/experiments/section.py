@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from .. import cache, pipeline
+from ..data import cell_key
 from . import ce_recovered as _ce
 from . import firings as _firings
 from . import partition as _partition
@@ -133,7 +134,7 @@ class Section:
         """The most firings a substitution run on ``cell`` takes: its entry of ``max_firings_by_cell`` ("L9H4"),
         else ``max_firings``."""
         layer, head = cell or self.cell
-        return (self.max_firings_by_cell or {}).get(f"L{layer}H{head}", self.max_firings)
+        return (self.max_firings_by_cell or {}).get(cell_key(layer, head), self.max_firings)
 
     def firings(self, cell=None, **sae_kw) -> pd.DataFrame:
         """Every firing of the SAE (``sae_kw``) on ``cell`` over the held-out passages (cached)."""
@@ -165,7 +166,7 @@ class Section:
         is not a sparse code: its row gets a ``note`` instead of a partition (and no firings table is built)."""
         cell = tuple(cell or self.cell)
         s = self.sae(cell, **sae_kw)
-        row = dict(cell=f"L{cell[0]}H{cell[1]}", **sae_kw, l0=s.info["metrics"]["l0"], **self._ce_columns(s, ce_passages))
+        row = dict(cell=cell_key(*cell[:2]), **sae_kw, l0=s.info["metrics"]["l0"], **self._ce_columns(s, ce_passages))
         if row["l0"] > max_l0_factor * self.k:  # not a sparse code (e.g. JumpReLU at a too weak L0 penalty)
             return dict(row, note=f"L0 {row['l0']:.0f} > {max_l0_factor} k: not sparse, no partition")
         try:
@@ -190,7 +191,7 @@ class Section:
         name, enc, dec = VARIANTS.get(s.cfg.variant, (s.cfg.variant, "", ""))
         if s.cfg.variant == "rank":
             name, dec = f"rank-{s.cfg.rank}", f"rank {s.cfg.rank} (sum of {s.cfg.rank} outer products)"
-        return dict(cell=f"L{cell[0]}H{cell[1]}", variant=s.cfg.variant, name=name, encoder=enc, decoder=dec,
+        return dict(cell=cell_key(*cell[:2]), variant=s.cfg.variant, name=name, encoder=enc, decoder=dec,
                     params=sum(p.numel() for p in s.parameters()), mse=m["mse"], fvu=m["fvu"], l0=m["l0"],
                     alive=m["alive"], dead_fraction=m["dead"] / s.cfg.n_feat, **self._ce_columns(s, ce_passages))
 
@@ -238,7 +239,7 @@ class Section:
                            all_firings=all_firings, sae=sae)
         if not len(sites) and isinstance(pool, str) and pool == "registers":
             n_reg = int((classes["class"] == "register").sum()) if classes is not None else 0
-            raise ValueError(f"L{cell[0]}H{cell[1]} has no register firing to substitute: its partition holds {n_reg} "
+            raise ValueError(f"{cell_key(*cell[:2])} has no register firing to substitute: its partition holds {n_reg} "
                              "register atoms, none of them top-1 on the held-out windows. Test a head with registers, "
                              "on more held-out windows (eval_windows), or at a k where registers appear (the paper "
                              "finds DeltaNet's at k = 128, none at k = 32), or run chapter 03 on every top-1 "
